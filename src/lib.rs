@@ -1,7 +1,32 @@
 //! relais: pushes new rows of a device's SQLite database to a backend exactly once,
 //! streams media BLOBs in bounded memory, and pulls the device configuration.
 //!
-//! The binary in `main.rs` is a thin command-line layer over these modules.
+//! The binary in `main.rs` is a thin command-line layer over these modules:
+//!
+//! - [`settings`]: environment variables and the optional JSON configuration file;
+//! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
+//! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
+//! - [`transport`], [`backoff`]: talking to the backend;
+//! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
+//! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
 
+pub mod atomic_file;
+pub mod backoff;
+pub mod blob_stream;
+pub mod clock;
+pub mod daemon;
+pub mod json;
+pub mod logging;
+pub mod payload;
+pub mod push;
+pub mod redact;
+pub mod settings;
+pub mod source;
+pub mod status;
+pub mod tracking;
+pub mod transport;
+
+#[cfg(feature = "receiver")]
+pub mod demo;
 #[cfg(feature = "receiver")]
 pub mod receiver;

@@ -1,1 +1,119 @@
-fn main() {}
+//! The `relais` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use relais::daemon::{EXIT_CONFIG, EXIT_FAILED_ROWS, EXIT_OK};
+use relais::settings::{Settings, SyncMode};
+use relais::{daemon, logging, status};
+
+const USAGE: &str = "usage: relais [--config FILE] [COMMAND]
+
+commands:
+  run            push continuously (the default when SYNC_MODE is continuous or periodic)
+  once           one pass, then exit: 0 all pushed, 1 some rows failed, 2 bad configuration
+  status [--json]  what was pushed, what failed and why
+  retry-failed   make every failed row due now
+  demo           push a generated database to a local receiver and check every byte
+  receiver       run the reference receiver (development builds)
+  --version      print the version
+
+Settings come from the environment (LOCAL_DB_PATH, BACKEND_URL, SYNC_INTERVAL_MINUTES,
+DEVICE_ID, SYNC_MODE, ...) and the optional JSON file given by --config or RELAIS_CONFIG.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    ExitCode::from(run(&args).clamp(0, 255) as u8)
+}
+
+fn run(args: &[String]) -> i32 {
+    let mut config: Option<PathBuf> = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => match it.next() {
+                Some(p) => config = Some(PathBuf::from(p)),
+                None => return usage_error("--config needs a file"),
+            },
+            "--version" | "-V" => {
+                println!("relais {}", env!("CARGO_PKG_VERSION"));
+                return EXIT_OK;
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return EXIT_OK;
+            }
+            _ => rest.push(a.clone()),
+        }
+    }
+    let command = rest.first().map(String::as_str).unwrap_or("");
+    if command == "receiver" {
+        return receiver(&rest[1..]);
+    }
+    if command == "demo" {
+        return demo();
+    }
+    let settings = match Settings::from_env(config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("relais: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    settings.register_secrets();
+    match (command, rest.get(1).map(String::as_str)) {
+        ("status", None) => status::run(&settings, false),
+        ("status", Some("--json")) => status::run(&settings, true),
+        ("retry-failed", None) => retry_failed(&settings),
+        ("run", None) => agent(&settings, false),
+        ("once", None) => agent(&settings, true),
+        ("", None) => agent(&settings, settings.mode == SyncMode::Once),
+        _ => usage_error(&format!("unknown command {:?}", rest.join(" "))),
+    }
+}
+
+fn agent(settings: &Settings, once: bool) -> i32 {
+    if let Some(warning) = logging::init(&settings.log) {
+        log::warn!("{warning}");
+    }
+    daemon::run(settings, once)
+}
+
+fn retry_failed(settings: &Settings) -> i32 {
+    match relais::tracking::Tracking::open(&settings.state_dir).and_then(|mut t| t.retry_failed()) {
+        Ok(n) => {
+            println!("{n} failed rows will be sent at the next pass");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("relais: {e}");
+            EXIT_FAILED_ROWS
+        }
+    }
+}
+
+fn usage_error(problem: &str) -> i32 {
+    eprintln!("relais: {problem}\n\n{USAGE}");
+    EXIT_CONFIG
+}
+
+#[cfg(feature = "receiver")]
+fn receiver(args: &[String]) -> i32 {
+    relais::receiver::run_cli(args)
+}
+
+#[cfg(feature = "receiver")]
+fn demo() -> i32 {
+    relais::demo::run()
+}
+
+#[cfg(not(feature = "receiver"))]
+fn receiver(_: &[String]) -> i32 {
+    usage_error("this is a device build: the reference receiver is not included")
+}
+
+#[cfg(not(feature = "receiver"))]
+fn demo() -> i32 {
+    usage_error("this is a device build: the demo is not included")
+}

@@ -1,0 +1,171 @@
+//! The agent's loop: runs a push pass, then sleeps until the next one is due, a signal
+//! arrives, or the backoff after a failure has passed. It sleeps on a channel, so an idle
+//! agent is never woken periodically.
+//!
+//! SIGTERM and SIGINT stop the agent; an upload in flight is abandoned at the next chunk
+//! (the row stays pending and is sent again, under the same idempotency key). Should
+//! the network hold the agent up, it exits anyway after [`STOP_GRACE`]: its state is
+//! consistent at every instant, so a forced exit loses nothing. SIGUSR1 starts a pass now.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+
+use crate::backoff::Backoff;
+use crate::push::{CycleReport, Interruption, Pusher};
+use crate::settings::Settings;
+use crate::tracking::Tracking;
+use crate::transport::Transport;
+use crate::{clock, status};
+
+/// Longest time between a stop signal and the agent's exit.
+pub const STOP_GRACE: Duration = Duration::from_millis(4500);
+
+/// Exit codes, as documented in the README.
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED_ROWS: i32 = 1;
+pub const EXIT_CONFIG: i32 = 2;
+
+/// What wakes the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Stop,
+    SyncNow,
+}
+
+/// Sets up the pusher from the settings; errors are one operator-readable line.
+pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher, String> {
+    let tracking = Tracking::open(&settings.state_dir).map_err(|e| e.to_string())?;
+    let transport = Transport::new(&settings.http).map_err(|e| e.to_string())?;
+    Ok(Pusher::new(settings.clone(), tracking, transport, stop))
+}
+
+/// Runs one pass (`once`) or the loop until a stop signal; returns the exit code.
+pub fn run(settings: &Settings, once: bool) -> i32 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    if let Err(e) = watch_signals(tx, stop.clone()) {
+        log::error!("signals: cannot install handlers: {e}");
+        return EXIT_FAILED_ROWS;
+    }
+    let mut pusher = match build_pusher(settings, stop.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("{e}");
+            return EXIT_FAILED_ROWS;
+        }
+    };
+    log::info!(
+        "relais {} started: device {}, database {}, backend {}, {}",
+        env!("CARGO_PKG_VERSION"),
+        settings.device_id,
+        settings.local_db_path,
+        settings.http.backend_url,
+        if once {
+            "one pass".to_string()
+        } else {
+            format!("every {}", clock::human_duration(settings.interval))
+        }
+    );
+    let mut backoff = Backoff::new(&settings.retry);
+    loop {
+        let report = pusher.sync_once();
+        log_report(&report);
+        status::record_cycle(pusher.tracking(), &report);
+        if once {
+            log_totals(&mut pusher);
+            return if report.is_clean() {
+                EXIT_OK
+            } else {
+                EXIT_FAILED_ROWS
+            };
+        }
+        let delay = match &report.interrupted {
+            Some(Interruption::Shutdown) => break,
+            Some(Interruption::Backend { retry_after, .. }) => backoff.next_delay(*retry_after),
+            Some(Interruption::State(_)) => backoff.next_delay(None),
+            None => {
+                backoff.reset();
+                settings.interval
+            }
+        };
+        if report.interrupted.is_some() {
+            log::info!("next attempt in {}", clock::human_duration(delay));
+        }
+        if wait(&rx, delay) == Wake::Stop {
+            break;
+        }
+    }
+    log::info!("relais stopping");
+    log_totals(&mut pusher);
+    EXIT_OK
+}
+
+/// Sleeps until `delay` has passed or something wakes the loop.
+fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
+    let deadline = Instant::now() + delay;
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(w) => w,
+        Err(RecvTimeoutError::Timeout) => Wake::SyncNow,
+        // The signal thread is gone: nothing can ask for a stop any more, so keep going.
+        Err(RecvTimeoutError::Disconnected) => {
+            std::thread::sleep(delay);
+            Wake::SyncNow
+        }
+    }
+}
+
+/// Turns signals into wake-ups on a dedicated thread that blocks in `read`, so the
+/// agent has no timer ticking while idle.
+fn watch_signals(tx: Sender<Wake>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            if sig == SIGUSR1 {
+                log::info!("SIGUSR1: starting a pass now");
+                let _ = tx.send(Wake::SyncNow);
+                continue;
+            }
+            log::info!("stop requested (signal {sig}); finishing the current step");
+            stop.store(true, Ordering::Relaxed);
+            let _ = tx.send(Wake::Stop);
+            std::thread::sleep(STOP_GRACE);
+            log::warn!("still busy {} after the stop request (network stalled?); exiting now, the row in flight stays pending", clock::human_duration(STOP_GRACE));
+            std::process::exit(EXIT_OK);
+        }
+    })?;
+    Ok(())
+}
+
+fn log_report(report: &CycleReport) {
+    for e in &report.errors {
+        log::error!("{e}");
+    }
+    if report.is_clean() {
+        log::info!("{report}");
+    } else {
+        log::warn!("{report}");
+    }
+}
+
+/// The seed prints statistics per table and status when it stops.
+fn log_totals(pusher: &mut Pusher) {
+    match pusher.tracking().counts() {
+        Ok(counts) => {
+            for c in counts {
+                log::info!(
+                    "statistics: {} {:<12} {:<8} {:>8}",
+                    c.source,
+                    c.table,
+                    c.status,
+                    c.rows
+                );
+            }
+        }
+        Err(e) => log::error!("{e}"),
+    }
+}

@@ -1,0 +1,577 @@
+//! The push engine: one [`Pusher::sync_once`] pass sends every due row of every source
+//! and table to the backend and records each acknowledged upload.
+//!
+//! A pass first retries the rows that are due (interrupted, reset by hand, or failed
+//! and past their retry time), then reads new rows above the table's high-water mark in
+//! short batches. Each batch is recorded `pending` in one transaction before anything
+//! is sent; acknowledgements are recorded in small groups (the idempotency key makes a
+//! group lost in a power cut harmless). The first transient failure ends the pass:
+//! failing every remaining row against a dead server helps nobody.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use rusqlite::types::Value;
+
+use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
+use crate::payload::RowPayload;
+use crate::settings::{Settings, TableSpec};
+use crate::source::{self, SourceError};
+use crate::tracking::{Acked, Tracking, TrackingError};
+use crate::transport::{Outcome, Transport};
+use crate::{clock, json};
+
+/// Acknowledgements are committed when this many are waiting...
+const ACK_GROUP: usize = 256;
+/// ...or when the oldest has waited this long.
+const ACK_GROUP_AGE: Duration = Duration::from_secs(1);
+
+/// What one pass did for one table of one source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableReport {
+    pub source: String,
+    pub table: String,
+    pub pushed: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    /// Longest time one BLOB read held the application database's read lock.
+    pub max_lock_hold: Duration,
+}
+
+/// Why a pass ended before it was done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Interruption {
+    /// The backend is unreachable or overloaded; try again after a backoff.
+    Backend {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The agent's own state database failed (disk full, not writable).
+    State(String),
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CycleReport {
+    pub tables: Vec<TableReport>,
+    pub duration: Duration,
+    pub interrupted: Option<Interruption>,
+    /// Problems with sources or tables that did not stop the pass (one line each).
+    pub errors: Vec<String>,
+}
+
+impl CycleReport {
+    pub fn pushed(&self) -> u64 {
+        self.tables.iter().map(|t| t.pushed).sum()
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.tables.iter().map(|t| t.failed).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.tables.iter().map(|t| t.bytes).sum()
+    }
+
+    /// Whether everything due was pushed.
+    pub fn is_clean(&self) -> bool {
+        self.failed() == 0 && self.errors.is_empty() && self.interrupted.is_none()
+    }
+}
+
+impl fmt::Display for CycleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sync report:")?;
+        for t in &self.tables {
+            write!(f, " {}", t.table)?;
+            if self.tables.iter().any(|o| o.source != t.source) {
+                write!(f, "@{}", file_name(&t.source))?;
+            }
+            write!(f, " pushed {} failed {};", t.pushed, t.failed)?;
+        }
+        write!(
+            f,
+            " {} sent in {}",
+            human_bytes(self.bytes()),
+            clock::human_duration(self.duration)
+        )?;
+        match &self.interrupted {
+            Some(Interruption::Backend { reason, .. }) => write!(f, "; stopped early: {reason}"),
+            Some(Interruption::State(e)) => write!(f, "; stopped early: {e}"),
+            Some(Interruption::Shutdown) => write!(f, "; interrupted by shutdown"),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(path)
+}
+
+/// Why a table's pass stopped.
+enum Halt {
+    Pass(Interruption),
+    Table(String),
+}
+
+impl From<TrackingError> for Halt {
+    fn from(e: TrackingError) -> Halt {
+        Halt::Pass(Interruption::State(e.to_string()))
+    }
+}
+
+impl From<SourceError> for Halt {
+    fn from(e: SourceError) -> Halt {
+        Halt::Table(e.to_string())
+    }
+}
+
+/// One source database during a pass.
+struct SourceCtx<'a> {
+    conn: &'a Connection,
+    path: &'a Path,
+    /// Key of the source in `sync_tracking.source`.
+    key: String,
+    /// Component naming table and source in idempotency keys.
+    wal: bool,
+    multi: bool,
+}
+
+/// Acknowledged rows waiting to be recorded together.
+#[derive(Default)]
+struct AckGroup {
+    acked: Vec<Acked>,
+    since: Option<Instant>,
+}
+
+pub struct Pusher {
+    settings: Settings,
+    tracking: Tracking,
+    transport: Transport,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pusher {
+    pub fn new(
+        settings: Settings,
+        tracking: Tracking,
+        transport: Transport,
+        stop: Arc<AtomicBool>,
+    ) -> Pusher {
+        Pusher {
+            settings,
+            tracking,
+            transport,
+            stop,
+        }
+    }
+
+    pub fn tracking(&mut self) -> &mut Tracking {
+        &mut self.tracking
+    }
+
+    /// One pass over every source and table. Never panics on bad input: problems end up
+    /// in the report, one line each.
+    pub fn sync_once(&mut self) -> CycleReport {
+        let began = Instant::now();
+        let mut report = CycleReport::default();
+        let paths = match source::discover(&self.settings.local_db_path) {
+            Ok(p) => p,
+            Err(e) => {
+                report.errors.push(e.to_string());
+                Vec::new()
+            }
+        };
+        let multi = source::is_glob(&self.settings.local_db_path);
+        for path in &paths {
+            if let Some(stop) = self.push_source(path, multi, &mut report) {
+                report.interrupted = Some(stop);
+                break;
+            }
+        }
+        report.duration = began.elapsed();
+        report
+    }
+
+    fn push_source(
+        &mut self,
+        path: &Path,
+        multi: bool,
+        report: &mut CycleReport,
+    ) -> Option<Interruption> {
+        let conn = match source::open(path) {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(e.to_string());
+                return None;
+            }
+        };
+        let ctx = SourceCtx {
+            conn: &conn,
+            path,
+            key: path.display().to_string(),
+            wal: source::is_wal(&conn),
+            multi,
+        };
+        match self.tracking.import_legacy(&ctx.key, &conn) {
+            Ok(Some(n)) if n > 0 => log::info!(
+                "source {}: imported {n} rows synced by the previous service",
+                ctx.key
+            ),
+            Ok(_) => {}
+            Err(e) => return Some(Interruption::State(e.to_string())),
+        }
+        for table in self.settings.tables.clone() {
+            let mut tr = TableReport {
+                source: ctx.key.clone(),
+                table: table.name.clone(),
+                ..TableReport::default()
+            };
+            let mut group = AckGroup::default();
+            let result = self.push_table(&ctx, &table, &mut tr, &mut group);
+            let flushed = self.flush(&ctx.key, &mut group);
+            report.tables.push(tr);
+            match result.and(flushed) {
+                Ok(()) => {}
+                Err(Halt::Table(e)) => report.errors.push(e),
+                Err(Halt::Pass(stop)) => return Some(stop),
+            }
+        }
+        None
+    }
+
+    fn push_table(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+    ) -> Result<(), Halt> {
+        let batch = self.settings.batch_size;
+        // Due retries first: they are older than anything new.
+        let mut after: Option<Value> = None;
+        loop {
+            let ids = self.tracking.due(
+                &ctx.key,
+                &table.name,
+                after.as_ref(),
+                clock::unix_now(),
+                batch,
+            )?;
+            for id in &ids {
+                match source::read_one(ctx.conn, ctx.path, table, id)? {
+                    Some(row) => self.send_row(ctx, table, row, tr, group)?,
+                    None => {
+                        let retry = clock::unix_now()
+                            + self.settings.retry.permanent_retry.as_secs() as i64;
+                        self.tracking.mark_failed(
+                            &ctx.key,
+                            &table.name,
+                            id,
+                            "the row no longer exists in the source database",
+                            retry,
+                        )?;
+                        tr.failed += 1;
+                    }
+                }
+            }
+            match ids.last() {
+                Some(last) if ids.len() == batch => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        // Then new rows, above the high-water mark (from the start for non-integer ids,
+        // where already-synced rows are skipped one indexed lookup at a time).
+        let mut after = self
+            .tracking
+            .high_water(&ctx.key, &table.name)?
+            .map(Value::Integer);
+        loop {
+            let rows = source::read_after(ctx.conn, ctx.path, table, after.as_ref(), batch)?;
+            let Some(last) = rows.last() else { break };
+            after = Some(last.local_id.clone());
+            let full = rows.len() == batch;
+            let (rows, bad): (Vec<RowPayload>, Vec<RowPayload>) = rows
+                .into_iter()
+                .partition(|r| matches!(r.local_id, Value::Integer(_) | Value::Text(_)));
+            if !bad.is_empty() {
+                return Err(Halt::Table(format!(
+                    "source {} table {}: {} rows have a local_id that is NULL or not an integer or text; they cannot be tracked",
+                    ctx.key,
+                    table.name,
+                    bad.len()
+                )));
+            }
+            let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
+            let due =
+                self.tracking
+                    .record_pending(&ctx.key, &table.name, &ids, clock::unix_now())?;
+            for row in rows.into_iter().filter(|r| due.contains(&r.local_id)) {
+                self.send_row(ctx, table, row, tr, group)?;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_row(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        row: RowPayload,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+    ) -> Result<(), Halt> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(Halt::Pass(Interruption::Shutdown));
+        }
+        let id_text = id_text(&row.local_id);
+        for w in &row.warnings {
+            log::warn!("source {} table {} row {id_text}: {w}", ctx.key, table.name);
+        }
+        let key = self.idempotency_key(ctx, table, &id_text);
+        let sent = match &table.blob {
+            None => {
+                let body = self.small_body(&row.fields);
+                Ok((
+                    self.transport.post(
+                        &table.endpoint,
+                        &key,
+                        body.len() as u64,
+                        &mut body.as_bytes(),
+                    ),
+                    body.len() as u64,
+                ))
+            }
+            Some(_) => self.send_media(ctx, table, &row, &key, tr),
+        };
+        let now = clock::unix_now();
+        match sent {
+            Ok((Outcome::Stored { remote_id }, bytes)) => {
+                match &remote_id {
+                    Some(r) => {
+                        log::debug!("{} {id_text} -> backend (id {})", table.name, id_text_of(r))
+                    }
+                    None => log::debug!("{} {id_text} -> backend", table.name),
+                }
+                tr.pushed += 1;
+                tr.bytes += bytes;
+                group.since.get_or_insert_with(Instant::now);
+                group.acked.push(Acked {
+                    table: table.name.clone(),
+                    local_id: row.local_id,
+                    remote_id,
+                    bytes,
+                });
+                // A media row is worth recording at once: resending it costs minutes of uplink.
+                if table.blob.is_some()
+                    || group.acked.len() >= ACK_GROUP
+                    || group.since.is_some_and(|s| s.elapsed() >= ACK_GROUP_AGE)
+                {
+                    self.flush(&ctx.key, group)?;
+                }
+                Ok(())
+            }
+            Ok((Outcome::Rejected { reason, .. }, _)) => {
+                log::warn!(
+                    "{} {id_text}: {reason}; next attempt in {}",
+                    table.name,
+                    clock::human_duration(self.settings.retry.permanent_retry)
+                );
+                let retry = now + self.settings.retry.permanent_retry.as_secs() as i64;
+                self.tracking.mark_failed(
+                    &ctx.key,
+                    &table.name,
+                    &row.local_id,
+                    &crate::redact::redact(&reason),
+                    retry,
+                )?;
+                tr.failed += 1;
+                Ok(())
+            }
+            Ok((
+                Outcome::Transient {
+                    reason,
+                    retry_after,
+                },
+                _,
+            )) => {
+                self.flush(&ctx.key, group)?;
+                self.tracking.mark_failed(
+                    &ctx.key,
+                    &table.name,
+                    &row.local_id,
+                    &crate::redact::redact(&reason),
+                    now,
+                )?;
+                tr.failed += 1;
+                Err(Halt::Pass(Interruption::Backend {
+                    reason,
+                    retry_after,
+                }))
+            }
+            Err(BlobError::Stopped) => Err(Halt::Pass(Interruption::Shutdown)),
+            Err(e) => {
+                log::warn!("source {} table {} row {id_text}: {e}", ctx.key, table.name);
+                // A changed row is worth another try soon (its new version); a vanished or
+                // unreadable one only on the slow clock.
+                let delay = match e {
+                    BlobError::Changed(_) => self.settings.retry.initial_backoff,
+                    _ => self.settings.retry.permanent_retry,
+                };
+                self.tracking.mark_failed(
+                    &ctx.key,
+                    &table.name,
+                    &row.local_id,
+                    &e.to_string(),
+                    now + delay.as_secs() as i64,
+                )?;
+                tr.failed += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Streams a row with a BLOB: the JSON before it, the BLOB's base64 chunk by chunk,
+    /// the JSON after it, with an exact Content-Length.
+    fn send_media(
+        &self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        row: &RowPayload,
+        key: &str,
+        tr: &mut TableReport,
+    ) -> Result<(Outcome, u64), BlobError> {
+        let spec = table.blob.as_ref().ok_or(BlobError::Vanished)?;
+        let Value::Integer(rowid) = row.local_id else {
+            return Err(BlobError::Read(format!(
+                "table {} has a BLOB, so its local_id must be the integer rowid of {}",
+                table.name, spec.table
+            )));
+        };
+        let mut prefix = String::with_capacity(row.fields.len() + 64);
+        prefix.push('{');
+        prefix.push_str(&row.fields);
+        json::push_key(&mut prefix, &spec.field, row.fields.is_empty());
+        let suffix = self.suffix(true);
+        let reader = BlobReader::open(
+            ctx.conn,
+            spec,
+            rowid,
+            self.settings.blob_chunk_bytes,
+            ctx.wal,
+            &self.stop,
+        )?;
+        let Some(mut reader) = reader else {
+            prefix.push_str("null");
+            prefix.push_str(&suffix);
+            let len = prefix.len() as u64;
+            return Ok((
+                self.transport
+                    .post(&table.endpoint, key, len, &mut prefix.as_bytes()),
+                len,
+            ));
+        };
+        prefix.push('"');
+        let len = prefix.len() as u64 + base64_len(reader.len()) + 1 + suffix.len() as u64;
+        let outcome = {
+            let mut body = prefix
+                .as_bytes()
+                .chain(Base64Encoder::new(&mut reader))
+                .chain(b"\"".as_slice())
+                .chain(suffix.as_bytes());
+            self.transport.post(&table.endpoint, key, len, &mut body)
+        };
+        tr.max_lock_hold = tr.max_lock_hold.max(reader.max_hold());
+        if let Some(failure) = reader.failure() {
+            return Err(failure.clone());
+        }
+        if matches!(outcome, Outcome::Stored { .. }) {
+            log::info!(
+                "{} {} -> backend ({}, longest read lock {:?})",
+                table.name,
+                id_text(&row.local_id),
+                human_bytes(reader.len()),
+                reader.max_hold()
+            );
+        }
+        Ok((outcome, len))
+    }
+
+    fn small_body(&self, fields: &str) -> String {
+        let mut body = String::with_capacity(fields.len() + 80);
+        body.push('{');
+        body.push_str(fields);
+        body.push_str(&self.suffix(!fields.is_empty()));
+        body
+    }
+
+    /// The members every payload ends with, and the closing brace.
+    fn suffix(&self, after_fields: bool) -> String {
+        let mut s = String::new();
+        json::push_key(&mut s, "device_id", !after_fields);
+        json::push_str(&mut s, &self.settings.device_id);
+        json::push_key(&mut s, "source", false);
+        json::push_str(&mut s, "sync_service");
+        s.push('}');
+        s
+    }
+
+    /// `<device_id>:<table>:<local_id>` as the contract fixes it. With several source
+    /// files (a glob), local ids repeat from file to file, so the table part also names
+    /// the file (`evenement@2025_12_18.db`); otherwise the backend would take rows of
+    /// different days for replays of each other and drop them.
+    fn idempotency_key(&self, ctx: &SourceCtx, table: &TableSpec, id: &str) -> String {
+        if ctx.multi {
+            format!(
+                "{}:{}@{}:{id}",
+                self.settings.device_id,
+                table.name,
+                file_name(&ctx.key)
+            )
+        } else {
+            format!("{}:{}:{id}", self.settings.device_id, table.name)
+        }
+    }
+
+    fn flush(&mut self, source: &str, group: &mut AckGroup) -> Result<(), Halt> {
+        let result = self.tracking.mark_success(source, &group.acked);
+        group.acked.clear();
+        group.since = None;
+        result.map_err(Halt::from)
+    }
+}
+
+fn id_text(v: &Value) -> String {
+    id_text_of(v)
+}
+
+fn id_text_of(v: &Value) -> String {
+    match v {
+        Value::Integer(i) => i.to_string(),
+        Value::Text(t) => t.clone(),
+        Value::Real(r) => r.to_string(),
+        Value::Null => "NULL".into(),
+        Value::Blob(_) => "<blob>".into(),
+    }
+}

@@ -1,0 +1,788 @@
+//! The agent's settings: the seed's environment variables (contract section 5), an
+//! optional JSON configuration file for everything else, and their validation.
+//!
+//! Precedence is environment, then file, then built-in defaults. Every setting is
+//! validated before the agent does anything; an error names the setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::LevelFilter;
+use miniserde::json::{Number, Value};
+
+use crate::logging::LogSettings;
+
+/// A setting that is missing, malformed or out of range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError {
+    pub setting: String,
+    pub problem: String,
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "setting {}: {}", self.setting, self.problem)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+fn invalid(setting: &str, problem: impl Into<String>) -> SettingsError {
+    SettingsError {
+        setting: setting.to_string(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Once,
+    Periodic,
+    Continuous,
+}
+
+/// How to talk to the backend.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub backend_url: String,
+    pub connect_timeout: Duration,
+    /// Longest silence on a socket, reading or writing: a long upload that keeps moving
+    /// is never cut off, a stalled one is.
+    pub io_timeout: Duration,
+    /// Longest wait for the response headers once the body is sent (the backend may
+    /// take a while to store a large media row).
+    pub response_timeout: Duration,
+    pub bearer_token: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// When failed rows are tried again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First delay after a transient failure (server down, timeout, 5xx); doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Delay before a row rejected by the backend (4xx) is tried again: the seed's hourly retry.
+    pub permanent_retry: Duration,
+}
+
+/// The BLOB column of a table, streamed from SQLite and sent as a base64 field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobSpec {
+    /// Table holding the BLOB; its rowid must be the row's `local_id`.
+    pub table: String,
+    pub column: String,
+    /// Top-level payload field carrying the base64 text (`null` for a NULL BLOB).
+    pub field: String,
+}
+
+/// One table to push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    /// Name recorded in `sync_tracking.table_name` and in the idempotency key.
+    pub name: String,
+    /// A `SELECT` yielding `local_id` and the payload columns; a dotted alias
+    /// (`"capteur.nom"`) becomes a nested object.
+    pub query: String,
+    /// Path appended to the backend URL, e.g. `/api/evenements`.
+    pub endpoint: String,
+    pub blob: Option<BlobSpec>,
+}
+
+/// The command run after the pulled configuration file is replaced.
+#[derive(Debug, Clone)]
+pub struct HookSpec {
+    pub command: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// Everything the agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The application's database; may be a glob on the file name (`/data/*.db`).
+    pub local_db_path: String,
+    pub device_id: String,
+    pub mode: SyncMode,
+    pub interval: Duration,
+    pub http: HttpSettings,
+    pub retry: RetryPolicy,
+    pub tables: Vec<TableSpec>,
+    /// Rows read from the application's database per short read.
+    pub batch_size: usize,
+    /// Bytes of BLOB read per SQLite access while streaming media.
+    pub blob_chunk_bytes: usize,
+    pub state_dir: PathBuf,
+    pub log: LogSettings,
+    pub site_token: Option<String>,
+    pub config_interval: Duration,
+    pub agent_config: PathBuf,
+    /// Largest configuration body accepted from the backend.
+    pub config_max_bytes: u64,
+    pub on_config_change: Option<HookSpec>,
+}
+
+pub const DEFAULT_EVENT_QUERY: &str = "SELECT e.id_evenement AS local_id, e.date AS date, \
+     e.id_capteur AS \"capteur.id\", c.nom AS \"capteur.nom\", c.etat AS \"capteur.etat\" \
+     FROM evenement e LEFT JOIN capteur c ON c.id_capteur = e.id_capteur";
+
+pub const DEFAULT_MEDIA_QUERY: &str = "SELECT m.id_media AS local_id, m.date AS date, \
+     m.id_capteur AS \"capteur.id\", c.nom AS \"capteur.nom\", m.numero_camera AS numero_camera \
+     FROM media m LEFT JOIN capteur c ON c.id_capteur = m.id_capteur";
+
+/// The seed's two tables and payloads (contract section 2).
+pub fn default_tables() -> Vec<TableSpec> {
+    vec![
+        TableSpec {
+            name: "evenement".into(),
+            query: DEFAULT_EVENT_QUERY.into(),
+            endpoint: "/api/evenements".into(),
+            blob: None,
+        },
+        TableSpec {
+            name: "media".into(),
+            query: DEFAULT_MEDIA_QUERY.into(),
+            endpoint: "/api/media".into(),
+            blob: Some(BlobSpec {
+                table: "media".into(),
+                column: "video".into(),
+                field: "video_data".into(),
+            }),
+        },
+    ]
+}
+
+/// The parsed configuration file: a JSON object, looked up by key with errors naming the key.
+struct FileConfig {
+    root: BTreeMap<String, Value>,
+}
+
+impl FileConfig {
+    fn read(path: &Path) -> Result<FileConfig, SettingsError> {
+        let setting = "RELAIS_CONFIG";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
+        match miniserde::json::from_str::<Value>(&text) {
+            Ok(Value::Object(obj)) => Ok(FileConfig {
+                root: obj.into_iter().collect(),
+            }),
+            Ok(_) => Err(invalid(
+                setting,
+                format!("{} is not a JSON object", path.display()),
+            )),
+            Err(_) => Err(invalid(
+                setting,
+                format!("{} is not valid JSON", path.display()),
+            )),
+        }
+    }
+
+    fn empty() -> FileConfig {
+        FileConfig {
+            root: BTreeMap::new(),
+        }
+    }
+}
+
+/// Reads typed values from a JSON object, naming `prefix.key` in errors.
+struct Fields<'a> {
+    prefix: String,
+    map: &'a BTreeMap<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn name(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, SettingsError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(invalid(&self.name(key), "must be a string")),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>, SettingsError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(Number::U64(n))) => Ok(Some(*n as f64)),
+            Some(Value::Number(Number::I64(n))) => Ok(Some(*n as f64)),
+            Some(Value::Number(Number::F64(n))) => Ok(Some(*n)),
+            Some(_) => Err(invalid(&self.name(key), "must be a number")),
+        }
+    }
+
+    fn object(&self, key: &str) -> Result<Option<Fields<'a>>, SettingsError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(obj)) => Ok(Some(Fields {
+                prefix: self.name(key),
+                map: obj_map(obj),
+            })),
+            Some(_) => Err(invalid(&self.name(key), "must be an object")),
+        }
+    }
+}
+
+// miniserde's Object is a BTreeMap<String, Value> underneath and derefs to it.
+fn obj_map(obj: &miniserde::json::Object) -> &BTreeMap<String, Value> {
+    obj
+}
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Looks a setting up in the environment, then in the file.
+struct Source<'a> {
+    env: Env<'a>,
+    file: Fields<'a>,
+}
+
+impl Source<'_> {
+    fn env(&self, var: &str) -> Option<String> {
+        (self.env)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn string(&self, var: &str, key: &str) -> Result<Option<String>, SettingsError> {
+        match self.env(var) {
+            Some(v) => Ok(Some(v)),
+            None => self.file.string(key),
+        }
+    }
+
+    /// A positive number, from the environment (`var`) or the file (`key`).
+    fn positive(&self, var: &str, key: &str) -> Result<Option<f64>, SettingsError> {
+        let (value, name) = match self.env(var) {
+            Some(v) => {
+                let parsed = v
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| invalid(var, format!("{v:?} is not a number")))?;
+                (Some(parsed), var.to_string())
+            }
+            None => (self.file.number(key)?, self.file.name(key)),
+        };
+        match value {
+            Some(n) if !(n > 0.0 && n.is_finite()) => {
+                Err(invalid(&name, format!("must be greater than 0, got {n}")))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+fn seconds(n: f64) -> Duration {
+    Duration::from_secs_f64(n.min(1e9))
+}
+
+impl Settings {
+    /// Loads the settings from the process environment and the file named by
+    /// `config_path` (the `--config` option) or `RELAIS_CONFIG`.
+    pub fn from_env(config_path: Option<&Path>) -> Result<Settings, SettingsError> {
+        let env = |k: &str| std::env::var(k).ok();
+        Settings::load(&env, config_path)
+    }
+
+    /// Loads the settings from `env` (injectable for tests) and the configuration file.
+    pub fn load(env: Env<'_>, config_path: Option<&Path>) -> Result<Settings, SettingsError> {
+        let path = config_path.map(Path::to_path_buf).or_else(|| {
+            env("RELAIS_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        });
+        let file = match &path {
+            Some(p) => FileConfig::read(p)?,
+            None => FileConfig::empty(),
+        };
+        let src = Source {
+            env,
+            file: Fields {
+                prefix: String::new(),
+                map: &file.root,
+            },
+        };
+        let settings = Settings {
+            local_db_path: src
+                .string("LOCAL_DB_PATH", "local_db_path")?
+                .unwrap_or_else(|| "/data/surveillance.db".into()),
+            device_id: src
+                .string("DEVICE_ID", "device_id")?
+                .unwrap_or_else(|| "raspberry-1".into()),
+            mode: parse_mode(&src)?,
+            interval: parse_interval(&src)?,
+            http: parse_http(&src)?,
+            retry: parse_retry(&src.file)?,
+            tables: parse_tables(&src.file)?,
+            batch_size: src.file.number("batch_size")?.map_or(Ok(100.0), |n| {
+                whole(n, 1.0, 10_000.0, &src.file.name("batch_size"))
+            })? as usize,
+            blob_chunk_bytes: src
+                .file
+                .number("blob_chunk_bytes")?
+                .map_or(Ok(4.0 * 1024.0 * 1024.0), |n| {
+                    whole(n, 3.0 * 1024.0, 64.0 * 1024.0 * 1024.0, "blob_chunk_bytes")
+                })? as usize,
+            state_dir: dir_setting(
+                &src,
+                "RELAIS_STATE_DIR",
+                "state_dir",
+                "STATE_DIRECTORY",
+                "/var/lib/relais",
+            )?,
+            log: parse_log(&src)?,
+            site_token: src.string("SITE_TOKEN", "site_token")?,
+            config_interval: seconds(
+                src.positive("CONFIG_SYNC_INTERVAL_MIN", "config_sync_interval_min")?
+                    .unwrap_or(5.0)
+                    * 60.0,
+            ),
+            agent_config: PathBuf::from(
+                src.string("AGENT_CONFIG", "agent_config")?
+                    .unwrap_or_else(|| "/agent/config/config.json".into()),
+            ),
+            config_max_bytes: src
+                .file
+                .number("config_max_bytes")?
+                .map_or(Ok(4.0 * 1024.0 * 1024.0), |n| {
+                    whole(n, 2.0, 1e9, "config_max_bytes")
+                })? as u64,
+            on_config_change: parse_hook(&src.file)?,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.device_id.chars().any(char::is_control) {
+            return Err(invalid("DEVICE_ID", "must not contain control characters"));
+        }
+        if self.local_db_path.trim().is_empty() {
+            return Err(invalid("LOCAL_DB_PATH", "must not be empty"));
+        }
+        if self.agent_config.file_name().is_none() {
+            return Err(invalid("AGENT_CONFIG", "must name a file"));
+        }
+        if let Some(t) = &self.site_token {
+            if t.contains('/') || t.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(invalid(
+                    "SITE_TOKEN",
+                    "must not contain '/', spaces or control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings with every secret registered for redaction.
+    pub fn register_secrets(&self) {
+        for s in [&self.http.bearer_token, &self.site_token]
+            .into_iter()
+            .flatten()
+        {
+            crate::redact::register(s);
+        }
+    }
+}
+
+fn whole(n: f64, min: f64, max: f64, name: &str) -> Result<f64, SettingsError> {
+    if n.fract() != 0.0 || n < min || n > max {
+        return Err(invalid(
+            name,
+            format!("must be a whole number from {min} to {max}, got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_mode(src: &Source) -> Result<SyncMode, SettingsError> {
+    let name = if src.env("SYNC_MODE").is_some() {
+        "SYNC_MODE".to_string()
+    } else {
+        src.file.name("sync_mode")
+    };
+    match src
+        .string("SYNC_MODE", "sync_mode")?
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("continuous") => Ok(SyncMode::Continuous),
+        Some("periodic") => Ok(SyncMode::Periodic),
+        Some("once") => Ok(SyncMode::Once),
+        Some(other) => Err(invalid(
+            &name,
+            format!("{other:?} is not one of once, periodic, continuous"),
+        )),
+    }
+}
+
+fn parse_interval(src: &Source) -> Result<Duration, SettingsError> {
+    if let Some(s) = src.positive("SYNC_INTERVAL_SECONDS", "sync_interval_seconds")? {
+        return Ok(seconds(s));
+    }
+    Ok(seconds(
+        src.positive("SYNC_INTERVAL_MINUTES", "sync_interval_minutes")?
+            .unwrap_or(5.0)
+            * 60.0,
+    ))
+}
+
+fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
+    let backend_url = src
+        .string("BACKEND_URL", "backend_url")?
+        .unwrap_or_else(|| "http://backend:8000".into());
+    let backend_url = backend_url.trim().trim_end_matches('/').to_string();
+    let rest = backend_url
+        .strip_prefix("http://")
+        .or_else(|| backend_url.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {}
+        _ => {
+            return Err(invalid(
+                "BACKEND_URL",
+                format!("{backend_url:?} is not an http:// or https:// URL"),
+            ));
+        }
+    }
+    let empty = BTreeMap::new();
+    let http = src.file.object("http")?.unwrap_or(Fields {
+        prefix: "http".into(),
+        map: &empty,
+    });
+    let timeout = |key: &str, default: f64| -> Result<Duration, SettingsError> {
+        match http.number(key)? {
+            None => Ok(seconds(default)),
+            Some(n) if n > 0.0 => Ok(seconds(n)),
+            Some(n) => Err(invalid(
+                &http.name(key),
+                format!("must be greater than 0, got {n}"),
+            )),
+        }
+    };
+    let ca_file = src
+        .env("RELAIS_CA_FILE")
+        .or(http.string("ca_file")?)
+        .map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if !ca.is_file() {
+            return Err(invalid(
+                "http.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+    }
+    Ok(HttpSettings {
+        backend_url,
+        connect_timeout: timeout("connect_timeout_s", 10.0)?,
+        io_timeout: timeout("io_timeout_s", 30.0)?,
+        response_timeout: timeout("response_timeout_s", 120.0)?,
+        bearer_token: src
+            .env("RELAIS_BEARER_TOKEN")
+            .or(http.string("bearer_token")?),
+        ca_file,
+    })
+}
+
+fn parse_retry(file: &Fields) -> Result<RetryPolicy, SettingsError> {
+    let empty = BTreeMap::new();
+    let retry = file.object("retry")?.unwrap_or(Fields {
+        prefix: "retry".into(),
+        map: &empty,
+    });
+    let get = |key: &str, default: f64| -> Result<Duration, SettingsError> {
+        match retry.number(key)? {
+            None => Ok(seconds(default)),
+            Some(n) if n > 0.0 => Ok(seconds(n)),
+            Some(n) => Err(invalid(
+                &retry.name(key),
+                format!("must be greater than 0, got {n}"),
+            )),
+        }
+    };
+    let policy = RetryPolicy {
+        initial_backoff: get("initial_backoff_s", 5.0)?,
+        max_backoff: get("max_backoff_s", 300.0)?,
+        permanent_retry: get("permanent_retry_s", 3600.0)?,
+    };
+    if policy.max_backoff < policy.initial_backoff {
+        return Err(invalid(
+            "retry.max_backoff_s",
+            "must not be smaller than retry.initial_backoff_s",
+        ));
+    }
+    Ok(policy)
+}
+
+fn parse_tables(file: &Fields) -> Result<Vec<TableSpec>, SettingsError> {
+    let Some(value) = file.get("tables") else {
+        return Ok(default_tables());
+    };
+    let Value::Array(items) = value else {
+        return Err(invalid("tables", "must be an array of objects"));
+    };
+    if items.is_empty() {
+        return Err(invalid("tables", "must name at least one table"));
+    }
+    let mut tables: Vec<TableSpec> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("tables[{i}]");
+        let Value::Object(obj) = item else {
+            return Err(invalid(&prefix, "must be an object"));
+        };
+        let t = Fields {
+            prefix,
+            map: obj_map(obj),
+        };
+        let table = parse_table(&t)?;
+        if tables.iter().any(|o| o.name == table.name) {
+            return Err(invalid(
+                &t.name("name"),
+                format!("{:?} appears twice", table.name),
+            ));
+        }
+        tables.push(table);
+    }
+    Ok(tables)
+}
+
+fn parse_table(t: &Fields) -> Result<TableSpec, SettingsError> {
+    let required = |key: &str| {
+        t.string(key)?
+            .ok_or_else(|| invalid(&t.name(key), "is required"))
+    };
+    let name = required("name")?;
+    if !is_identifier(&name) {
+        return Err(invalid(
+            &t.name("name"),
+            format!("{name:?} must be letters, digits and '_'"),
+        ));
+    }
+    let query = required("query")?;
+    let head = query
+        .trim_start()
+        .get(..6)
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    if head != "SELECT" && !head.starts_with("WITH") {
+        return Err(invalid(&t.name("query"), "must be a SELECT statement"));
+    }
+    let endpoint = required("endpoint")?;
+    if !endpoint.starts_with('/') || endpoint.contains(char::is_whitespace) {
+        return Err(invalid(
+            &t.name("endpoint"),
+            format!("{endpoint:?} must be a path starting with '/'"),
+        ));
+    }
+    let blob = match t.object("blob")? {
+        None => None,
+        Some(b) => {
+            let req = |key: &str| {
+                b.string(key)?
+                    .ok_or_else(|| invalid(&b.name(key), "is required"))
+            };
+            let spec = BlobSpec {
+                table: req("table")?,
+                column: req("column")?,
+                field: req("field")?,
+            };
+            for (key, v) in [
+                ("table", &spec.table),
+                ("column", &spec.column),
+                ("field", &spec.field),
+            ] {
+                if !is_identifier(v) {
+                    return Err(invalid(
+                        &b.name(key),
+                        format!("{v:?} must be letters, digits and '_'"),
+                    ));
+                }
+            }
+            Some(spec)
+        }
+    };
+    Ok(TableSpec {
+        name,
+        query,
+        endpoint,
+        blob,
+    })
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn dir_setting(
+    src: &Source,
+    var: &str,
+    key: &str,
+    systemd_var: &str,
+    default: &str,
+) -> Result<PathBuf, SettingsError> {
+    let explicit = src.string(var, key)?;
+    let dir = explicit
+        .or_else(|| src.env(systemd_var).map(|v| first_path(&v)))
+        .unwrap_or_else(|| default.into());
+    Ok(PathBuf::from(dir))
+}
+
+/// systemd may list several directories separated by ':'; relais uses the first.
+fn first_path(v: &str) -> String {
+    v.split(':').next().unwrap_or(v).to_string()
+}
+
+fn parse_log(src: &Source) -> Result<LogSettings, SettingsError> {
+    let level = match src.string("RELAIS_LOG_LEVEL", "log_level")?.as_deref() {
+        None => LevelFilter::Info,
+        Some(l) => l.parse().map_err(|_| {
+            invalid(
+                "log_level",
+                format!("{l:?} is not one of error, warn, info, debug, trace"),
+            )
+        })?,
+    };
+    let dir = dir_setting(
+        src,
+        "RELAIS_LOG_DIR",
+        "log_dir",
+        "LOGS_DIRECTORY",
+        "/var/log/relais",
+    )?;
+    let max_bytes = src
+        .file
+        .number("log_max_bytes")?
+        .map_or(Ok(2.0 * 1024.0 * 1024.0), |n| {
+            whole(n, 8192.0, 1e12, "log_max_bytes")
+        })?;
+    let dir = if dir.as_os_str() == "-" {
+        None
+    } else {
+        Some(dir)
+    };
+    Ok(LogSettings {
+        level,
+        dir,
+        max_bytes: max_bytes as u64,
+    })
+}
+
+fn parse_hook(file: &Fields) -> Result<Option<HookSpec>, SettingsError> {
+    let Some(hook) = file.object("on_config_change")? else {
+        return Ok(None);
+    };
+    let command = match hook.get("command") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(invalid(
+                    &hook.name("command"),
+                    "must be an array of strings",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => {
+            return Err(invalid(
+                &hook.name("command"),
+                "is required: an array of strings, program first",
+            ));
+        }
+    };
+    let timeout = seconds(
+        hook.number("timeout_s")?
+            .filter(|n| *n > 0.0)
+            .unwrap_or(30.0),
+    );
+    Ok(Some(HookSpec { command, timeout }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)], file: Option<&str>) -> Result<Settings, SettingsError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let path = file.map(|text| {
+            let p = std::env::temp_dir().join(format!(
+                "relais-settings-{}-{}.json",
+                std::process::id(),
+                text.len()
+            ));
+            std::fs::write(&p, text).unwrap();
+            p
+        });
+        Settings::load(&env, path.as_deref())
+    }
+
+    #[test]
+    fn seed_defaults() {
+        let s = load(&[], None).unwrap();
+        assert_eq!(s.local_db_path, "/data/surveillance.db");
+        assert_eq!(s.http.backend_url, "http://backend:8000");
+        assert_eq!(s.interval, Duration::from_secs(300));
+        assert_eq!(s.device_id, "raspberry-1");
+        assert_eq!(s.mode, SyncMode::Continuous);
+        assert_eq!(s.tables, default_tables());
+        assert_eq!(s.config_interval, Duration::from_secs(300));
+        assert!(s.site_token.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load(
+            &[("DEVICE_ID", "pi-7"), ("SYNC_INTERVAL_SECONDS", "2")],
+            Some(r#"{"device_id": "file", "batch_size": 7}"#),
+        )
+        .unwrap();
+        assert_eq!(s.device_id, "pi-7");
+        assert_eq!(s.batch_size, 7);
+        assert_eq!(s.interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = load(&[("SYNC_MODE", "sometimes")], None).unwrap_err();
+        assert_eq!(e.setting, "SYNC_MODE");
+        let e = load(&[("SYNC_INTERVAL_MINUTES", "-1")], None).unwrap_err();
+        assert_eq!(e.setting, "SYNC_INTERVAL_MINUTES");
+        let e = load(&[("BACKEND_URL", "ftp://x")], None).unwrap_err();
+        assert_eq!(e.setting, "BACKEND_URL");
+        let e = load(&[], Some(r#"{"http": {"io_timeout_s": "soon"}}"#)).unwrap_err();
+        assert_eq!(e.to_string(), "setting http.io_timeout_s: must be a number");
+        let e = load(
+            &[],
+            Some(r#"{"tables": [{"name": "t", "query": "DELETE FROM t", "endpoint": "/x"}]}"#),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "tables[0].query");
+        let e = load(&[], Some("{not json")).unwrap_err();
+        assert_eq!(e.setting, "RELAIS_CONFIG");
+    }
+
+    #[test]
+    fn custom_table_with_blob() {
+        let s = load(
+            &[],
+            Some(r#"{"tables": [{"name": "photo", "query": "SELECT id AS local_id FROM photo", "endpoint": "/api/photos",
+                 "blob": {"table": "photo", "column": "data", "field": "image"}}]}"#),
+        )
+        .unwrap();
+        assert_eq!(s.tables.len(), 1);
+        assert_eq!(s.tables[0].blob.as_ref().unwrap().field, "image");
+    }
+}

@@ -1,0 +1,246 @@
+//! The application's databases: finding them (a path or a glob on the file name), opening
+//! them read-only so relais can never modify them, and reading rows to push in short,
+//! bounded reads that end before any network I/O starts.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::payload::{Plan, RowPayload};
+use crate::settings::TableSpec;
+
+/// A problem with one application database or one of its tables.
+#[derive(Debug)]
+pub enum SourceError {
+    /// No file matches the configured path or glob.
+    Missing(String),
+    Open(PathBuf, rusqlite::Error),
+    /// The table's query failed (missing table or column, locked database, corrupt file).
+    Query {
+        path: PathBuf,
+        table: String,
+        error: rusqlite::Error,
+    },
+    /// The query does not yield what relais needs.
+    Shape {
+        path: PathBuf,
+        table: String,
+        problem: String,
+    },
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceError::Missing(p) => write!(f, "source: no database file matches {p}"),
+            SourceError::Open(p, e) => {
+                write!(f, "source {}: cannot open: {}", p.display(), describe(e))
+            }
+            SourceError::Query { path, table, error } => {
+                write!(
+                    f,
+                    "source {} table {table}: {}",
+                    path.display(),
+                    describe(error)
+                )
+            }
+            SourceError::Shape {
+                path,
+                table,
+                problem,
+            } => {
+                write!(f, "source {} table {table}: {problem}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// SQLite's messages, with a hint where the operator's next step is not obvious.
+fn describe(e: &rusqlite::Error) -> String {
+    let text = e.to_string();
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            format!("{text} (the file is not an SQLite database, or is corrupt)")
+        }
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            format!("{text} (the application holds a lock; will try again next cycle)")
+        }
+        _ => text,
+    }
+}
+
+/// The application database files that `pattern` names, sorted. A pattern without
+/// wildcards names one file, which must exist.
+pub fn discover(pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
+    let path = Path::new(pattern);
+    if !is_glob(pattern) {
+        return if path.is_file() {
+            Ok(vec![path.to_path_buf()])
+        } else {
+            Err(SourceError::Missing(pattern.into()))
+        };
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name_pattern = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|_| SourceError::Missing(pattern.into()))?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| wildcard_match(name_pattern, n))
+        })
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(SourceError::Missing(pattern.into()));
+    }
+    Ok(found)
+}
+
+/// Whether the path has wildcards; only the file name may have them.
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?'])
+}
+
+/// `*` matches any run of characters, `?` any one character. SQLite's own side files
+/// (`-wal`, `-shm`, `-journal`) are never sources.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    if name.ends_with("-wal") || name.ends_with("-shm") || name.ends_with("-journal") {
+        return false;
+    }
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Opens an application database read-only. A busy timeout lets a short application
+/// commit finish instead of failing the read.
+pub fn open(path: &Path) -> Result<Connection, SourceError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(|e| SourceError::Open(path.into(), e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| SourceError::Open(path.into(), e))?;
+    // Reading the schema now turns "not a database" into an open error, not a table error.
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+        .map_err(|e| SourceError::Open(path.into(), e))?;
+    Ok(conn)
+}
+
+/// Whether the database is in WAL mode, where readers never block the application's writes.
+pub fn is_wal(conn: &Connection) -> bool {
+    conn.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+        .is_ok_and(|m| m.eq_ignore_ascii_case("wal"))
+}
+
+/// Reads up to `limit` rows of `table` whose `local_id` is greater than `after` (all
+/// rows when `None`), in `local_id` order. The statement is finished when this returns,
+/// so no read transaction outlives the call.
+pub fn read_after(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    after: Option<&Value>,
+    limit: usize,
+) -> Result<Vec<RowPayload>, SourceError> {
+    let sql = match after {
+        Some(_) => format!(
+            "SELECT * FROM ({}) WHERE local_id > ?1 ORDER BY local_id LIMIT ?2",
+            table.query
+        ),
+        None => format!("SELECT * FROM ({}) ORDER BY local_id LIMIT ?2", table.query),
+    };
+    let limit = limit as i64;
+    let params: Vec<&dyn rusqlite::ToSql> = match after {
+        Some(v) => vec![v, &limit],
+        None => vec![&rusqlite::types::Null, &limit],
+    };
+    query_rows(conn, path, table, &sql, &params)
+}
+
+/// Reads the row of `table` with this `local_id`, or `None` if it no longer exists.
+pub fn read_one(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    local_id: &Value,
+) -> Result<Option<RowPayload>, SourceError> {
+    let sql = format!("SELECT * FROM ({}) WHERE local_id = ?1", table.query);
+    Ok(query_rows(conn, path, table, &sql, &[local_id])?
+        .into_iter()
+        .next())
+}
+
+fn query_rows(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<RowPayload>, SourceError> {
+    let query_err = |error| SourceError::Query {
+        path: path.into(),
+        table: table.name.clone(),
+        error,
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(query_err)?;
+    let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+    let plan = Plan::new(&names).map_err(|problem| SourceError::Shape {
+        path: path.into(),
+        table: table.name.clone(),
+        problem,
+    })?;
+    // Bind only the parameters the statement has: `?1` is absent without a lower bound.
+    let count = stmt.parameter_count();
+    for i in 1..=count {
+        stmt.raw_bind_parameter(i, params[i - 1])
+            .map_err(query_err)?;
+    }
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(query_err)? {
+        out.push(plan.build(row).map_err(query_err)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("*.db", "2025_12_18.db"));
+        assert!(wildcard_match("2025_??_*.db", "2025_12_18.db"));
+        assert!(!wildcard_match("*.db", "2025_12_18.db-wal"));
+        assert!(!wildcard_match("*.db", "notes.txt"));
+        assert!(wildcard_match("*", "x"));
+    }
+}

@@ -1,0 +1,140 @@
+//! `relais status`: what has been pushed, what failed and why, and how the last pass
+//! went, read from the state database (text for people, `--json` for scripts).
+
+use std::fmt::Write;
+
+use crate::push::CycleReport;
+use crate::settings::Settings;
+use crate::tracking::{STATE_DB_NAME, Tracking};
+use crate::{clock, json};
+
+const LAST_CYCLE_AT: &str = "last_cycle_at";
+const LAST_CYCLE: &str = "last_cycle";
+const LAST_ERROR: &str = "last_error";
+const LAST_ERROR_AT: &str = "last_error_at";
+
+/// Remembers the pass's outcome for `relais status`. A failure to write it is logged:
+/// it is diagnostics, not state.
+pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
+    let now = clock::now_iso8601();
+    let mut result = tracking
+        .set_meta(LAST_CYCLE_AT, &now)
+        .and_then(|()| tracking.set_meta(LAST_CYCLE, &report.to_string()));
+    let error = report
+        .errors
+        .first()
+        .cloned()
+        .or_else(|| match &report.interrupted {
+            Some(crate::push::Interruption::Backend { reason, .. }) => Some(reason.clone()),
+            Some(crate::push::Interruption::State(e)) => Some(e.clone()),
+            _ => None,
+        });
+    if let Some(e) = error {
+        result = result
+            .and_then(|()| tracking.set_meta(LAST_ERROR, &crate::redact::redact(&e)))
+            .and_then(|()| tracking.set_meta(LAST_ERROR_AT, &now));
+    }
+    if let Err(e) = result {
+        log::warn!("{e}");
+    }
+}
+
+/// Prints the status; returns the exit code.
+pub fn run(settings: &Settings, as_json: bool) -> i32 {
+    if !settings.state_dir.join(STATE_DB_NAME).exists() {
+        eprintln!(
+            "status: no state database in {} yet: relais has not run there",
+            settings.state_dir.display()
+        );
+        return 1;
+    }
+    let tracking = match Tracking::open(&settings.state_dir) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    match render(&tracking, as_json) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn render(tracking: &Tracking, as_json: bool) -> Result<String, crate::tracking::TrackingError> {
+    let counts = tracking.counts()?;
+    let failures = tracking.recent_failures(5)?;
+    let meta = |k| tracking.meta(k);
+    let (at, cycle, error, error_at) = (
+        meta(LAST_CYCLE_AT)?,
+        meta(LAST_CYCLE)?,
+        meta(LAST_ERROR)?,
+        meta(LAST_ERROR_AT)?,
+    );
+    let mut out = String::new();
+    if as_json {
+        out.push_str("{\"counts\": [");
+        for (i, c) in counts.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push('{');
+            json::push_key(&mut out, "source", true);
+            json::push_str(&mut out, &c.source);
+            json::push_key(&mut out, "table", false);
+            json::push_str(&mut out, &c.table);
+            json::push_key(&mut out, "status", false);
+            json::push_str(&mut out, &c.status);
+            json::push_key(&mut out, "rows", false);
+            let _ = write!(out, "{}}}", c.rows);
+        }
+        out.push(']');
+        for (key, value) in [
+            ("last_cycle_at", &at),
+            ("last_cycle", &cycle),
+            ("last_error", &error),
+            ("last_error_at", &error_at),
+        ] {
+            json::push_key(&mut out, key, false);
+            json::push_opt_str(&mut out, value.as_deref());
+        }
+        out.push_str("}\n");
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "{:<40} {:<12} {:<8} {:>10}",
+        "source", "table", "status", "rows"
+    );
+    for c in &counts {
+        let _ = writeln!(
+            out,
+            "{:<40} {:<12} {:<8} {:>10}",
+            c.source, c.table, c.status, c.rows
+        );
+    }
+    let _ = writeln!(
+        out,
+        "last pass: {} {}",
+        at.as_deref().unwrap_or("never"),
+        cycle.as_deref().unwrap_or("")
+    );
+    if let Some(e) = error {
+        let _ = writeln!(out, "last error: {} {e}", error_at.as_deref().unwrap_or(""));
+    }
+    for (source, table, id, message) in failures {
+        let id = match id {
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            rusqlite::types::Value::Text(t) => t,
+            _ => "?".into(),
+        };
+        let _ = writeln!(out, "failed: {source} {table} {id}: {message}");
+    }
+    Ok(out)
+}

@@ -1,0 +1,474 @@
+//! The agent's own state database: the `sync_tracking` table of the contract (which
+//! local row reached the backend, under which remote id), the per-table high-water marks
+//! that keep an idle cycle cheap, and a small key-value table for the last cycle's
+//! outcome. The application's database is never written.
+//!
+//! Every state change is an SQLite transaction. The database runs in WAL mode with
+//! `synchronous = NORMAL`: a power cut may forget the last few commits, never corrupt
+//! the file, and a forgotten `success` only means the row is sent again under the same
+//! idempotency key.
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::clock;
+
+pub const STATE_DB_NAME: &str = "relais.db";
+
+/// A failure of the state database.
+#[derive(Debug)]
+pub enum TrackingError {
+    Open(PathBuf, String),
+    Sql(&'static str, rusqlite::Error),
+}
+
+impl fmt::Display for TrackingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrackingError::Open(p, e) => write!(f, "state database {}: {e}", p.display()),
+            TrackingError::Sql(what, e) => {
+                let hint = match e.sqlite_error_code() {
+                    Some(rusqlite::ErrorCode::DiskFull) => " (the disk is full)",
+                    Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen) => {
+                        " (is the state directory writable?)"
+                    }
+                    _ => "",
+                };
+                write!(f, "state database: cannot {what}: {e}{hint}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TrackingError {}
+
+fn sql(what: &'static str) -> impl FnOnce(rusqlite::Error) -> TrackingError {
+    move |e| TrackingError::Sql(what, e)
+}
+
+/// Where a row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Success,
+    Failed,
+}
+
+/// A row acknowledged by the backend, waiting to be recorded.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub table: String,
+    pub local_id: Value,
+    pub remote_id: Option<Value>,
+    pub bytes: u64,
+}
+
+/// Counts for `relais status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Count {
+    pub source: String,
+    pub table: String,
+    pub status: String,
+    pub rows: u64,
+}
+
+pub struct Tracking {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sync_tracking (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    local_id INTEGER NOT NULL,
+    remote_id INTEGER,
+    sync_date TEXT NOT NULL,
+    sync_status TEXT NOT NULL CHECK (sync_status IN ('pending', 'success', 'failed')),
+    error_message TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    bytes INTEGER,
+    UNIQUE (source, table_name, local_id)
+);
+-- Only rows not yet synced: the retry set stays as small as the backlog, whatever the history.
+CREATE INDEX IF NOT EXISTS sync_tracking_unsynced
+    ON sync_tracking (source, table_name, local_id) WHERE sync_status != 'success';
+CREATE TABLE IF NOT EXISTS sync_cursor (
+    source TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    high_water INTEGER NOT NULL,
+    PRIMARY KEY (source, table_name)
+);
+CREATE TABLE IF NOT EXISTS agent_meta (key TEXT PRIMARY KEY, value TEXT);
+PRAGMA user_version = 1;
+";
+
+impl Tracking {
+    /// Opens (creating if needed) the state database in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Tracking, TrackingError> {
+        let path = state_dir.join(STATE_DB_NAME);
+        let open_err = |e: String| TrackingError::Open(path.clone(), e);
+        if !state_dir.is_dir() {
+            std::fs::create_dir_all(state_dir)
+                .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
+            // The tracking database reveals what the device recorded: keep it private.
+            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let conn = Connection::open(&path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| open_err(e.to_string()))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(|e| {
+                open_err(format!(
+                    "{e} (is the state directory writable and the disk not full?)"
+                ))
+            })?;
+        Ok(Tracking { conn })
+    }
+
+    /// Largest integer `local_id` ever recorded for this table: rows above it are new.
+    pub fn high_water(&self, source: &str, table: &str) -> Result<Option<i64>, TrackingError> {
+        self.conn
+            .query_row(
+                "SELECT high_water FROM sync_cursor WHERE source = ?1 AND table_name = ?2",
+                params![source, table],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read the high-water mark"))
+    }
+
+    /// Records these rows as `pending` before they are sent (one transaction), advances
+    /// the high-water mark, and returns the ids that are due to be sent: not yet synced,
+    /// and not waiting for a later retry.
+    pub fn record_pending(
+        &mut self,
+        source: &str,
+        table: &str,
+        ids: &[Value],
+        now: i64,
+    ) -> Result<Vec<Value>, TrackingError> {
+        let date = clock::iso8601(now);
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("begin a transaction"))?;
+        let mut due = Vec::new();
+        {
+            let mut get = tx
+                .prepare_cached(
+                    "SELECT sync_status, next_attempt_at FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                )
+                .map_err(sql("read tracking"))?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO sync_tracking (source, table_name, local_id, sync_date, sync_status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                )
+                .map_err(sql("record a pending row"))?;
+            for id in ids {
+                let existing: Option<(String, Option<i64>)> = get
+                    .query_row(params![source, table, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(sql("read tracking"))?;
+                match existing {
+                    None => {
+                        insert
+                            .execute(params![source, table, id, date])
+                            .map_err(sql("record a pending row"))?;
+                        due.push(id.clone());
+                    }
+                    Some((status, next))
+                        if status != "success"
+                            && (status == "pending" || next.is_none_or(|t| t <= now)) =>
+                    {
+                        due.push(id.clone())
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(max) = ids
+            .iter()
+            .filter_map(|v| {
+                if let Value::Integer(i) = v {
+                    Some(*i)
+                } else {
+                    None
+                }
+            })
+            .max()
+        {
+            tx.execute(
+                "INSERT INTO sync_cursor (source, table_name, high_water) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source, table_name) DO UPDATE SET high_water = max(high_water, excluded.high_water)",
+                params![source, table, max],
+            )
+            .map_err(sql("advance the high-water mark"))?;
+        }
+        tx.commit().map_err(sql("commit pending rows"))?;
+        Ok(due)
+    }
+
+    /// Rows due for another attempt, after `after`, in `local_id` order: `pending` ones
+    /// (interrupted, or reset by hand as the seed documents) and `failed` ones whose
+    /// retry time has come.
+    pub fn due(
+        &self,
+        source: &str,
+        table: &str,
+        after: Option<&Value>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<Value>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT local_id FROM sync_tracking
+                 WHERE source = ?1 AND table_name = ?2 AND sync_status != 'success'
+                   AND (?3 IS NULL OR local_id > ?3)
+                   AND (sync_status = 'pending' OR next_attempt_at IS NULL OR next_attempt_at <= ?4)
+                 ORDER BY local_id LIMIT ?5",
+            )
+            .map_err(sql("read the retry set"))?;
+        let after = after.cloned().unwrap_or(Value::Null);
+        let rows = stmt
+            .query_map(params![source, table, after, now, limit as i64], |r| {
+                r.get::<_, Value>(0)
+            })
+            .map_err(sql("read the retry set"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read the retry set"))
+    }
+
+    /// Whether this row already reached the backend.
+    pub fn is_synced(
+        &self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+    ) -> Result<bool, TrackingError> {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3 AND sync_status = 'success'",
+            )
+            .and_then(|mut s| s.exists(params![source, table, local_id]))
+            .map_err(sql("read tracking"))
+    }
+
+    /// Records acknowledged rows as `success`, all in one transaction.
+    pub fn mark_success(&mut self, source: &str, acked: &[Acked]) -> Result<(), TrackingError> {
+        if acked.is_empty() {
+            return Ok(());
+        }
+        let date = clock::now_iso8601();
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("begin a transaction"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO sync_tracking (source, table_name, local_id, remote_id, sync_date, sync_status, attempts, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'success', 1, ?6)
+                     ON CONFLICT (source, table_name, local_id) DO UPDATE SET
+                       remote_id = excluded.remote_id, sync_date = excluded.sync_date, sync_status = 'success',
+                       error_message = NULL, attempts = attempts + 1, next_attempt_at = NULL, bytes = excluded.bytes",
+                )
+                .map_err(sql("record a synced row"))?;
+            for a in acked {
+                stmt.execute(params![
+                    source,
+                    a.table,
+                    a.local_id,
+                    a.remote_id,
+                    date,
+                    a.bytes as i64
+                ])
+                .map_err(sql("record a synced row"))?;
+            }
+        }
+        tx.commit().map_err(sql("commit synced rows"))
+    }
+
+    /// Records a failed attempt and when to try again.
+    pub fn mark_failed(
+        &mut self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+        message: &str,
+        retry_at: i64,
+    ) -> Result<(), TrackingError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_tracking (source, table_name, local_id, sync_date, sync_status, error_message, attempts, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, 'failed', ?5, 1, ?6)
+                 ON CONFLICT (source, table_name, local_id) DO UPDATE SET
+                   sync_date = excluded.sync_date, sync_status = 'failed', error_message = excluded.error_message,
+                   attempts = attempts + 1, next_attempt_at = excluded.next_attempt_at",
+            )
+            .and_then(|mut s| s.execute(params![source, table, local_id, clock::now_iso8601(), message, retry_at]))
+            .map(|_| ())
+            .map_err(sql("record a failed row"))
+    }
+
+    /// Makes every failed row due now (`relais retry-failed`); returns how many.
+    pub fn retry_failed(&mut self) -> Result<usize, TrackingError> {
+        self.conn
+            .execute("UPDATE sync_tracking SET sync_status = 'pending', next_attempt_at = NULL WHERE sync_status = 'failed'", [])
+            .map_err(sql("reset failed rows"))
+    }
+
+    /// Imports, once per source, the `success` rows of a `sync_tracking` table left in the
+    /// application's database by the Python service, so they are not sent again. Reads in
+    /// short batches so the application is never locked out for long.
+    pub fn import_legacy(
+        &mut self,
+        source: &str,
+        app: &Connection,
+    ) -> Result<Option<u64>, TrackingError> {
+        let key = format!("legacy_imported:{source}");
+        if self.meta(&key)?.is_some() {
+            return Ok(None);
+        }
+        let has_table = app
+            .query_row(
+                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'sync_tracking'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql("look for a legacy sync_tracking table"))?
+            .is_some();
+        let mut imported = 0u64;
+        if has_table {
+            let mut after = 0i64;
+            loop {
+                let batch = read_legacy_batch(app, after)
+                    .map_err(sql("read the legacy sync_tracking table"))?;
+                let Some(last) = batch.last() else { break };
+                after = last.0;
+                let tx = self
+                    .conn
+                    .transaction()
+                    .map_err(sql("begin a transaction"))?;
+                for (_, table, local_id, remote_id, date) in &batch {
+                    imported += tx
+                        .execute(
+                            "INSERT INTO sync_tracking (source, table_name, local_id, remote_id, sync_date, sync_status, attempts)
+                             VALUES (?1, ?2, ?3, ?4, ?5, 'success', 1) ON CONFLICT DO NOTHING",
+                            params![source, table, local_id, remote_id, date],
+                        )
+                        .map_err(sql("import legacy tracking"))? as u64;
+                }
+                tx.commit().map_err(sql("import legacy tracking"))?;
+            }
+        }
+        self.set_meta(&key, &clock::now_iso8601())?;
+        Ok(Some(imported))
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, TrackingError> {
+        self.conn
+            .query_row("SELECT value FROM agent_meta WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("read agent metadata"))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), TrackingError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO agent_meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(sql("write agent metadata"))
+    }
+
+    /// Row counts per source, table and status.
+    pub fn counts(&self) -> Result<Vec<Count>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT source, table_name, sync_status, count(*) FROM sync_tracking
+                 GROUP BY source, table_name, sync_status ORDER BY source, table_name, sync_status",
+            )
+            .map_err(sql("count rows"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Count {
+                    source: r.get(0)?,
+                    table: r.get(1)?,
+                    status: r.get(2)?,
+                    rows: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(sql("count rows"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("count rows"))
+    }
+
+    /// The most recent error messages of failed rows, newest first.
+    pub fn recent_failures(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Value, String)>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT source, table_name, local_id, coalesce(error_message, '') FROM sync_tracking
+                 WHERE sync_status = 'failed' ORDER BY sync_date DESC, id DESC LIMIT ?1",
+            )
+            .map_err(sql("read failures"))?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(sql("read failures"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("read failures"))
+    }
+
+    /// Status of one row (for tests and diagnostics).
+    pub fn status_of(
+        &self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+    ) -> Result<Option<Status>, TrackingError> {
+        let s: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT sync_status FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                params![source, table, local_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read tracking"))?;
+        Ok(s.map(|s| match s.as_str() {
+            "success" => Status::Success,
+            "failed" => Status::Failed,
+            _ => Status::Pending,
+        }))
+    }
+}
+
+type LegacyRow = (i64, String, Value, Option<Value>, String);
+
+fn read_legacy_batch(app: &Connection, after: i64) -> rusqlite::Result<Vec<LegacyRow>> {
+    let mut stmt = app.prepare_cached(
+        "SELECT id, table_name, local_id, remote_id, coalesce(CAST(sync_date AS TEXT), '') FROM sync_tracking
+         WHERE sync_status = 'success' AND id > ?1 ORDER BY id LIMIT 1000",
+    )?;
+    let rows = stmt.query_map([after], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })?;
+    rows.collect()
+}

@@ -1,0 +1,286 @@
+//! Talking to the backend: one ureq agent (connection reuse, rustls, idle timeouts,
+//! `User-Agent: relais/<version>`), the contract's request headers, and the
+//! classification of every answer into stored, transient or rejected.
+
+use std::fmt;
+use std::io::Read;
+use std::time::Duration;
+
+use miniserde::json::{Number, Value as Json};
+use rusqlite::types::Value;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
+
+use crate::settings::HttpSettings;
+
+/// Largest response body relais reads from a push answer; the `id` is near the start.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+
+pub const USER_AGENT: &str = concat!("relais/", env!("CARGO_PKG_VERSION"));
+
+/// What became of one upload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Any 2xx: the backend has the row. `remote_id` is the answer's `id`, when there is one.
+    Stored { remote_id: Option<Value> },
+    /// Worth retrying soon: network failure, timeout, 408, 429, 5xx, or credentials the
+    /// backend refused (fixing the token must not wait for the hourly retry).
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The backend refused this row (other 4xx): retried only on the slow clock.
+    Rejected { status: u16, reason: String },
+}
+
+/// The backend cannot be used at all (bad CA file).
+#[derive(Debug)]
+pub struct TransportError(String);
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "transport: {}", self.0)
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+pub struct Transport {
+    agent: ureq::Agent,
+    base_url: String,
+    bearer: Option<String>,
+}
+
+/// A GET answer, for the configuration pull.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub etag: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// The body, or `None` when it exceeded the size cap.
+    pub body: Option<Vec<u8>>,
+}
+
+impl Transport {
+    pub fn new(http: &HttpSettings) -> Result<Transport, TransportError> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .user_agent(USER_AGENT)
+            // A redirected POST would lose its streamed body; a redirect is a misconfigured URL.
+            .max_redirects(0)
+            .timeout_connect(Some(http.connect_timeout))
+            // Idle timeouts: each read or write may stall this long, so a long upload that
+            // keeps moving is never cut off while a dead peer is noticed.
+            .timeout_per_read(Some(http.io_timeout))
+            .timeout_per_write(Some(http.io_timeout))
+            .timeout_recv_response(Some(http.response_timeout));
+        if let Some(ca) = &http.ca_file {
+            config = config.tls_config(TlsConfig::builder().root_certs(load_ca(ca)?).build());
+        }
+        Ok(Transport {
+            agent: config.build().into(),
+            base_url: http.backend_url.clone(),
+            bearer: http.bearer_token.clone(),
+        })
+    }
+
+    /// POSTs a JSON body of exactly `len` bytes read from `body` (never chunked: many
+    /// Python backends refuse chunked requests).
+    pub fn post(
+        &self,
+        endpoint: &str,
+        idempotency_key: &str,
+        len: u64,
+        body: &mut dyn Read,
+    ) -> Outcome {
+        let mut req = self
+            .agent
+            .post(format!("{}{endpoint}", self.base_url))
+            .header("Content-Type", "application/json")
+            .header("Content-Length", len.to_string())
+            .header("Idempotency-Key", idempotency_key);
+        if let Some(token) = &self.bearer {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        match req.send(ureq::SendBody::from_reader(body)) {
+            Ok(resp) => classify_answer(resp),
+            Err(e) => Outcome::Transient {
+                reason: describe_error(&e),
+                retry_after: None,
+            },
+        }
+    }
+
+    /// GETs `path`, reading at most `max_bytes` of body.
+    pub fn get(
+        &self,
+        path: &str,
+        if_none_match: Option<&str>,
+        max_bytes: u64,
+    ) -> Result<Fetched, String> {
+        let mut req = self
+            .agent
+            .get(format!("{}{path}", self.base_url))
+            .header("Accept", "application/json");
+        if let Some(tag) = if_none_match {
+            req = req.header("If-None-Match", format!("\"{tag}\""));
+        }
+        if let Some(token) = &self.bearer {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut resp = req.call().map_err(|e| describe_error(&e))?;
+        let status = resp.status().as_u16();
+        let etag = header(&resp, "etag").map(|t| t.trim_matches('"').to_string());
+        let retry_after = retry_after(&resp);
+        let mut body = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(max_bytes + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        let body = if body.len() as u64 > max_bytes {
+            None
+        } else {
+            Some(body)
+        };
+        Ok(Fetched {
+            status,
+            etag,
+            retry_after,
+            body,
+        })
+    }
+}
+
+fn load_ca(path: &std::path::Path) -> Result<RootCerts, TransportError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| TransportError(format!("cannot read CA file {}: {e}", path.display())))?;
+    let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(TransportError(format!(
+            "CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(RootCerts::new_with_certs(&certs))
+}
+
+fn header<'a>(resp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from APIs and treated as absent).
+fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
+    header(resp, "retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
+    let status = resp.status().as_u16();
+    let retry = retry_after(&resp);
+    let mut text = Vec::new();
+    // A failure to read the answer of a 2xx still means the backend stored the row.
+    let _ = resp
+        .body_mut()
+        .as_reader()
+        .take(MAX_ANSWER_BYTES)
+        .read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text);
+    match status {
+        200..=299 => Outcome::Stored {
+            remote_id: answer_id(&text),
+        },
+        401 | 403 => Outcome::Transient {
+            reason: format!(
+                "the backend refused the credentials ({status}): check the bearer token"
+            ),
+            retry_after: retry,
+        },
+        408 | 429 | 500..=599 => Outcome::Transient {
+            reason: format!("the backend answered {status}{}", detail(&text)),
+            retry_after: retry,
+        },
+        _ => Outcome::Rejected {
+            status,
+            reason: format!(
+                "the backend rejected the row with {status}{}",
+                detail(&text)
+            ),
+        },
+    }
+}
+
+/// The `id` of a JSON answer, when the answer is a JSON object that has one.
+fn answer_id(text: &str) -> Option<Value> {
+    let Ok(Json::Object(obj)) = miniserde::json::from_str::<Json>(text) else {
+        return None;
+    };
+    match obj.get("id")? {
+        Json::Number(Number::U64(n)) => i64::try_from(*n).ok().map(Value::Integer),
+        Json::Number(Number::I64(n)) => Some(Value::Integer(*n)),
+        Json::String(s) => Some(Value::Text(s.clone())),
+        _ => None,
+    }
+}
+
+/// The server's explanation: FastAPI's `detail` when present, else the start of the body.
+fn detail(text: &str) -> String {
+    let explained = match miniserde::json::from_str::<Json>(text) {
+        Ok(Json::Object(obj)) => match obj.get("detail") {
+            Some(Json::String(s)) => s.clone(),
+            Some(other) => miniserde::json::to_string(other),
+            None => text.to_string(),
+        },
+        _ => text.to_string(),
+    };
+    let explained: String = explained.split_whitespace().collect::<Vec<_>>().join(" ");
+    if explained.is_empty() {
+        return String::new();
+    }
+    let short: String = explained.chars().take(300).collect();
+    format!(": {short}")
+}
+
+/// An operator-readable sentence for a failed exchange.
+fn describe_error(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("the backend did not answer in time ({t})"),
+        ureq::Error::HostNotFound => {
+            "the backend's host name does not resolve (DNS or network down)".into()
+        }
+        ureq::Error::ConnectionFailed => {
+            "cannot connect to the backend (server down or network unreachable)".into()
+        }
+        ureq::Error::Io(io) => format!("network error: {io}"),
+        other => format!("exchange with the backend failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ids_and_details() {
+        assert_eq!(
+            answer_id(r#"{"id": 123, "message": "ok"}"#),
+            Some(Value::Integer(123))
+        );
+        assert_eq!(
+            answer_id(r#"{"id": "a-1"}"#),
+            Some(Value::Text("a-1".into()))
+        );
+        assert_eq!(answer_id("<html>ok</html>"), None);
+        assert_eq!(answer_id(r#"{"message": "no id"}"#), None);
+        assert_eq!(
+            detail(r#"{"detail": "video too large"}"#),
+            ": video too large"
+        );
+        assert_eq!(detail(""), "");
+    }
+}
