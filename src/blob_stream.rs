@@ -146,6 +146,7 @@ impl<'c> BlobReader<'c> {
     }
 
     fn refill(&mut self) -> Result<(), BlobError> {
+        crate::notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {
             return Err(BlobError::Stopped);
         }

@@ -20,7 +20,7 @@ use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::Settings;
 use crate::tracking::Tracking;
 use crate::transport::Transport;
-use crate::{clock, status};
+use crate::{clock, notify, status};
 
 /// Longest time between a stop signal and the agent's exit.
 pub const STOP_GRACE: Duration = Duration::from_millis(4500);
@@ -71,12 +71,15 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
             format!("every {}", clock::human_duration(settings.interval))
         }
     );
+    notify::ready("started");
     let mut backoff = Backoff::new(&settings.retry);
     loop {
         let report = pusher.sync_once();
         log_report(&report);
         status::record_cycle(pusher.tracking(), &report);
+        notify::status(&report.to_string());
         if once {
+            notify::stopping();
             log_totals(&mut pusher);
             return if report.is_clean() {
                 EXIT_OK
@@ -100,21 +103,29 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
             break;
         }
     }
+    notify::stopping();
     log::info!("relais stopping");
     log_totals(&mut pusher);
     EXIT_OK
 }
 
-/// Sleeps until `delay` has passed or something wakes the loop.
+/// Sleeps until `delay` has passed or something wakes the loop. Under a systemd
+/// watchdog it wakes every half period to ping it; otherwise it never wakes on its own.
 fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
     let deadline = Instant::now() + delay;
-    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(w) => w,
-        Err(RecvTimeoutError::Timeout) => Wake::SyncNow,
-        // The signal thread is gone: nothing can ask for a stop any more, so keep going.
-        Err(RecvTimeoutError::Disconnected) => {
-            std::thread::sleep(delay);
-            Wake::SyncNow
+    loop {
+        notify::keepalive();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let nap = notify::watchdog_period().map_or(left, |p| left.min(p / 2));
+        match rx.recv_timeout(nap) {
+            Ok(w) => return w,
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => return Wake::SyncNow,
+            Err(RecvTimeoutError::Timeout) => {}
+            // The signal thread is gone: nothing can ask for a stop any more, so keep going.
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(left);
+                return Wake::SyncNow;
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
 //! - [`transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
+//! - [`notify`]: systemd readiness and watchdog;
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
 
 pub mod atomic_file;
@@ -17,6 +18,7 @@ pub mod clock;
 pub mod daemon;
 pub mod json;
 pub mod logging;
+pub mod notify;
 pub mod payload;
 pub mod push;
 pub mod redact;
