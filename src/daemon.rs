@@ -52,13 +52,6 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         log::error!("signals: cannot install handlers: {e}");
         return EXIT_FAILED_ROWS;
     }
-    let mut pusher = match build_pusher(settings, stop.clone()) {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("{e}");
-            return EXIT_FAILED_ROWS;
-        }
-    };
     log::info!(
         "relais {} started: device {}, database {}, backend {}, {}",
         env!("CARGO_PKG_VERSION"),
@@ -73,30 +66,52 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
     );
     notify::ready("started");
     let mut backoff = Backoff::new(&settings.retry);
+    // Built lazily and rebuilt after a state failure: an unwritable state directory must
+    // not stop the agent (the configuration pull can still work), and must heal by
+    // itself once the operator fixes it.
+    let mut pusher: Option<Pusher> = None;
     loop {
-        let report = pusher.sync_once();
-        log_report(&report);
-        status::record_cycle(pusher.tracking(), &report);
-        notify::status(&report.to_string());
-        if once {
-            notify::stopping();
-            log_totals(&mut pusher);
-            return if report.is_clean() {
-                EXIT_OK
-            } else {
-                EXIT_FAILED_ROWS
-            };
-        }
-        let delay = match &report.interrupted {
+        let interrupted = match pusher_or_build(&mut pusher, settings, &stop) {
+            Ok(active) => {
+                let report = active.sync_once();
+                log_report(&report);
+                status::record_cycle(active.tracking(), &report);
+                notify::status(&report.to_string());
+                if once {
+                    notify::stopping();
+                    log_totals(active);
+                    return if report.is_clean() {
+                        EXIT_OK
+                    } else {
+                        EXIT_FAILED_ROWS
+                    };
+                }
+                report.interrupted
+            }
+            Err(e) => {
+                log::error!("{e}; nothing is pushed until this is fixed");
+                notify::status(&e);
+                if once {
+                    return EXIT_FAILED_ROWS;
+                }
+                Some(Interruption::State(e))
+            }
+        };
+        let delay = match &interrupted {
             Some(Interruption::Shutdown) => break,
             Some(Interruption::Backend { retry_after, .. }) => backoff.next_delay(*retry_after),
-            Some(Interruption::State(_)) => backoff.next_delay(None),
+            Some(Interruption::State(_)) => {
+                // Reopen the state database next time: the failure may have left the
+                // connection unusable (file removed, disk remounted read-only).
+                pusher = None;
+                backoff.next_delay(None)
+            }
             None => {
                 backoff.reset();
                 settings.interval
             }
         };
-        if report.interrupted.is_some() {
+        if interrupted.is_some() {
             log::info!("next attempt in {}", clock::human_duration(delay));
         }
         if wait(&rx, delay) == Wake::Stop {
@@ -105,8 +120,23 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
     }
     notify::stopping();
     log::info!("relais stopping");
-    log_totals(&mut pusher);
+    if let Some(p) = pusher.as_mut() {
+        log_totals(p);
+    }
     EXIT_OK
+}
+
+fn pusher_or_build<'a>(
+    pusher: &'a mut Option<Pusher>,
+    settings: &Settings,
+    stop: &Arc<AtomicBool>,
+) -> Result<&'a mut Pusher, String> {
+    if pusher.is_none() {
+        *pusher = Some(build_pusher(settings, stop.clone())?);
+    }
+    pusher
+        .as_mut()
+        .ok_or_else(|| "push engine not built".to_string())
 }
 
 /// Sleeps until `delay` has passed or something wakes the loop. Under a systemd
