@@ -298,6 +298,9 @@ impl Pusher {
                 _ => break,
             }
         }
+        // Record the retries' acknowledgements first: with non-integer ids the scan below
+        // starts from the beginning and would otherwise find them unsynced and send them again.
+        self.flush(&ctx.key, group)?;
         // Then new rows, above the high-water mark (from the start for non-integer ids,
         // where already-synced rows are skipped one indexed lookup at a time).
         let mut after = self

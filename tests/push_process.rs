@@ -1,0 +1,343 @@
+//! Integration tests of the `relais` binary as a child process: peak memory of a
+//! 256 MB upload, an application writing while a large BLOB uploads (rollback journal
+//! and WAL), a row deleted or changed mid-upload, SIGTERM mid-upload, exit codes.
+//! Uploads that must last a while go through a throttling proxy; every wait is on a
+//! condition with a deadline.
+#![cfg(feature = "receiver")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{
+    DEVICE, Proxy, Scratch, agent_env, drain, run_relais, send_signal, spawn_relais, tracked,
+    vm_hwm_kib, wait_exit, wait_for,
+};
+use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
+use relais::receiver::{Fault, Receiver, ReceiverOptions};
+use rusqlite::Connection;
+
+const MB: u64 = 1 << 20;
+
+fn receiver(dir: &Scratch) -> Receiver {
+    Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver starts")
+}
+
+/// An application database with one media row of `blob` bytes and `events` events.
+fn app(dir: &Scratch, wal: bool, blob: u64, events: usize) -> PathBuf {
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, wal).expect("create app db");
+    insert_events(&conn, events).expect("insert events");
+    insert_media(&conn, Some(blob)).expect("insert media");
+    db
+}
+
+/// The application's own connection, as the issue describes it: 100 ms busy timeout.
+fn app_conn(db: &Path, busy: Duration) -> Connection {
+    let conn = Connection::open(db).expect("open app db");
+    conn.busy_timeout(busy).expect("busy timeout");
+    conn
+}
+
+/// The `longest read lock` the agent logs for an uploaded media row, e.g. `12.3ms`.
+fn longest_read_lock(stderr: &str) -> Option<Duration> {
+    let text = stderr.split("longest read lock ").nth(1)?;
+    let text = text.split(')').next()?.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "ns" => n / 1e9,
+        "µs" | "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Only events inserted after the agent read its events may be missing; the media row
+/// must have arrived once, byte for byte.
+fn assert_media_delivered(db: &Path, rx: &Receiver) {
+    let d = check_delivery(db, &rx.rows(), DEVICE).expect("delivery check");
+    assert!(
+        d.mismatched.is_empty() && d.duplicates == 0,
+        "delivery: {d:?}"
+    );
+    assert!(
+        d.missing.iter().all(|k| k.contains(":evenement:")),
+        "media missing: {:?}",
+        d.missing
+    );
+}
+
+// ---------------------------------------------------------------- 9. memory
+
+#[test]
+fn a_256_mb_blob_uploads_in_bounded_memory() {
+    let dir = Scratch::new("memory");
+    let began = Instant::now();
+    let db = app(&dir, false, 256 * MB, 2);
+    let built = began.elapsed();
+    let rx = receiver(&dir);
+    let vars = agent_env(
+        &db,
+        &rx.url(),
+        dir.path(),
+        &[("SYNC_INTERVAL_SECONDS", "3600")],
+    );
+    let mut child = spawn_relais(&["run"], &vars);
+    let stderr = drain(child.stderr.take().unwrap());
+    let upload = Instant::now();
+    let stored = wait_for(Duration::from_secs(180), || rx.stats().stored == 3);
+    let uploaded = upload.elapsed();
+    let hwm = vm_hwm_kib(child.id());
+    send_signal(child.id(), "TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    assert!(stored, "the rows did not arrive; agent log:\n{log}");
+    let hwm = hwm.expect("VmHWM of the live agent");
+    println!(
+        "256 MB BLOB: built in {built:?}, uploaded in {uploaded:?}, agent VmHWM {hwm} KiB ({:.1} MiB)",
+        hwm as f64 / 1024.0
+    );
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        hwm < 24 * 1024,
+        "peak RSS {hwm} KiB is not under 24 MiB\n{log}"
+    );
+    assert!(
+        log.contains("statistics:"),
+        "final statistics printed:\n{log}"
+    );
+    let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery check");
+    assert!(d.is_exact(), "{d:?}");
+    assert_eq!(d.expected, 3);
+}
+
+// ---------------------------------------------------------------- 10. concurrent writer
+
+/// What the application's writer thread saw.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<Vec<String>>,
+}
+
+/// Inserts an event every 10 ms with a 100 ms busy timeout until stopped.
+fn start_writer(db: &Path) -> Writer {
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let conn = app_conn(db, Duration::from_millis(100));
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let handle = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        while !s.load(Ordering::Relaxed) {
+            match conn.execute(
+                "INSERT INTO evenement (date, id_capteur) VALUES ('2025-12-19T08:00:00.000000', 1)",
+                [],
+            ) {
+                Ok(_) => o.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    f.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+            // The application's pace, not synchronisation.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        errors
+    });
+    Writer {
+        stop,
+        ok,
+        failed,
+        handle,
+    }
+}
+
+fn concurrent_writer(wal: bool) {
+    let mode = if wal { "wal" } else { "rollback" };
+    let dir = Scratch::new(&format!("writer-{mode}"));
+    let db = app(&dir, wal, 64 * MB, 10);
+    let rx = receiver(&dir);
+    // 64 MiB is 85 MiB of base64: about 3.5 s at 24 MiB/s.
+    let proxy = Proxy::start(&rx.url(), 24 * MB);
+    let writer = start_writer(&db);
+    let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
+    let mut child = spawn_relais(&["once"], &vars);
+    let stderr = drain(child.stderr.take().unwrap());
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy.forwarded() > 2 * MB),
+        "the upload did not start"
+    );
+    let during_from = writer.ok.load(Ordering::Relaxed);
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    let during = writer.ok.load(Ordering::Relaxed) - during_from;
+    writer.stop.store(true, Ordering::Relaxed);
+    let errors = writer.handle.join().unwrap();
+    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let failed = writer.failed.load(Ordering::Relaxed);
+    let hold = longest_read_lock(&log);
+    println!(
+        "{mode}: 64 MB upload, {during} application inserts during it, {failed} failed, longest read lock {hold:?}"
+    );
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(failed, 0, "the application got errors: {errors:?}");
+    assert!(
+        during >= 20,
+        "only {during} inserts happened during the upload"
+    );
+    assert!(hold.is_some(), "longest read lock logged:\n{log}");
+    assert_media_delivered(&db, &rx);
+    assert_eq!(
+        tracked(&dir.state_db(), "media", 1).unwrap().status,
+        "success"
+    );
+}
+
+#[test]
+fn the_application_never_gets_busy_during_a_64_mb_upload_rollback_journal() {
+    concurrent_writer(false);
+}
+
+#[test]
+fn the_application_never_gets_busy_during_a_64_mb_upload_wal() {
+    concurrent_writer(true);
+}
+
+// ---------------------------------------------------------------- 11. row deleted or changed mid-upload
+
+/// Starts `relais once` on a 32 MB media row through an 8 MiB/s proxy, runs `change` on
+/// the application's database once 1 MiB has gone through, and returns the tracking row
+/// and the exit code.
+fn change_mid_upload(tag: &str, change: &str, expected: &str) {
+    let dir = Scratch::new(tag);
+    let db = app(&dir, false, 32 * MB, 0);
+    let rx = receiver(&dir);
+    let proxy = Proxy::start(&rx.url(), 8 * MB);
+    let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
+    let mut child = spawn_relais(&["once"], &vars);
+    let stderr = drain(child.stderr.take().unwrap());
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy.forwarded() > MB),
+        "the upload did not start"
+    );
+    app_conn(&db, Duration::from_secs(5))
+        .execute_batch(change)
+        .expect("the application's change");
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let row = tracked(&dir.state_db(), "media", 1).expect("tracked");
+    assert_eq!(row.status, "failed", "{row:?}\n{log}");
+    let error = row.error.unwrap_or_default();
+    assert!(error.contains(expected), "error_message: {error}");
+    assert!(
+        proxy.forwarded() < 40 * MB,
+        "the upload was abandoned early"
+    );
+    assert_eq!(rx.stats().stored, 0, "the receiver stored nothing");
+    assert!(rx.rows().is_empty());
+    assert_eq!(status.code(), Some(1), "{log}");
+}
+
+#[test]
+fn a_row_deleted_mid_upload_is_abandoned_and_recorded_failed() {
+    change_mid_upload(
+        "deleted-mid-upload",
+        "DELETE FROM media WHERE id_media = 1",
+        "deleted",
+    );
+}
+
+#[test]
+fn a_row_changed_mid_upload_is_abandoned_and_recorded_failed() {
+    change_mid_upload(
+        "changed-mid-upload",
+        "UPDATE media SET video = zeroblob(1000000) WHERE id_media = 1",
+        "changed",
+    );
+}
+
+// ---------------------------------------------------------------- 12. SIGTERM mid-upload
+
+#[test]
+fn sigterm_mid_upload_stops_quickly_and_the_row_is_sent_later_once() {
+    let dir = Scratch::new("sigterm");
+    let db = app(&dir, false, 32 * MB, 3);
+    let rx = receiver(&dir);
+    let proxy = Proxy::start(&rx.url(), 8 * MB);
+    let vars = agent_env(
+        &db,
+        &proxy.url(),
+        dir.path(),
+        &[("SYNC_INTERVAL_SECONDS", "3600")],
+    );
+    let mut child = spawn_relais(&["run"], &vars);
+    let stderr = drain(child.stderr.take().unwrap());
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy.forwarded() > 2 * MB),
+        "the upload did not start"
+    );
+    send_signal(child.id(), "TERM");
+    let signalled = Instant::now();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let took = signalled.elapsed();
+    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    println!("SIGTERM mid-upload: exited in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}\n{log}");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("statistics:"), "{log}");
+    let row = tracked(&dir.state_db(), "media", 1).expect("tracked");
+    assert_eq!(row.status, "pending", "{row:?}");
+    assert_eq!(rx.stats().stored, 3, "only the events arrived");
+
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
+    let out = run_relais(&["once"], &vars, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery check");
+    assert!(d.is_exact(), "{d:?}");
+    assert_eq!(
+        rx.stats().replays,
+        0,
+        "the media row was never stored before"
+    );
+    assert_eq!(
+        tracked(&dir.state_db(), "media", 1).unwrap().status,
+        "success"
+    );
+}
+
+// ---------------------------------------------------------------- 13. exit codes
+
+#[test]
+fn once_exits_0_when_everything_is_pushed_and_1_when_a_row_fails() {
+    let dir = Scratch::new("exit-codes");
+    let db = app(&dir, false, 4096, 3);
+    let rx = receiver(&dir);
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
+    let out = run_relais(&["once"], &vars, Duration::from_secs(30));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(check_delivery(&db, &rx.rows(), DEVICE).unwrap().is_exact());
+
+    insert_events(&Connection::open(&db).unwrap(), 1).unwrap();
+    rx.push_fault(Fault::Status(422, None));
+    let out = run_relais(&["once"], &vars, Duration::from_secs(30));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("422"), "the rejection is logged:\n{log}");
+    let row = tracked(&dir.state_db(), "evenement", 4).expect("tracked");
+    assert_eq!(row.status, "failed");
+}
