@@ -151,16 +151,20 @@ impl<'c> BlobReader<'c> {
             return Err(BlobError::Stopped);
         }
         let want = (self.len - self.offset).min(self.chunk.len() as u64) as usize;
-        let began = Instant::now();
         let expired = self.handle.as_ref().is_some_and(|(_, since, bytes)| {
             since.elapsed() >= WAL_RENEW_AFTER || *bytes >= WAL_RENEW_BYTES
         });
         if expired {
             self.handle = None;
         }
-        let mut blob = match self.handle.take() {
-            Some(h) => h,
-            None => (self.open_handle()?, Instant::now(), 0),
+        // The hold is timed from the moment the lock is held: time spent in `blob_open`
+        // waiting for the application's own commit to finish is not relais holding it.
+        let (mut blob, began) = match self.handle.take() {
+            Some(h) => (h, Instant::now()),
+            None => {
+                let (handle, locked_at) = self.open_handle()?;
+                ((handle, locked_at, 0), locked_at)
+            }
         };
         let read = blob
             .0
@@ -181,7 +185,9 @@ impl<'c> BlobReader<'c> {
         Ok(())
     }
 
-    fn open_handle(&mut self) -> Result<Blob<'c>, BlobError> {
+    /// Opens a handle and checks the row is still the one being sent; returns it with
+    /// the instant the read lock was obtained.
+    fn open_handle(&mut self) -> Result<(Blob<'c>, Instant), BlobError> {
         let blob = self
             .conn
             .blob_open(
@@ -192,6 +198,7 @@ impl<'c> BlobReader<'c> {
                 true,
             )
             .map_err(classify)?;
+        let locked_at = Instant::now();
         let now = blob.len() as u64;
         if now != self.len {
             return Err(BlobError::Changed(format!(
@@ -206,7 +213,7 @@ impl<'c> BlobReader<'c> {
         } else if head != self.head {
             return Err(BlobError::Changed("its first bytes differ".into()));
         }
-        Ok(blob)
+        Ok((blob, locked_at))
     }
 }
 

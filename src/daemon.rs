@@ -80,11 +80,7 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 if once {
                     notify::stopping();
                     log_totals(active);
-                    return if report.is_clean() {
-                        EXIT_OK
-                    } else {
-                        EXIT_FAILED_ROWS
-                    };
+                    return once_exit_code(&report, active);
                 }
                 report.interrupted
             }
@@ -124,6 +120,24 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         log_totals(p);
     }
     EXIT_OK
+}
+
+/// `relais once` succeeds only when nothing is left to push: this pass was clean and no
+/// row is still waiting from an earlier one (a rejected row not yet due for its retry).
+fn once_exit_code(report: &CycleReport, pusher: &mut Pusher) -> i32 {
+    match pusher.tracking().unsynced() {
+        Ok(0) if report.is_clean() => EXIT_OK,
+        Ok(n) => {
+            if n > 0 {
+                log::warn!("{n} rows are not synced yet (relais status lists them)");
+            }
+            EXIT_FAILED_ROWS
+        }
+        Err(e) => {
+            log::error!("{e}");
+            EXIT_FAILED_ROWS
+        }
+    }
 }
 
 fn pusher_or_build<'a>(

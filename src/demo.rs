@@ -370,13 +370,13 @@ fn demo() -> Result<(), String> {
     Ok(())
 }
 
-/// A scratch directory for tests and benchmarks, removed by the caller.
+/// A scratch directory for tests and benchmarks, unique within the process; removed by
+/// the caller.
 pub fn scratch_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "relais-{tag}-{}-{}",
-        std::process::id(),
-        crate::clock::unix_now()
-    ));
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("relais-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     dir
 }

@@ -174,13 +174,15 @@ impl Tracking {
                 .map_err(sql("record a pending row"))?;
             for id in ids {
                 let existing: Option<(String, Option<i64>)> = get
-                    .query_row(params![source, table, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .query_row(params![source, table, stored(id)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()
                     .map_err(sql("read tracking"))?;
                 match existing {
                     None => {
                         insert
-                            .execute(params![source, table, id, date])
+                            .execute(params![source, table, stored(id), date])
                             .map_err(sql("record a pending row"))?;
                         due.push(id.clone());
                     }
@@ -237,10 +239,10 @@ impl Tracking {
                  ORDER BY local_id LIMIT ?5",
             )
             .map_err(sql("read the retry set"))?;
-        let after = after.cloned().unwrap_or(Value::Null);
+        let after = after.map_or(Value::Null, stored);
         let rows = stmt
             .query_map(params![source, table, after, now, limit as i64], |r| {
-                r.get::<_, Value>(0)
+                r.get::<_, Value>(0).map(loaded)
             })
             .map_err(sql("read the retry set"))?;
         rows.collect::<Result<_, _>>()
@@ -258,7 +260,7 @@ impl Tracking {
             .prepare_cached(
                 "SELECT 1 FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3 AND sync_status = 'success'",
             )
-            .and_then(|mut s| s.exists(params![source, table, local_id]))
+            .and_then(|mut s| s.exists(params![source, table, stored(local_id)]))
             .map_err(sql("read tracking"))
     }
 
@@ -286,7 +288,7 @@ impl Tracking {
                 stmt.execute(params![
                     source,
                     a.table,
-                    a.local_id,
+                    stored(&a.local_id),
                     a.remote_id,
                     date,
                     a.bytes as i64
@@ -314,9 +316,21 @@ impl Tracking {
                    sync_date = excluded.sync_date, sync_status = 'failed', error_message = excluded.error_message,
                    attempts = attempts + 1, next_attempt_at = excluded.next_attempt_at",
             )
-            .and_then(|mut s| s.execute(params![source, table, local_id, clock::now_iso8601(), message, retry_at]))
+            .and_then(|mut s| s.execute(params![source, table, stored(local_id), clock::now_iso8601(), message, retry_at]))
             .map(|_| ())
             .map_err(sql("record a failed row"))
+    }
+
+    /// How many rows are not synced yet (pending or failed), over every source.
+    pub fn unsynced(&self) -> Result<u64, TrackingError> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM sync_tracking WHERE sync_status != 'success'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(sql("count unsynced rows"))
     }
 
     /// Makes every failed row due now (`relais retry-failed`); returns how many.
@@ -430,7 +444,12 @@ impl Tracking {
             .map_err(sql("read failures"))?;
         let rows = stmt
             .query_map([limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Value>(2).map(loaded)?,
+                    r.get(3)?,
+                ))
             })
             .map_err(sql("read failures"))?;
         rows.collect::<Result<_, _>>().map_err(sql("read failures"))
@@ -447,7 +466,7 @@ impl Tracking {
             .conn
             .query_row(
                 "SELECT sync_status FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
-                params![source, table, local_id],
+                params![source, table, stored(local_id)],
                 |r| r.get(0),
             )
             .optional()
@@ -457,6 +476,26 @@ impl Tracking {
             "failed" => Status::Failed,
             _ => Status::Pending,
         }))
+    }
+}
+
+/// How a `local_id` is stored. `local_id` is declared INTEGER, as the contract and the
+/// seed's SQL expect, and that affinity would turn a text id that looks like a number
+/// (`"0042"`) into the integer 42, merging it with `"42"`. Text ids are therefore stored
+/// as BLOBs of their UTF-8 bytes, which no affinity converts; they sort after integers
+/// and among themselves in the same byte order as text.
+fn stored(id: &Value) -> Value {
+    match id {
+        Value::Text(t) => Value::Blob(t.clone().into_bytes()),
+        other => other.clone(),
+    }
+}
+
+/// The inverse of [`stored`].
+fn loaded(id: Value) -> Value {
+    match id {
+        Value::Blob(b) => Value::Text(String::from_utf8_lossy(&b).into_owned()),
+        other => other,
     }
 }
 

@@ -256,7 +256,17 @@ fn describe_error(e: &ureq::Error) -> String {
         ureq::Error::ConnectionFailed => {
             "cannot connect to the backend (server down or network unreachable)".into()
         }
-        ureq::Error::Io(io) => format!("network error: {io}"),
+        ureq::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "cannot connect to the backend: connection refused (server down?)".into()
+            }
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe => {
+                format!("the backend closed the connection mid-exchange ({io})")
+            }
+            _ => format!("network error: {io}"),
+        },
         other => format!("exchange with the backend failed: {other}"),
     }
 }
