@@ -16,6 +16,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::backoff::Backoff;
+use crate::pull::{self, PullOutcome, PullWake};
 use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::Settings;
 use crate::tracking::Tracking;
@@ -48,7 +49,8 @@ pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher
 pub fn run(settings: &Settings, once: bool) -> i32 {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    if let Err(e) = watch_signals(tx, stop.clone()) {
+    let pull = if once { None } else { start_pull(settings) };
+    if let Err(e) = watch_signals(tx, pull, stop.clone()) {
         log::error!("signals: cannot install handlers: {e}");
         return EXIT_FAILED_ROWS;
     }
@@ -78,9 +80,10 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 status::record_cycle(active.tracking(), &report);
                 notify::status(&report.to_string());
                 if once {
+                    let pulled = pull_once(settings);
                     notify::stopping();
                     log_totals(active);
-                    return once_exit_code(&report, active);
+                    return once_exit_code(&report, active).max(pulled);
                 }
                 report.interrupted
             }
@@ -120,6 +123,41 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         log_totals(p);
     }
     EXIT_OK
+}
+
+/// Starts the configuration pull on its own thread, with its own HTTP agent, so that a
+/// hanging config endpoint never holds up the push and a long upload never delays a
+/// due pull. The thread is not joined on stop: a pull in flight may take as long as the
+/// HTTP timeouts, and abandoning it is safe (the file is replaced atomically).
+fn start_pull(settings: &Settings) -> Option<Sender<PullWake>> {
+    settings.site_token.as_ref()?;
+    let (tx, rx) = mpsc::channel();
+    let s = settings.clone();
+    match std::thread::Builder::new()
+        .name("config-pull".into())
+        .spawn(move || pull::run_loop(s, rx))
+    {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::error!("config pull: cannot start its thread: {e}; configuration pull disabled");
+            None
+        }
+    }
+}
+
+/// `relais once` pulls the configuration once, after its push pass; returns the exit code.
+fn pull_once(settings: &Settings) -> i32 {
+    if settings.site_token.is_none() {
+        return EXIT_OK;
+    }
+    match pull::Puller::new(settings).map(|mut p| p.pull_once()) {
+        Ok(PullOutcome::Failed(_)) => EXIT_FAILED_ROWS,
+        Ok(_) => EXIT_OK,
+        Err(e) => {
+            log::error!("{e}");
+            EXIT_FAILED_ROWS
+        }
+    }
 }
 
 /// `relais once` succeeds only when nothing is left to push: this pass was clean and no
@@ -176,17 +214,28 @@ fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
 
 /// Turns signals into wake-ups on a dedicated thread that blocks in `read`, so the
 /// agent has no timer ticking while idle.
-fn watch_signals(tx: Sender<Wake>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+fn watch_signals(
+    tx: Sender<Wake>,
+    pull: Option<Sender<PullWake>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    let pull_wake = move |w: PullWake| {
+        if let Some(p) = &pull {
+            let _ = p.send(w);
+        }
+    };
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for sig in signals.forever() {
             if sig == SIGUSR1 {
-                log::info!("SIGUSR1: starting a pass now");
+                log::info!("SIGUSR1: starting a pass and a configuration pull now");
                 let _ = tx.send(Wake::SyncNow);
+                pull_wake(PullWake::Now);
                 continue;
             }
             log::info!("stop requested (signal {sig}); finishing the current step");
             stop.store(true, Ordering::Relaxed);
+            pull_wake(PullWake::Stop);
             let _ = tx.send(Wake::Stop);
             std::thread::sleep(STOP_GRACE);
             log::warn!("still busy {} after the stop request (network stalled?); exiting now, the row in flight stays pending", clock::human_duration(STOP_GRACE));

@@ -364,10 +364,94 @@ fn demo() -> Result<(), String> {
     if second.pushed() != 0 {
         return Err("the second pass pushed rows again".into());
     }
+    demo_pull(&receiver, &db, &dir)?;
     receiver.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
-    println!("demo OK: every row arrived exactly once with identical bytes");
+    println!(
+        "demo OK: every row arrived exactly once with identical bytes, and the configuration change was pulled"
+    );
     Ok(())
+}
+
+const DEMO_TOKEN: &str = "demo-site-token";
+
+/// A configuration as the backend serves it (contract section 3), with `devices` devices.
+fn demo_config(devices: usize) -> String {
+    let list: Vec<String> = (0..devices)
+        .map(|i| {
+            format!(
+                r#"{{"ip": "192.168.1.{}", "name": "Projecteur {i}", "driver": "pjlink", "pjlink": {{"password": "admin", "port": 4352}}}}"#,
+                10 + i
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"site_name": "Site Paris", "timezone": "Europe/Paris", "devices": [{}]}}"#,
+        list.join(", ")
+    )
+}
+
+/// The configuration pull: a first pull writes the file, an unchanged configuration
+/// writes nothing, a change on the backend is pulled and replaces the file.
+fn demo_pull(receiver: &Receiver, db: &Path, dir: &Path) -> Result<(), String> {
+    use crate::pull::{PullOutcome, Puller};
+    let agent_config = dir.join("agent").join("config.json");
+    std::fs::create_dir_all(dir.join("agent")).map_err(|e| e.to_string())?;
+    let path = agent_config.display().to_string();
+    let settings = settings_for(
+        db,
+        &receiver.url(),
+        dir,
+        &[("SITE_TOKEN", DEMO_TOKEN), ("AGENT_CONFIG", path.as_str())],
+    )?;
+    settings.register_secrets();
+    let first_hash = receiver.set_config(DEMO_TOKEN, &demo_config(2))?;
+    let mut puller = Puller::new(&settings)?;
+    let steps = [
+        ("first pull", None),
+        ("pull again, nothing changed", None),
+        (
+            "backend configuration changed (3 devices), pull",
+            Some(demo_config(3)),
+        ),
+    ];
+    println!("6. configuration pull into {path}:");
+    let mut outcomes = Vec::new();
+    for (what, change) in steps {
+        if let Some(config) = change {
+            receiver.set_config(DEMO_TOKEN, &config)?;
+        }
+        let outcome = puller.pull_once();
+        println!("   {what}: {}", describe_pull(&outcome));
+        outcomes.push(outcome);
+    }
+    let on_disk = std::fs::read_to_string(&agent_config).map_err(|e| format!("{path}: {e}"))?;
+    match outcomes.as_slice() {
+        [
+            PullOutcome::Updated { new_hash, .. },
+            PullOutcome::Unchanged { .. },
+            PullOutcome::Updated { devices: 3, .. },
+        ] if *new_hash == first_hash && on_disk.contains("Projecteur 2") => Ok(()),
+        other => Err(format!("unexpected configuration pull outcomes: {other:?}")),
+    }
+}
+
+fn describe_pull(outcome: &crate::pull::PullOutcome) -> String {
+    use crate::pull::PullOutcome;
+    match outcome {
+        PullOutcome::Unchanged { hash } => format!("up to date (hash {hash}), file not rewritten"),
+        PullOutcome::Updated {
+            old_hash,
+            new_hash,
+            devices,
+        } => {
+            format!(
+                "changed {} -> {new_hash}, {devices} devices, file replaced atomically",
+                old_hash.as_deref().unwrap_or("(none)")
+            )
+        }
+        PullOutcome::Failed(e) => format!("FAILED: {e}"),
+    }
 }
 
 /// A scratch directory for tests and benchmarks, unique within the process; removed by

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use crate::pull::SyncStatus;
 use crate::push::CycleReport;
 use crate::settings::Settings;
 use crate::tracking::{STATE_DB_NAME, Tracking};
@@ -55,7 +56,8 @@ pub fn run(settings: &Settings, as_json: bool) -> i32 {
             return 1;
         }
     };
-    match render(&tracking, as_json) {
+    let pull = crate::pull::read_status(&settings.state_dir);
+    match render(&tracking, pull.as_ref(), as_json) {
         Ok(text) => {
             print!("{text}");
             0
@@ -67,7 +69,11 @@ pub fn run(settings: &Settings, as_json: bool) -> i32 {
     }
 }
 
-fn render(tracking: &Tracking, as_json: bool) -> Result<String, crate::tracking::TrackingError> {
+fn render(
+    tracking: &Tracking,
+    pull: Option<&SyncStatus>,
+    as_json: bool,
+) -> Result<String, crate::tracking::TrackingError> {
     let counts = tracking.counts()?;
     let failures = tracking.recent_failures(5)?;
     let meta = |k| tracking.meta(k);
@@ -104,6 +110,8 @@ fn render(tracking: &Tracking, as_json: bool) -> Result<String, crate::tracking:
             json::push_key(&mut out, key, false);
             json::push_opt_str(&mut out, value.as_deref());
         }
+        json::push_key(&mut out, "config_pull", false);
+        out.push_str(&pull.map_or_else(|| "null".to_string(), SyncStatus::to_json));
         out.push_str("}\n");
         return Ok(out);
     }
@@ -135,6 +143,9 @@ fn render(tracking: &Tracking, as_json: bool) -> Result<String, crate::tracking:
             _ => "?".into(),
         };
         let _ = writeln!(out, "failed: {source} {table} {id}: {message}");
+    }
+    if let Some(p) = pull {
+        let _ = write!(out, "{p}");
     }
     Ok(out)
 }

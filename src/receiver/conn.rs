@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::body::{self, SplitBody};
+use super::config;
 use super::http::{self, HeadError, RequestHead, Response};
 use super::store::{Inserted, NewRow};
 use super::{Fault, Shared};
@@ -72,6 +73,17 @@ fn handle(
     head: RequestHead,
 ) -> Flow {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(token) = config::config_token(&head.path) {
+        // The site token is a secret, on the backend's side too.
+        log::debug!("receiver: {} /config/***", head.method);
+        return match config::handle(shared, reader, &head, token) {
+            config::Handled::Respond(mut resp) => {
+                resp.close |= !head.keep_alive();
+                respond(writer, resp)
+            }
+            config::Handled::Abort => Flow::Abort,
+        };
+    }
     log::debug!("receiver: {} {}", head.method, head.path);
     let Some(endpoint) = api_endpoint(&head) else {
         return not_found(reader, writer, &head);

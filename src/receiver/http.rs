@@ -31,6 +31,8 @@ pub(crate) struct RequestHead {
     pub expect_continue: bool,
     pub idempotency_key: Option<String>,
     pub authorization: Option<String>,
+    /// Raw `If-None-Match` value (the configuration endpoint answers 304 on a match).
+    pub if_none_match: Option<String>,
 }
 
 impl RequestHead {
@@ -170,6 +172,7 @@ fn apply_header(head: &mut RequestHead, line: &str) -> Result<(), HeadError> {
         "expect" => head.expect_continue = value.eq_ignore_ascii_case("100-continue"),
         "idempotency-key" => head.idempotency_key = Some(value.to_string()),
         "authorization" => head.authorization = Some(value.to_string()),
+        "if-none-match" => head.if_none_match = Some(value.to_string()),
         _ => {}
     }
     Ok(())
@@ -209,6 +212,8 @@ pub(crate) struct Response {
     pub content_type: &'static str,
     pub body: String,
     pub retry_after: Option<u64>,
+    /// Entity tag, sent quoted as `ETag` (configuration responses).
+    pub etag: Option<String>,
     /// Send `Connection: close` and end the connection after writing.
     pub close: bool,
 }
@@ -221,6 +226,7 @@ impl Response {
             content_type: "application/json",
             body,
             retry_after: None,
+            etag: None,
             close: false,
         }
     }
@@ -259,6 +265,9 @@ pub(crate) fn write_response(w: &mut impl Write, resp: &Response) -> io::Result<
             body.len()
         ));
     }
+    if let Some(tag) = &resp.etag {
+        out.push_str(&format!("ETag: \"{tag}\"\r\n"));
+    }
     if let Some(seconds) = resp.retry_after {
         out.push_str(&format!("Retry-After: {seconds}\r\n"));
     }
@@ -284,6 +293,7 @@ fn reason(status: u16) -> &'static str {
         201 => "Created",
         202 => "Accepted",
         204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

@@ -1,11 +1,13 @@
 //! The reference receiver: a small synchronous HTTP/1.1 server implementing
-//! the contract's push API (`POST /api/<name>`), used by relais's tests, its
-//! demo and its benchmarks.
+//! the contract's push API (`POST /api/<name>`) and configuration pull
+//! (`GET /config/<token>`, set with `PUT` or [`Receiver::set_config`]), used by
+//! relais's tests, its demo and its benchmarks.
 //!
 //! This file owns the public API ([`Receiver`], [`ReceiverOptions`],
 //! [`Fault`], ...) and the accept loop with its connection bookkeeping.
 //! Request handling lives in `conn`, the wire format in `http`, the streaming
-//! body split in `body`, SQLite in `store` and the command line in `cli`.
+//! body split in `body`, the configuration endpoints in `config`, SQLite in
+//! `store` and the command line in `cli`.
 //!
 //! Design constraints: std only (one thread per connection, at most
 //! [`MAX_CONNECTIONS`] at once), memory flat in the body size (bodies reach
@@ -13,6 +15,7 @@
 
 mod body;
 mod cli;
+mod config;
 mod conn;
 mod http;
 mod store;
@@ -77,6 +80,18 @@ pub enum Fault {
     HtmlOk,
 }
 
+/// Injected misbehaviour of `GET /config/<token>`, consumed one per such
+/// request in FIFO order (separate from [`Fault`], which POSTs consume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFault {
+    /// Answer this status with `{"detail": "injected <code>"}`.
+    Status(u16),
+    /// Answer 200 with this body instead of the stored configuration.
+    Body(String),
+    /// Sleep this long, then answer normally.
+    Delay(Duration),
+}
+
 /// A stored row as seen by tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedRow {
@@ -126,6 +141,7 @@ impl Receiver {
             spool,
             idempotency: opts.idempotency,
             faults: Mutex::new(VecDeque::new()),
+            config_faults: Mutex::new(VecDeque::new()),
             requests: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             replays: AtomicU64::new(0),
@@ -155,6 +171,18 @@ impl Receiver {
     /// Queues a fault for a future request.
     pub fn push_fault(&self, f: Fault) {
         lock(&self.shared.faults).push_back(f);
+    }
+
+    /// Queues a fault for a future `GET /config/<token>`.
+    pub fn push_config_fault(&self, f: ConfigFault) {
+        lock(&self.shared.config_faults).push_back(f);
+    }
+
+    /// Stores `json_text` (a JSON object; any `config_hash` member is dropped) as
+    /// the configuration of site `token`, replacing the previous one, and returns
+    /// its hash, the `config_hash` that `GET /config/<token>` will serve.
+    pub fn set_config(&self, token: &str, json_text: &str) -> Result<String, String> {
+        config::store_config(&self.shared, token, json_text).map_err(|e| e.to_string())
     }
 
     /// Every stored row, ordered by id. A database error is logged and
@@ -211,6 +239,7 @@ struct Shared {
     spool: Spool,
     idempotency: bool,
     faults: Mutex<VecDeque<Fault>>,
+    config_faults: Mutex<VecDeque<ConfigFault>>,
     requests: AtomicU64,
     stored: AtomicU64,
     replays: AtomicU64,
@@ -229,6 +258,10 @@ impl Shared {
 
     fn next_fault(&self) -> Option<Fault> {
         lock(&self.faults).pop_front()
+    }
+
+    fn next_config_fault(&self) -> Option<ConfigFault> {
+        lock(&self.config_faults).pop_front()
     }
 
     /// Waits for a free connection slot; `false` when stopping instead.

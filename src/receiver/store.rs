@@ -27,6 +27,13 @@ const SCHEMA: &str = "
     );
     -- Not UNIQUE: with idempotency off, repeated keys are stored as new rows.
     CREATE INDEX IF NOT EXISTS rows_idempotency_key ON rows(idempotency_key);
+    -- One device configuration per site token: the object without its hash, and the hash.
+    CREATE TABLE IF NOT EXISTS configs (
+        token TEXT PRIMARY KEY,
+        json TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        updated_at TEXT
+    );
 ";
 
 /// A row about to be stored.
@@ -140,6 +147,28 @@ impl Store {
             })
         })?;
         rows.collect()
+    }
+
+    /// Stores (or replaces) the configuration of the site `token`.
+    pub fn set_config(&self, token: &str, json: &str, hash: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT INTO configs (token, json, hash, updated_at)
+             VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+             ON CONFLICT(token) DO UPDATE SET json = ?2, hash = ?3, updated_at = excluded.updated_at",
+            params![token, json, hash],
+        )?;
+        Ok(())
+    }
+
+    /// The stored configuration of `token` and its hash.
+    pub fn config(&self, token: &str) -> rusqlite::Result<Option<(String, String)>> {
+        self.conn()
+            .query_row(
+                "SELECT json, hash FROM configs WHERE token = ?1",
+                params![token],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
     }
 }
 

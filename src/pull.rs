@@ -1,0 +1,709 @@
+//! The configuration pull (seed 001, contract section 3): fetches
+//! `GET {BACKEND_URL}/config/{SITE_TOKEN}`, and when the served `config_hash` differs
+//! from the hash of the file on disk, validates the body and replaces `AGENT_CONFIG`
+//! atomically (mode 0600, previous version kept as `<name>.prev`), then runs the
+//! optional `on_config_change` hook. Every pull ends with the contract's sync status
+//! written atomically to `state_dir/config_status.json`.
+//!
+//! This module owns the puller, its loop ([`run_loop`], on its own thread with its own
+//! [`Transport`], so a hanging config endpoint never holds up the push), the status
+//! file and the hook. Nothing here can stop the push: every failure keeps the current
+//! file and becomes a logged, recorded error.
+//!
+//! The hash held is derived from the file on disk before every pull, never trusted
+//! from memory: the file's `config_hash` member counts only if the file is intact,
+//! i.e. its bytes are the ones this agent last wrote (MD5 recorded in the status file)
+//! or its content still hashes to its `config_hash` (as the backend computes it). A
+//! hand-edited, truncated or missing file therefore holds no hash, and the next pull
+//! restores it. The byte check matters with backends whose hash covers a projection
+//! of the configuration rather than the served object (the seed's does): without it
+//! such a file would look edited and be rewritten at every pull.
+//!
+//! The site token is a secret: the request path holds it, so no log line or error is
+//! built from the path or the URL.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use miniserde::json::{Object, Value};
+
+use crate::config_hash::{self, HASH_MEMBER, md5_hex};
+use crate::settings::{HookSpec, Settings};
+use crate::transport::Transport;
+use crate::{atomic_file, clock, json, redact};
+
+/// The seed's delay between start and the first pull.
+pub const FIRST_PULL_DELAY: Duration = Duration::from_secs(10);
+/// Name of the status file in the state directory.
+pub const STATUS_FILE: &str = "config_status.json";
+/// The configuration holds device passwords.
+const CONFIG_MODE: u32 = 0o600;
+/// The status holds hashes and redacted errors only; `relais status` may run as
+/// another user.
+const STATUS_MODE: u32 = 0o644;
+/// Longest `config_hash` accepted; it travels back in `If-None-Match`.
+const MAX_HASH_LEN: usize = 128;
+
+/// The delay before the first pull after start.
+pub fn first_pull_delay() -> Duration {
+    FIRST_PULL_DELAY
+}
+
+/// Why a pull failed. The configuration file is untouched in every case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullError {
+    /// No answer: connection refused, DNS, timeout, connection reset.
+    Network(String),
+    Unauthorized,
+    NotFound,
+    /// Any other unexpected status, with the server's explanation when it gave one.
+    Status {
+        status: u16,
+        detail: String,
+    },
+    TooLarge {
+        max_bytes: u64,
+    },
+    NotJson,
+    /// JSON, but not a configuration (the message names the member, never a value).
+    Shape(String),
+    /// The answer was fine but the file could not be replaced.
+    Write(String),
+    /// The puller cannot be built (no token, bad CA file).
+    Setup(String),
+}
+
+impl fmt::Display for PullError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PullError::Network(why) => write!(f, "config pull: {why}"),
+            PullError::Unauthorized => write!(
+                f,
+                "config pull: the backend does not know this site token (401): check SITE_TOKEN"
+            ),
+            PullError::NotFound => write!(
+                f,
+                "config pull: the backend has no configuration endpoint or site for this token (404)"
+            ),
+            PullError::Status { status, detail } => {
+                write!(f, "config pull: the backend answered {status}{detail}")
+            }
+            PullError::TooLarge { max_bytes } => write!(
+                f,
+                "config pull: the configuration is larger than config_max_bytes ({max_bytes} bytes)"
+            ),
+            PullError::NotJson => write!(f, "config pull: the answer is not JSON"),
+            PullError::Shape(why) => write!(f, "config pull: invalid configuration: {why}"),
+            PullError::Write(why) => {
+                write!(
+                    f,
+                    "config pull: cannot replace the configuration file: {why}"
+                )
+            }
+            PullError::Setup(why) => write!(f, "config pull: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for PullError {}
+
+/// What one pull did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullOutcome {
+    /// The file on disk already is the backend's configuration (304, or 200 with the
+    /// same hash); nothing was written.
+    Unchanged {
+        hash: String,
+    },
+    /// The file was replaced. `old_hash` is `None` when the previous file was missing,
+    /// unreadable or edited by hand.
+    Updated {
+        old_hash: Option<String>,
+        new_hash: String,
+        devices: usize,
+    },
+    Failed(PullError),
+}
+
+/// The contract's sync status, as kept in `state_dir/config_status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    pub last_sync_at: Option<String>,
+    pub last_sync_ok: bool,
+    pub last_sync_error: Option<String>,
+    /// Hash of the intact file on disk after the pull; `None` when there is none.
+    pub current_hash: Option<String>,
+    /// The hash the backend last served.
+    pub backend_hash: Option<String>,
+    /// When this agent last replaced the file.
+    pub config_updated_at: Option<String>,
+    /// MD5 of the bytes this agent last wrote (relais's addition, see the module doc).
+    pub file_md5: Option<String>,
+}
+
+impl SyncStatus {
+    /// The status as a JSON object: the contract's members, then `file_md5`.
+    pub fn to_json(&self) -> String {
+        let mut out = String::from("{");
+        json::push_key(&mut out, "last_sync_at", true);
+        json::push_opt_str(&mut out, self.last_sync_at.as_deref());
+        json::push_key(&mut out, "last_sync_ok", false);
+        out.push_str(if self.last_sync_ok { "true" } else { "false" });
+        let strings = [
+            ("last_sync_error", &self.last_sync_error),
+            ("current_hash", &self.current_hash),
+            ("backend_hash", &self.backend_hash),
+            ("config_updated_at", &self.config_updated_at),
+            ("file_md5", &self.file_md5),
+        ];
+        for (key, value) in strings {
+            json::push_key(&mut out, key, false);
+            json::push_opt_str(&mut out, value.as_deref());
+        }
+        out.push('}');
+        out
+    }
+
+    /// Parses a status file; `None` when it is not one.
+    pub fn from_json(text: &str) -> Option<SyncStatus> {
+        let Ok(Value::Object(obj)) = miniserde::json::from_str::<Value>(text) else {
+            return None;
+        };
+        let string = |key: &str| match obj.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        Some(SyncStatus {
+            last_sync_at: string("last_sync_at"),
+            last_sync_ok: matches!(obj.get("last_sync_ok"), Some(Value::Bool(true))),
+            last_sync_error: string("last_sync_error"),
+            current_hash: string("current_hash"),
+            backend_hash: string("backend_hash"),
+            config_updated_at: string("config_updated_at"),
+            file_md5: string("file_md5"),
+        })
+    }
+}
+
+/// For `relais status`: a few lines for people.
+impl fmt::Display for SyncStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+        let outcome = match (&self.last_sync_error, self.last_sync_ok) {
+            (_, true) => "OK".to_string(),
+            (Some(e), false) => format!("failed: {e}"),
+            (None, false) => "failed".to_string(),
+        };
+        writeln!(
+            f,
+            "config sync: last at {}: {outcome}",
+            or_none(&self.last_sync_at)
+        )?;
+        writeln!(f, "  current hash:      {}", or_none(&self.current_hash))?;
+        writeln!(f, "  backend hash:      {}", or_none(&self.backend_hash))?;
+        writeln!(
+            f,
+            "  config updated at: {}",
+            or_none(&self.config_updated_at)
+        )
+    }
+}
+
+/// The last sync status recorded in `state_dir`, for `relais status`; `None` when no
+/// pull has completed there (or the file is unreadable).
+pub fn read_status(state_dir: &Path) -> Option<SyncStatus> {
+    let text = std::fs::read_to_string(state_dir.join(STATUS_FILE)).ok()?;
+    SyncStatus::from_json(&text)
+}
+
+/// What the configuration file on disk is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LocalFile {
+    Missing,
+    /// Unreadable, not JSON, not an object, or without a usable `config_hash`.
+    Unusable(String),
+    /// Parses, but neither its bytes nor its content match its `config_hash`.
+    Modified,
+    Intact {
+        hash: String,
+        devices: usize,
+    },
+}
+
+impl LocalFile {
+    fn hash(&self) -> Option<String> {
+        match self {
+            LocalFile::Intact { hash, .. } => Some(hash.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Examines the file at `path`; `written_md5` is the MD5 of the bytes last written.
+fn inspect(path: &Path, written_md5: Option<&str>) -> LocalFile {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return LocalFile::Missing,
+        Err(e) => return LocalFile::Unusable(format!("cannot be read ({e})")),
+    };
+    let (obj, hash) = match parse_served(&bytes) {
+        Ok(parsed) => parsed,
+        Err(PullError::NotJson) => return LocalFile::Unusable("is not JSON".into()),
+        Err(e) => return LocalFile::Unusable(format!("is not a configuration ({e})")),
+    };
+    let devices = match obj.get("devices") {
+        Some(Value::Array(items)) => items.len(),
+        _ => 0,
+    };
+    let written_by_us = written_md5 == Some(md5_hex(&bytes).as_str());
+    let intact =
+        written_by_us || config_hash::config_hash(&Value::Object(obj)).is_ok_and(|h| h == hash);
+    if intact {
+        LocalFile::Intact { hash, devices }
+    } else {
+        LocalFile::Modified
+    }
+}
+
+/// Parses a served body (or the file) into its object and `config_hash`.
+fn parse_served(body: &[u8]) -> Result<(Object, String), PullError> {
+    let text = std::str::from_utf8(body).map_err(|_| PullError::NotJson)?;
+    let obj = match miniserde::json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => return Err(PullError::Shape("the body is not a JSON object".into())),
+        Err(_) => return Err(PullError::NotJson),
+    };
+    let hash = match obj.get(HASH_MEMBER) {
+        Some(Value::String(h)) if usable_hash(h) => h.clone(),
+        Some(Value::String(_)) => {
+            return Err(PullError::Shape(format!(
+                "{HASH_MEMBER} must be 1 to {MAX_HASH_LEN} visible ASCII characters without quotes"
+            )));
+        }
+        _ => {
+            return Err(PullError::Shape(format!(
+                "{HASH_MEMBER} is missing or not a string"
+            )));
+        }
+    };
+    Ok((obj, hash))
+}
+
+/// The hash goes back to the backend in `If-None-Match`, so it must be a valid tag.
+fn usable_hash(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= MAX_HASH_LEN
+        && h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+/// Checks `devices` (an array of objects with string `ip` and `name`); returns its length.
+fn validate_devices(obj: &Object) -> Result<usize, PullError> {
+    let Some(Value::Array(devices)) = obj.get("devices") else {
+        return Err(PullError::Shape(
+            "devices is missing or not an array".into(),
+        ));
+    };
+    for (i, device) in devices.iter().enumerate() {
+        let Value::Object(d) = device else {
+            return Err(PullError::Shape(format!("devices[{i}] is not an object")));
+        };
+        for key in ["ip", "name"] {
+            if !matches!(d.get(key), Some(Value::String(_))) {
+                return Err(PullError::Shape(format!(
+                    "devices[{i}].{key} is missing or not a string"
+                )));
+            }
+        }
+    }
+    Ok(devices.len())
+}
+
+/// FastAPI's `detail` (or the start of the body), as `": <text>"`; empty when none.
+fn server_detail(body: Option<&[u8]>) -> String {
+    let text = String::from_utf8_lossy(body.unwrap_or_default());
+    let explained = match miniserde::json::from_str::<Value>(&text) {
+        Ok(Value::Object(obj)) => match obj.get("detail") {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        },
+        _ => text.into_owned(),
+    };
+    let words: Vec<&str> = explained.split_whitespace().collect();
+    if words.is_empty() {
+        return String::new();
+    }
+    let short: String = words.join(" ").chars().take(200).collect();
+    format!(": {}", redact::redact(&short))
+}
+
+/// The first characters of a hash, for log lines.
+fn short(hash: Option<&str>) -> String {
+    match hash {
+        Some(h) if h.chars().count() > 12 => format!("{}…", h.chars().take(12).collect::<String>()),
+        Some(h) => h.to_string(),
+        None => "none".to_string(),
+    }
+}
+
+/// Pulls the configuration; one per agent, used from one thread.
+pub struct Puller {
+    transport: Transport,
+    backend_url: String,
+    /// `/config/<token>`: holds the secret, so it is never logged.
+    path: String,
+    target: PathBuf,
+    prev: PathBuf,
+    status_path: PathBuf,
+    max_bytes: u64,
+    interval: Duration,
+    hook: Option<HookSpec>,
+    status: SyncStatus,
+}
+
+impl Puller {
+    /// Builds the puller and reports (one log line) the state of the file on disk.
+    /// Fails only when `SITE_TOKEN` is unset or the transport cannot be built.
+    pub fn new(settings: &Settings) -> Result<Puller, String> {
+        Puller::build(settings).map_err(|e| e.to_string())
+    }
+
+    fn build(settings: &Settings) -> Result<Puller, PullError> {
+        let Some(token) = settings.site_token.as_deref() else {
+            return Err(PullError::Setup("SITE_TOKEN is not set".into()));
+        };
+        // The daemon registers it too; doing it here keeps the pull safe on its own.
+        redact::register(token);
+        let transport =
+            Transport::new(&settings.http).map_err(|e| PullError::Setup(e.to_string()))?;
+        if let Err(e) = std::fs::create_dir_all(&settings.state_dir) {
+            log::warn!(
+                "config pull: cannot create {}: {e}; the sync status will not be saved",
+                settings.state_dir.display()
+            );
+        }
+        let status_path = settings.state_dir.join(STATUS_FILE);
+        let status = std::fs::read_to_string(&status_path)
+            .ok()
+            .and_then(|t| SyncStatus::from_json(&t))
+            .unwrap_or_default();
+        let target = settings.agent_config.clone();
+        let mut prev_name = target.file_name().unwrap_or_default().to_os_string();
+        prev_name.push(".prev");
+        let puller = Puller {
+            transport,
+            backend_url: settings.http.backend_url.clone(),
+            path: format!("/config/{token}"),
+            prev: target.with_file_name(prev_name),
+            target,
+            status_path,
+            max_bytes: settings.config_max_bytes,
+            interval: settings.config_interval,
+            hook: settings.on_config_change.clone(),
+            status,
+        };
+        puller.report_local_file();
+        Ok(puller)
+    }
+
+    /// The status after the last pull (or as loaded at start).
+    pub fn status(&self) -> &SyncStatus {
+        &self.status
+    }
+
+    fn report_local_file(&self) {
+        let path = self.target.display();
+        match inspect(&self.target, self.status.file_md5.as_deref()) {
+            LocalFile::Missing => {
+                log::info!("config file {path} does not exist yet; the next pull writes it")
+            }
+            LocalFile::Unusable(why) => {
+                log::warn!("config file {path} {why}; the next pull replaces it")
+            }
+            LocalFile::Modified => log::warn!(
+                "config file {path} does not match its {HASH_MEMBER} (edited by hand?); \
+                 the next pull restores it"
+            ),
+            LocalFile::Intact { hash, devices } => log::info!(
+                "config file {path}: hash {}, {devices} devices",
+                short(Some(&hash))
+            ),
+        }
+    }
+
+    /// Pulls once: fetch, compare, maybe replace and run the hook, record the status.
+    /// Never panics, never leaves the file half-written.
+    pub fn pull_once(&mut self) -> PullOutcome {
+        let held = inspect(&self.target, self.status.file_md5.as_deref()).hash();
+        log::debug!(
+            "fetching config from {}/config/*** (holding {})",
+            self.backend_url,
+            short(held.as_deref())
+        );
+        let outcome = match self.fetch_and_apply(held.clone()) {
+            Ok(outcome) => outcome,
+            Err(e) => PullOutcome::Failed(e),
+        };
+        self.record(&outcome, held);
+        self.log_outcome(&outcome);
+        self.save_status();
+        if let PullOutcome::Updated { new_hash, .. } = &outcome {
+            if let Some(hook) = &self.hook {
+                run_hook(hook, &self.target, new_hash);
+            }
+        }
+        outcome
+    }
+
+    fn fetch_and_apply(&mut self, held: Option<String>) -> Result<PullOutcome, PullError> {
+        let fetched = self
+            .transport
+            .get(&self.path, held.as_deref(), self.max_bytes)
+            .map_err(|e| PullError::Network(redact::redact(&e)))?;
+        match (fetched.status, &held) {
+            (200, _) => {}
+            (304, Some(hash)) => {
+                self.status.backend_hash = Some(hash.clone());
+                return Ok(PullOutcome::Unchanged { hash: hash.clone() });
+            }
+            (401, _) => return Err(PullError::Unauthorized),
+            (404, _) => return Err(PullError::NotFound),
+            (status, _) => {
+                return Err(PullError::Status {
+                    status,
+                    detail: server_detail(fetched.body.as_deref()),
+                });
+            }
+        }
+        let body = fetched.body.ok_or(PullError::TooLarge {
+            max_bytes: self.max_bytes,
+        })?;
+        let (obj, served) = parse_served(&body)?;
+        self.status.backend_hash = Some(served.clone());
+        if held.as_deref() == Some(served.as_str()) {
+            return Ok(PullOutcome::Unchanged { hash: served });
+        }
+        let devices = validate_devices(&obj)?;
+        self.replace(&body)?;
+        Ok(PullOutcome::Updated {
+            old_hash: held,
+            new_hash: served,
+            devices,
+        })
+    }
+
+    /// Keeps the current file as `.prev`, then replaces it; both durably, mode 0600.
+    fn replace(&mut self, body: &[u8]) -> Result<(), PullError> {
+        let write_err = |e: std::io::Error| PullError::Write(e.to_string());
+        if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(write_err)?;
+        }
+        if self.target.is_file() {
+            atomic_file::copy(&self.target, &self.prev, CONFIG_MODE).map_err(write_err)?;
+        }
+        atomic_file::replace(&self.target, body, CONFIG_MODE).map_err(write_err)?;
+        self.status.file_md5 = Some(md5_hex(body));
+        self.status.config_updated_at = Some(clock::now_iso8601());
+        Ok(())
+    }
+
+    fn record(&mut self, outcome: &PullOutcome, held: Option<String>) {
+        self.status.last_sync_at = Some(clock::now_iso8601());
+        match outcome {
+            PullOutcome::Failed(e) => {
+                self.status.last_sync_ok = false;
+                self.status.last_sync_error = Some(redact::redact(&e.to_string()));
+                self.status.current_hash = held;
+            }
+            PullOutcome::Unchanged { .. } | PullOutcome::Updated { .. } => {
+                self.status.last_sync_ok = true;
+                self.status.last_sync_error = None;
+                // Read back: the hash held is the one of the file actually on disk.
+                self.status.current_hash =
+                    inspect(&self.target, self.status.file_md5.as_deref()).hash();
+            }
+        }
+    }
+
+    fn log_outcome(&self, outcome: &PullOutcome) {
+        match outcome {
+            PullOutcome::Unchanged { hash } => {
+                log::info!("config up to date (hash {})", short(Some(hash)))
+            }
+            PullOutcome::Updated {
+                old_hash,
+                new_hash,
+                devices,
+            } => log::info!(
+                "config changed: old hash {}, new hash {}; {} updated, {devices} devices",
+                short(old_hash.as_deref()),
+                short(Some(new_hash)),
+                self.target.display()
+            ),
+            PullOutcome::Failed(e) => log::warn!(
+                "{e}; keeping the current configuration, next try in {}",
+                clock::human_duration(self.interval)
+            ),
+        }
+    }
+
+    fn save_status(&self) {
+        let text = self.status.to_json();
+        if let Err(e) = atomic_file::replace(&self.status_path, text.as_bytes(), STATUS_MODE) {
+            log::warn!("config pull: cannot save the sync status: {e}");
+        }
+    }
+}
+
+/// Runs the hook (argv, no shell) and waits for it at most its timeout, then kills it.
+/// The new hash and the file path are passed as `RELAIS_CONFIG_HASH` and `AGENT_CONFIG`.
+fn run_hook(hook: &HookSpec, target: &Path, hash: &str) {
+    let Some((program, args)) = hook.command.split_first() else {
+        return;
+    };
+    let spawned = Command::new(program)
+        .args(args)
+        .env("RELAIS_CONFIG_HASH", hash)
+        .env("AGENT_CONFIG", target)
+        .stdin(Stdio::null())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return log::warn!("config hook {program}: cannot start: {e}"),
+    };
+    let deadline = Instant::now() + hook.timeout;
+    // std has no wait-with-timeout: poll, starting fast so a quick hook costs little.
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                return log::info!("config hook {program} finished: {status}");
+            }
+            Ok(Some(status)) => return log::warn!("config hook {program} failed: {status}"),
+            Ok(None) if Instant::now() >= deadline => {
+                // Only the hook itself is killed; a hook that forks should exec its last step.
+                let _ = child.kill();
+                let _ = child.wait();
+                return log::warn!(
+                    "config hook {program} killed after its {} timeout",
+                    clock::human_duration(hook.timeout)
+                );
+            }
+            Ok(None) => {
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return log::warn!("config hook {program}: cannot wait for it: {e}");
+            }
+        }
+    }
+}
+
+/// What wakes the pull loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullWake {
+    /// Pull now (SIGUSR1); the next periodic pull is one interval later.
+    Now,
+    Stop,
+}
+
+/// The pull loop, for its own thread: first pull [`FIRST_PULL_DELAY`] after start,
+/// then every `settings.config_interval`, or at once on [`PullWake::Now`]. Returns on
+/// [`PullWake::Stop`] or when every sender is gone. It sleeps in `recv_timeout`, so it
+/// never wakes while idle. Returns at once (one log line) without `SITE_TOKEN`.
+pub fn run_loop(settings: Settings, wake: Receiver<PullWake>) {
+    if settings.site_token.is_none() {
+        return log::info!("config pull off: SITE_TOKEN is not set");
+    }
+    let mut puller = match Puller::new(&settings) {
+        Ok(p) => p,
+        Err(e) => return log::error!("{e}; configuration pull disabled"),
+    };
+    log::info!(
+        "config sync loop started (interval: {}, first pull in {})",
+        clock::human_duration(settings.config_interval),
+        clock::human_duration(FIRST_PULL_DELAY)
+    );
+    let mut delay = FIRST_PULL_DELAY;
+    loop {
+        let deadline = Instant::now() + delay;
+        match wake.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(PullWake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(PullWake::Now) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        puller.pull_once();
+        delay = settings.config_interval;
+    }
+    log::info!("config sync loop stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Object {
+        match miniserde::json::from_str::<Value>(text) {
+            Ok(Value::Object(o)) => o,
+            _ => panic!("test object"),
+        }
+    }
+
+    #[test]
+    fn validates_the_shape() {
+        let ok = parse(r#"{"devices": [{"ip": "1.2.3.4", "name": "a", "x": 1}]}"#);
+        assert_eq!(validate_devices(&ok), Ok(1));
+        for (text, why) in [
+            (r#"{}"#, "devices is missing or not an array"),
+            (r#"{"devices": {}}"#, "devices is missing or not an array"),
+            (r#"{"devices": [1]}"#, "devices[0] is not an object"),
+            (
+                r#"{"devices": [{"ip": "x", "name": "y"}, {"ip": 3, "name": "z"}]}"#,
+                "devices[1].ip is missing or not a string",
+            ),
+            (
+                r#"{"devices": [{"ip": "x"}]}"#,
+                "devices[0].name is missing or not a string",
+            ),
+        ] {
+            assert_eq!(
+                validate_devices(&parse(text)),
+                Err(PullError::Shape(why.into()))
+            );
+        }
+        assert_eq!(parse_served(b"nope").unwrap_err(), PullError::NotJson);
+        assert!(matches!(
+            parse_served(br#"{"config_hash": "a\"b"}"#),
+            Err(PullError::Shape(_))
+        ));
+        assert!(matches!(parse_served(b"[1]"), Err(PullError::Shape(_))));
+    }
+
+    #[test]
+    fn status_round_trips() {
+        let status = SyncStatus {
+            last_sync_at: Some("2026-01-18T10:30:00+00:00".into()),
+            last_sync_ok: false,
+            last_sync_error: Some("config pull: \"quoted\"".into()),
+            current_hash: Some("abc".into()),
+            backend_hash: None,
+            config_updated_at: None,
+            file_md5: Some("d41d8cd98f00b204e9800998ecf8427e".into()),
+        };
+        assert_eq!(SyncStatus::from_json(&status.to_json()), Some(status));
+        assert!(SyncStatus::from_json("[]").is_none());
+    }
+
+    #[test]
+    fn details_are_short_and_optional() {
+        assert_eq!(server_detail(Some(br#"{"detail": "boom"}"#)), ": boom");
+        assert_eq!(server_detail(Some(b"")), "");
+        assert_eq!(server_detail(None), "");
+        assert_eq!(short(Some("0123456789abcdef")), "0123456789ab…");
+    }
+}

@@ -1,0 +1,86 @@
+//! `relais run` with the configuration pull on its own clock: SIGUSR1 pulls now as well
+//! as pushing, and a hanging configuration endpoint never stalls the push.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{Scratch, agent_env, drain, send_signal, spawn_relais, wait_exit, wait_for};
+use relais::demo::{create_app_db, insert_events};
+use relais::receiver::{ConfigFault, Receiver, ReceiverOptions};
+
+const TOKEN: &str = "site-token-1234";
+const CONFIG: &str = r#"{"site_name": "Site Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur", "pjlink": {"password": "admin"}}]}"#;
+
+#[test]
+fn a_hanging_config_endpoint_never_stalls_the_push_and_sigusr1_pulls_now() {
+    let dir = Scratch::new("run-loop");
+    let db = dir.join("surveillance.db");
+    let app = create_app_db(&db, false).unwrap();
+    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).unwrap();
+    receiver.set_config(TOKEN, CONFIG).unwrap();
+    // The first pull hangs for 8 s; the push must go on meanwhile.
+    receiver.push_config_fault(ConfigFault::Delay(Duration::from_secs(8)));
+    let agent_config = dir.join("agent/config.json");
+    let path = agent_config.display().to_string();
+    let vars = agent_env(
+        &db,
+        &receiver.url(),
+        dir.path(),
+        &[
+            ("SITE_TOKEN", TOKEN),
+            ("AGENT_CONFIG", &path),
+            ("SYNC_INTERVAL_SECONDS", "3600"),
+        ],
+    );
+    let mut agent = spawn_relais(&["run"], &vars);
+    let stderr = drain(agent.stderr.take().unwrap());
+    let _stdout = drain(agent.stdout.take().unwrap());
+    assert!(
+        wait_for(Duration::from_secs(20), || dir.state_db().exists()),
+        "first pass never ran"
+    );
+
+    // SIGUSR1: a pull now (it hangs) and a push pass.
+    send_signal(agent.id(), "USR1");
+    insert_events(&app, 30).unwrap();
+    send_signal(agent.id(), "USR1");
+    assert!(
+        wait_for(Duration::from_secs(6), || receiver.rows().len() == 30),
+        "the push stalled behind the hanging pull: {} rows arrived",
+        receiver.rows().len()
+    );
+    assert!(!agent_config.exists(), "the pull did not hang as injected");
+
+    // Once the endpoint answers, the configuration is written, private, whole.
+    assert!(
+        wait_for(Duration::from_secs(20), || agent_config.exists()),
+        "configuration never pulled"
+    );
+    let written = std::fs::read_to_string(&agent_config).unwrap();
+    assert!(
+        written.contains("Projecteur") && written.contains("config_hash"),
+        "{written}"
+    );
+    assert_eq!(
+        std::fs::metadata(&agent_config)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    send_signal(agent.id(), "TERM");
+    assert!(wait_exit(&mut agent, Duration::from_secs(10)).success());
+    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    assert!(
+        !log.contains(TOKEN),
+        "the site token reached the log:\n{log}"
+    );
+    assert!(
+        log.contains("config changed"),
+        "no config change logged:\n{log}"
+    );
+}
