@@ -20,17 +20,27 @@ fn measure(size_mib: u64, chunk: u64, wal: bool) -> Result<(Duration, Duration),
     let conn = create_app_db(&db, wal).map_err(|e| e.to_string())?;
     insert_media(&conn, Some(size_mib * MIB)).map_err(|e| e.to_string())?;
     drop(conn);
-    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).map_err(|e| e.to_string())?;
+    let receiver =
+        Receiver::start(ReceiverOptions::new(dir.join("receiver"))).map_err(|e| e.to_string())?;
     let config = dir.join("relais.json");
     let chunk_setting = format!("{{\"blob_chunk_bytes\": {chunk}, \"log_dir\": \"-\"}}");
     std::fs::write(&config, chunk_setting).map_err(|e| e.to_string())?;
     let config_var = config.display().to_string();
-    let settings = settings_for(&db, &receiver.url(), &dir, &[("RELAIS_CONFIG", config_var.as_str())])?;
+    let settings = settings_for(
+        &db,
+        &receiver.url(),
+        &dir,
+        &[("RELAIS_CONFIG", config_var.as_str())],
+    )?;
     let mut pusher = relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))?;
     let report = pusher.sync_once();
     receiver.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
-    let media = report.tables.iter().find(|t| t.table == "media").ok_or("no media report")?;
+    let media = report
+        .tables
+        .iter()
+        .find(|t| t.table == "media")
+        .ok_or("no media report")?;
     if media.pushed != 1 {
         return Err(format!("upload failed: {report}"));
     }
@@ -38,7 +48,10 @@ fn measure(size_mib: u64, chunk: u64, wal: bool) -> Result<(Duration, Duration),
 }
 
 fn main() {
-    println!("{:<9} {:>8} {:>10} {:>16} {:>12}", "mode", "BLOB", "chunk", "longest hold", "upload");
+    println!(
+        "{:<9} {:>8} {:>10} {:>16} {:>12}",
+        "mode", "BLOB", "chunk", "longest hold", "upload"
+    );
     for wal in [false, true] {
         for size in [1, 16, 64, 256] {
             for chunk in [MIB, 4 * MIB] {

@@ -76,7 +76,7 @@ fn write_value(out: &mut String, value: &Value, depth: usize) -> Result<(), Hash
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
         Value::Number(n) => write_number(out, n),
-        Value::String(s) => write_ascii_string(out, s),
+        Value::String(s) => crate::json::push_escaped(out, s, true),
         Value::Array(items) => {
             out.push('[');
             for (i, item) in items.iter().enumerate() {
@@ -95,7 +95,7 @@ fn write_value(out: &mut String, value: &Value, depth: usize) -> Result<(), Hash
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_ascii_string(out, key);
+                crate::json::push_escaped(out, key, true);
                 out.push_str(": ");
                 write_value(out, item, depth + 1)?;
             }
@@ -115,31 +115,6 @@ fn write_number(out: &mut String, n: &Number) {
         }
         Number::F64(f) => out.push_str(&python_float_repr(*f)),
     }
-}
-
-/// A JSON string literal with `ensure_ascii=True`: everything outside printable ASCII
-/// becomes `\uXXXX` (lowercase hex, UTF-16 surrogate pairs above U+FFFF).
-fn write_ascii_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
-        }
-    }
-    out.push('"');
 }
 
 /// Python's `repr(float)` (and `json.dumps` of a float): the shortest digits that

@@ -31,7 +31,11 @@ impl Notifier {
             .filter(|us| *us > 0)
             .filter(|_| watchdog_is_ours())
             .map(|us| Duration::from_micros(us / 2));
-        Notifier { socket: open_socket(), watchdog, last_ping: Mutex::new(None) }
+        Notifier {
+            socket: open_socket(),
+            watchdog,
+            last_ping: Mutex::new(None),
+        }
     }
 
     fn send(&self, message: &str) {
@@ -51,7 +55,9 @@ fn watchdog_is_ours() -> bool {
 }
 
 fn open_socket() -> Option<(UnixDatagram, std::os::unix::net::SocketAddr)> {
-    let path = std::env::var("NOTIFY_SOCKET").ok().filter(|p| !p.is_empty())?;
+    let path = std::env::var("NOTIFY_SOCKET")
+        .ok()
+        .filter(|p| !p.is_empty())?;
     let addr = match path.strip_prefix('@') {
         Some(name) => abstract_addr(name)?,
         None => std::os::unix::net::SocketAddr::from_pathname(&path).ok()?,

@@ -32,7 +32,7 @@ use miniserde::json::{Object, Value};
 
 use crate::config_hash::{self, HASH_MEMBER, md5_hex};
 use crate::settings::{HookSpec, Settings};
-use crate::transport::Transport;
+use crate::transport::{Transport, server_detail};
 use crate::{atomic_file, clock, json, redact};
 
 /// The seed's delay between start and the first pull.
@@ -322,24 +322,6 @@ fn validate_devices(obj: &Object) -> Result<usize, PullError> {
     Ok(devices.len())
 }
 
-/// FastAPI's `detail` (or the start of the body), as `": <text>"`; empty when none.
-fn server_detail(body: Option<&[u8]>) -> String {
-    let text = String::from_utf8_lossy(body.unwrap_or_default());
-    let explained = match miniserde::json::from_str::<Value>(&text) {
-        Ok(Value::Object(obj)) => match obj.get("detail") {
-            Some(Value::String(s)) => s.clone(),
-            _ => String::new(),
-        },
-        _ => text.into_owned(),
-    };
-    let words: Vec<&str> = explained.split_whitespace().collect();
-    if words.is_empty() {
-        return String::new();
-    }
-    let short: String = words.join(" ").chars().take(200).collect();
-    format!(": {}", redact::redact(&short))
-}
-
 /// The first characters of a hash, for log lines.
 fn short(hash: Option<&str>) -> String {
     match hash {
@@ -474,7 +456,7 @@ impl Puller {
             (status, _) => {
                 return Err(PullError::Status {
                     status,
-                    detail: server_detail(fetched.body.as_deref()),
+                    detail: server_detail(fetched.body.as_deref().unwrap_or_default()),
                 });
             }
         }
@@ -701,9 +683,6 @@ mod tests {
 
     #[test]
     fn details_are_short_and_optional() {
-        assert_eq!(server_detail(Some(br#"{"detail": "boom"}"#)), ": boom");
-        assert_eq!(server_detail(Some(b"")), "");
-        assert_eq!(server_detail(None), "");
         assert_eq!(short(Some("0123456789abcdef")), "0123456789ab…");
     }
 }

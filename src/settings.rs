@@ -225,6 +225,28 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The object under `key`, or an empty one when absent: every member then takes
+    /// its default.
+    fn section(&self, key: &str) -> Result<Fields<'a>, SettingsError> {
+        static EMPTY: BTreeMap<String, Value> = BTreeMap::new();
+        Ok(self.object(key)?.unwrap_or(Fields {
+            prefix: self.name(key),
+            map: &EMPTY,
+        }))
+    }
+
+    /// A duration in seconds, greater than 0; `default` when absent.
+    fn seconds(&self, key: &str, default: f64) -> Result<Duration, SettingsError> {
+        match self.number(key)? {
+            None => Ok(seconds(default)),
+            Some(n) if n > 0.0 => Ok(seconds(n)),
+            Some(n) => Err(invalid(
+                &self.name(key),
+                format!("must be greater than 0, got {n}"),
+            )),
+        }
+    }
+
     fn object(&self, key: &str) -> Result<Option<Fields<'a>>, SettingsError> {
         match self.get(key) {
             None => Ok(None),
@@ -455,21 +477,7 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
             ));
         }
     }
-    let empty = BTreeMap::new();
-    let http = src.file.object("http")?.unwrap_or(Fields {
-        prefix: "http".into(),
-        map: &empty,
-    });
-    let timeout = |key: &str, default: f64| -> Result<Duration, SettingsError> {
-        match http.number(key)? {
-            None => Ok(seconds(default)),
-            Some(n) if n > 0.0 => Ok(seconds(n)),
-            Some(n) => Err(invalid(
-                &http.name(key),
-                format!("must be greater than 0, got {n}"),
-            )),
-        }
-    };
+    let http = src.file.section("http")?;
     let ca_file = src
         .env("RELAIS_CA_FILE")
         .or(http.string("ca_file")?)
@@ -484,9 +492,9 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
     }
     Ok(HttpSettings {
         backend_url,
-        connect_timeout: timeout("connect_timeout_s", 10.0)?,
-        io_timeout: timeout("io_timeout_s", 30.0)?,
-        response_timeout: timeout("response_timeout_s", 120.0)?,
+        connect_timeout: http.seconds("connect_timeout_s", 10.0)?,
+        io_timeout: http.seconds("io_timeout_s", 30.0)?,
+        response_timeout: http.seconds("response_timeout_s", 120.0)?,
         bearer_token: src
             .env("RELAIS_BEARER_TOKEN")
             .or(http.string("bearer_token")?),
@@ -495,25 +503,11 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
 }
 
 fn parse_retry(file: &Fields) -> Result<RetryPolicy, SettingsError> {
-    let empty = BTreeMap::new();
-    let retry = file.object("retry")?.unwrap_or(Fields {
-        prefix: "retry".into(),
-        map: &empty,
-    });
-    let get = |key: &str, default: f64| -> Result<Duration, SettingsError> {
-        match retry.number(key)? {
-            None => Ok(seconds(default)),
-            Some(n) if n > 0.0 => Ok(seconds(n)),
-            Some(n) => Err(invalid(
-                &retry.name(key),
-                format!("must be greater than 0, got {n}"),
-            )),
-        }
-    };
+    let retry = file.section("retry")?;
     let policy = RetryPolicy {
-        initial_backoff: get("initial_backoff_s", 5.0)?,
-        max_backoff: get("max_backoff_s", 300.0)?,
-        permanent_retry: get("permanent_retry_s", 3600.0)?,
+        initial_backoff: retry.seconds("initial_backoff_s", 5.0)?,
+        max_backoff: retry.seconds("max_backoff_s", 300.0)?,
+        permanent_retry: retry.seconds("permanent_retry_s", 3600.0)?,
     };
     if policy.max_backoff < policy.initial_backoff {
         return Err(invalid(
@@ -699,11 +693,7 @@ fn parse_hook(file: &Fields) -> Result<Option<HookSpec>, SettingsError> {
             ));
         }
     };
-    let timeout = seconds(
-        hook.number("timeout_s")?
-            .filter(|n| *n > 0.0)
-            .unwrap_or(30.0),
-    );
+    let timeout = hook.seconds("timeout_s", 30.0)?;
     Ok(Some(HookSpec { command, timeout }))
 }
 

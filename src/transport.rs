@@ -183,17 +183,16 @@ fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
 fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
     let status = resp.status().as_u16();
     let retry = retry_after(&resp);
-    let mut text = Vec::new();
+    let mut body = Vec::new();
     // A failure to read the answer of a 2xx still means the backend stored the row.
     let _ = resp
         .body_mut()
         .as_reader()
         .take(MAX_ANSWER_BYTES)
-        .read_to_end(&mut text);
-    let text = String::from_utf8_lossy(&text);
+        .read_to_end(&mut body);
     match status {
         200..=299 => Outcome::Stored {
-            remote_id: answer_id(&text),
+            remote_id: answer_id(&String::from_utf8_lossy(&body)),
         },
         401 | 403 => Outcome::Transient {
             reason: format!(
@@ -202,14 +201,14 @@ fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
             retry_after: retry,
         },
         408 | 429 | 500..=599 => Outcome::Transient {
-            reason: format!("the backend answered {status}{}", detail(&text)),
+            reason: format!("the backend answered {status}{}", server_detail(&body)),
             retry_after: retry,
         },
         _ => Outcome::Rejected {
             status,
             reason: format!(
                 "the backend rejected the row with {status}{}",
-                detail(&text)
+                server_detail(&body)
             ),
         },
     }
@@ -228,22 +227,24 @@ fn answer_id(text: &str) -> Option<Value> {
     }
 }
 
-/// The server's explanation: FastAPI's `detail` when present, else the start of the body.
-fn detail(text: &str) -> String {
-    let explained = match miniserde::json::from_str::<Json>(text) {
+/// The server's explanation, as `": <text>"` (empty when there is none): FastAPI's
+/// `detail` when present, else the start of the body; one line, short, redacted.
+pub fn server_detail(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let explained = match miniserde::json::from_str::<Json>(&text) {
         Ok(Json::Object(obj)) => match obj.get("detail") {
             Some(Json::String(s)) => s.clone(),
             Some(other) => miniserde::json::to_string(other),
-            None => text.to_string(),
+            None => text.into_owned(),
         },
-        _ => text.to_string(),
+        _ => text.into_owned(),
     };
-    let explained: String = explained.split_whitespace().collect::<Vec<_>>().join(" ");
-    if explained.is_empty() {
+    let words: Vec<&str> = explained.split_whitespace().collect();
+    if words.is_empty() {
         return String::new();
     }
-    let short: String = explained.chars().take(300).collect();
-    format!(": {short}")
+    let short: String = words.join(" ").chars().take(300).collect();
+    format!(": {}", crate::redact::redact(&short))
 }
 
 /// An operator-readable sentence for a failed exchange.
@@ -288,9 +289,9 @@ mod tests {
         assert_eq!(answer_id("<html>ok</html>"), None);
         assert_eq!(answer_id(r#"{"message": "no id"}"#), None);
         assert_eq!(
-            detail(r#"{"detail": "video too large"}"#),
+            server_detail(br#"{"detail": "video too large"}"#),
             ": video too large"
         );
-        assert_eq!(detail(""), "");
+        assert_eq!(server_detail(b""), "");
     }
 }

@@ -44,7 +44,9 @@ fn ready_watchdog_and_stopping() {
     let dir = scratch("sd");
     let path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut child = relais(&dir)
         .env("NOTIFY_SOCKET", &path)
         // 400 ms watchdog: the idle agent must ping at least every 200 ms.
@@ -58,7 +60,11 @@ fn ready_watchdog_and_stopping() {
     messages.retain(|m| m != "WATCHDOG=1");
     receive_until(&socket, "WATCHDOG=1", &mut messages);
     assert!(pings_before >= 1);
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     receive_until(&socket, "STOPPING=1", &mut messages);
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
@@ -74,7 +80,11 @@ fn runs_without_systemd() {
         assert!(Instant::now() < deadline, "agent never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
