@@ -374,7 +374,7 @@ impl Pusher {
             Ok((Outcome::Stored { remote_id }, bytes)) => {
                 match &remote_id {
                     Some(r) => {
-                        log::debug!("{} {id_text} -> backend (id {})", table.name, id_text_of(r))
+                        log::debug!("{} {id_text} -> backend (id {})", table.name, id_text(r))
                     }
                     None => log::debug!("{} {id_text} -> backend", table.name),
                 }
@@ -567,10 +567,6 @@ impl Pusher {
 }
 
 fn id_text(v: &Value) -> String {
-    id_text_of(v)
-}
-
-fn id_text_of(v: &Value) -> String {
     match v {
         Value::Integer(i) => i.to_string(),
         Value::Text(t) => t.clone(),
