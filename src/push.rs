@@ -349,11 +349,11 @@ impl Pusher {
         if self.stop.load(Ordering::Relaxed) {
             return Err(Halt::Pass(Interruption::Shutdown));
         }
-        let id_text = id_text(&row.local_id);
+        let row_id = id_text(&row.local_id);
         for w in &row.warnings {
-            log::warn!("source {} table {} row {id_text}: {w}", ctx.key, table.name);
+            log::warn!("source {} table {} row {row_id}: {w}", ctx.key, table.name);
         }
-        let key = self.idempotency_key(ctx, table, &id_text);
+        let key = self.idempotency_key(ctx, table, &row_id);
         let sent = match &table.blob {
             None => {
                 let body = self.small_body(&row.fields);
@@ -374,9 +374,9 @@ impl Pusher {
             Ok((Outcome::Stored { remote_id }, bytes)) => {
                 match &remote_id {
                     Some(r) => {
-                        log::debug!("{} {id_text} -> backend (id {})", table.name, id_text(r))
+                        log::debug!("{} {row_id} -> backend (id {})", table.name, id_text(r))
                     }
-                    None => log::debug!("{} {id_text} -> backend", table.name),
+                    None => log::debug!("{} {row_id} -> backend", table.name),
                 }
                 tr.pushed += 1;
                 tr.bytes += bytes;
@@ -398,7 +398,7 @@ impl Pusher {
             }
             Ok((Outcome::Rejected { reason, .. }, _)) => {
                 log::warn!(
-                    "{} {id_text}: {reason}; next attempt in {}",
+                    "{} {row_id}: {reason}; next attempt in {}",
                     table.name,
                     clock::human_duration(self.settings.retry.permanent_retry)
                 );
@@ -436,7 +436,7 @@ impl Pusher {
             }
             Err(BlobError::Stopped) => Err(Halt::Pass(Interruption::Shutdown)),
             Err(e) => {
-                log::warn!("source {} table {} row {id_text}: {e}", ctx.key, table.name);
+                log::warn!("source {} table {} row {row_id}: {e}", ctx.key, table.name);
                 // A changed row is worth another try soon (its new version); a vanished or
                 // unreadable one only on the slow clock.
                 let delay = match e {
