@@ -82,7 +82,6 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 if once {
                     let pulled = pull_once(settings);
                     notify::stopping();
-                    log_totals(active);
                     return once_exit_code(&report, active).max(pulled);
                 }
                 report.interrupted
