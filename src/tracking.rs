@@ -109,6 +109,15 @@ CREATE TABLE IF NOT EXISTS agent_meta (key TEXT PRIMARY KEY, value TEXT);
 PRAGMA user_version = 1;
 ";
 
+/// WAL mode, with the WAL kept small. SQLite's defaults let the WAL grow to 1,000 pages
+/// (4 MiB) before a checkpoint and never shrink it: on a nearly full partition the WAL
+/// took every byte freed, and the checkpoint that would have shrunk it then had no room
+/// to grow the database file, so the agent stayed wedged on "disk is full" after space
+/// came back (fault campaign 6, disk full). 256 pages (1 MiB) between checkpoints still
+/// coalesces the hot pages of a pass; the size limit truncates the WAL after each one.
+const WAL_SETUP: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+    PRAGMA wal_autocheckpoint = 256; PRAGMA journal_size_limit = 1048576;";
+
 impl Tracking {
     /// Opens (creating if needed) the state database in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Tracking, TrackingError> {
@@ -129,7 +138,7 @@ impl Tracking {
         })?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(|e| open_err(e.to_string()))?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        conn.execute_batch(WAL_SETUP)
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(|e| {
                 open_err(format!(

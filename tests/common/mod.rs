@@ -365,3 +365,607 @@ pub fn count_status(path: &Path, status: &str) -> usize {
 pub fn unix_now() -> i64 {
     relais::clock::unix_now()
 }
+
+// ---------------------------------------------------------------- fault-injecting proxy
+
+/// What the [`FaultProxy`] does with one HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyFault {
+    /// Forward the request and the answer untouched.
+    Pass,
+    /// Forward the request, read the server's whole answer (the row is stored), then
+    /// close the agent's connection without sending it.
+    LoseAnswer,
+    /// Forward the request, then hold the answer this long before sending it (beyond
+    /// the agent's timeout, the agent has given up by then).
+    DelayAnswer(Duration),
+    /// Forward the head and half the body, then reset both connections (TCP RST).
+    ResetMidBody,
+    /// Forward the request, send the first half of the answer's bytes, then close.
+    HalfAnswer,
+    /// Read the request and never answer; the connection stays open until the agent
+    /// gives up. Nothing reaches the server.
+    NeverAnswer,
+    /// Answer this status (with `Retry-After: N` when given) without forwarding.
+    Status(u16, Option<u64>),
+    /// Forward the request (the row is stored), answer `201` with an HTML body.
+    HtmlCreated,
+    /// Reset the connection as soon as the request head has arrived (a backend going
+    /// down, a NAT dropping state).
+    Refuse,
+}
+
+impl ProxyFault {
+    pub fn name(&self) -> String {
+        match self {
+            ProxyFault::Pass => "pass".into(),
+            ProxyFault::LoseAnswer => "lost answer".into(),
+            ProxyFault::DelayAnswer(d) => format!("answer delayed {d:?}"),
+            ProxyFault::ResetMidBody => "reset mid-body".into(),
+            ProxyFault::HalfAnswer => "half-written answer".into(),
+            ProxyFault::NeverAnswer => "never answers".into(),
+            ProxyFault::Status(s, Some(r)) => format!("{s} Retry-After {r}"),
+            ProxyFault::Status(s, None) => format!("{s}"),
+            ProxyFault::HtmlCreated => "201 with HTML".into(),
+            ProxyFault::Refuse => "connection reset".into(),
+        }
+    }
+}
+
+/// One request as the proxy saw it, for the policy to decide on.
+#[derive(Debug, Clone)]
+pub struct ProxyRequest {
+    /// 0 for the first request through the proxy, then 1, 2, ...
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub content_length: u64,
+}
+
+type Policy = Box<dyn FnMut(&ProxyRequest) -> ProxyFault + Send>;
+
+/// Counters of a [`FaultProxy`].
+#[derive(Debug, Default, Clone)]
+pub struct ProxyStats {
+    pub requests: u64,
+    /// Requests that met a fault other than `Pass`.
+    pub faults: u64,
+    /// Answers the server gave and the agent never saw (`LoseAnswer`, `DelayAnswer`,
+    /// `HalfAnswer`): the row is stored but the agent does not know.
+    pub answers_lost: u64,
+    /// Requests carrying an idempotency key already seen: rows the agent sent again.
+    pub resent: u64,
+    /// Idempotency keys seen, with how often.
+    pub keys: std::collections::HashMap<String, u64>,
+}
+
+struct ProxyShared {
+    target: String,
+    policy: std::sync::Mutex<Policy>,
+    stats: std::sync::Mutex<ProxyStats>,
+    /// Client-to-server pacing, bytes per second (0: unthrottled).
+    rate: AtomicU64,
+    stopping: AtomicBool,
+    seq: AtomicU64,
+}
+
+/// An HTTP/1.1-aware proxy on 127.0.0.1 in front of the receiver: parses each request
+/// on a keep-alive connection and lets a policy decide its fate ([`ProxyFault`]).
+/// Bodies are streamed, never buffered, so it carries media of any size.
+pub struct FaultProxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    pub fn start(target: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let shared = Arc::new(ProxyShared {
+            target: target
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            policy: std::sync::Mutex::new(Box::new(|_: &ProxyRequest| ProxyFault::Pass)),
+            stats: std::sync::Mutex::new(ProxyStats::default()),
+            rate: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+        });
+        let sh = shared.clone();
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if sh.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let sh = sh.clone();
+                std::thread::spawn(move || serve_proxied(&sh, client));
+            }
+        });
+        FaultProxy {
+            port,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the policy deciding each request's fate.
+    pub fn set_policy(&self, policy: impl FnMut(&ProxyRequest) -> ProxyFault + Send + 'static) {
+        *lock(&self.shared.policy) = Box::new(policy);
+    }
+
+    /// Paces request bodies at `bytes_per_sec` (0: as fast as they come).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.shared.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        lock(&self.shared.stats).clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Closes a socket with a TCP RST instead of a FIN (SO_LINGER 0).
+pub fn reset(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// An HTTP message head: the raw bytes and the fields the proxy needs.
+struct Head {
+    raw: Vec<u8>,
+    first_line: String,
+    content_length: Option<u64>,
+    idempotency_key: Option<String>,
+    close: bool,
+}
+
+/// Reads a message head (up to the blank line); `None` at a clean end of stream.
+fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
+    let mut raw = Vec::new();
+    loop {
+        let before = raw.len();
+        match r.read_until(b'\n', &mut raw) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+        let line = &raw[before..];
+        if line == b"\r\n" || line == b"\n" {
+            if before == 0 {
+                // A stray blank line between messages.
+                raw.clear();
+                continue;
+            }
+            break;
+        }
+        if raw.len() > 64 * 1024 {
+            return None;
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let mut lines = text.lines();
+    let first_line = lines.next().unwrap_or("").to_string();
+    let (mut content_length, mut idempotency_key, mut close) = (None, None, false);
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "content-length" => content_length = v.parse().ok(),
+            "idempotency-key" => idempotency_key = Some(v.to_string()),
+            "connection" => close = v.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    Some(Head {
+        raw,
+        first_line,
+        content_length,
+        idempotency_key,
+        close,
+    })
+}
+
+/// Copies `n` bytes from `r` to `w` (or discards them when `w` is `None`), paced at
+/// `rate` bytes per second when non-zero. Returns the bytes copied.
+fn copy_n(
+    r: &mut impl Read,
+    mut w: Option<&mut TcpStream>,
+    n: u64,
+    rate: u64,
+    stop: &AtomicBool,
+) -> Result<u64, u64> {
+    let began = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0u64;
+    while done < n {
+        if stop.load(Ordering::Relaxed) {
+            return Err(done);
+        }
+        let want = (n - done).min(buf.len() as u64) as usize;
+        let got = match r.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return Err(done),
+            Ok(k) => k,
+        };
+        if let Some(w) = w.as_deref_mut() {
+            if w.write_all(&buf[..got]).is_err() {
+                return Err(done);
+            }
+        }
+        done += got as u64;
+        if rate > 0 {
+            // Pacing, not synchronisation: keep the average rate at `rate`.
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Reads a whole answer from the server (head and body; answers are small).
+fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, bool)> {
+    let head = read_head(r)?;
+    let status: u16 = head
+        .first_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut bytes = head.raw;
+    let bodyless = status < 200 || status == 204 || status == 304;
+    match head.content_length {
+        _ if bodyless => {}
+        Some(n) => {
+            let mut body = vec![0u8; n as usize];
+            r.read_exact(&mut body).ok()?;
+            bytes.extend_from_slice(&body);
+        }
+        None => {
+            let _ = r.read_to_end(&mut bytes);
+            return Some((bytes, true));
+        }
+    }
+    Some((bytes, head.close))
+}
+
+fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
+    // Head and body go in separate writes: without NODELAY, Nagle's algorithm and the
+    // peer's delayed ACK would add 40 ms to every request.
+    let _ = client.set_nodelay(true);
+    let Ok(read_half) = client.try_clone() else {
+        return;
+    };
+    let mut from_client = std::io::BufReader::new(read_half);
+    let mut client = client;
+    let mut upstream: Option<(TcpStream, std::io::BufReader<TcpStream>)> = None;
+    while let Some(head) = read_head(&mut from_client) {
+        let mut parts = head.first_line.split_whitespace();
+        let req = ProxyRequest {
+            seq: sh.seq.fetch_add(1, Ordering::SeqCst),
+            method: parts.next().unwrap_or("").to_string(),
+            path: parts.next().unwrap_or("").to_string(),
+            idempotency_key: head.idempotency_key.clone(),
+            content_length: head.content_length.unwrap_or(0),
+        };
+        let fault = (lock(&sh.policy))(&req);
+        {
+            let mut st = lock(&sh.stats);
+            st.requests += 1;
+            if fault != ProxyFault::Pass {
+                st.faults += 1;
+            }
+            if matches!(
+                fault,
+                ProxyFault::LoseAnswer | ProxyFault::DelayAnswer(_) | ProxyFault::HalfAnswer
+            ) {
+                st.answers_lost += 1;
+            }
+            if let Some(k) = &req.idempotency_key {
+                let n = st.keys.entry(k.clone()).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    st.resent += 1;
+                }
+            }
+        }
+        let len = req.content_length;
+        let rate = sh.rate.load(Ordering::Relaxed);
+        match fault {
+            ProxyFault::Refuse => {
+                reset(&client);
+                return;
+            }
+            ProxyFault::NeverAnswer => {
+                // Swallow whatever comes until the agent gives up and closes.
+                let _ = std::io::copy(&mut from_client, &mut std::io::sink());
+                return;
+            }
+            ProxyFault::Status(code, retry_after) => {
+                if copy_n(&mut from_client, None, len, 0, &sh.stopping).is_err() {
+                    return;
+                }
+                let body = format!("{{\"detail\": \"injected {code}\"}}");
+                let mut answer = format!(
+                    "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                    body.len()
+                );
+                if let Some(r) = retry_after {
+                    answer.push_str(&format!("Retry-After: {r}\r\n"));
+                }
+                answer.push_str("\r\n");
+                answer.push_str(&body);
+                if client.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if upstream.is_none() {
+            let Ok(s) = TcpStream::connect(&sh.target) else {
+                reset(&client);
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            let Ok(r) = s.try_clone() else { return };
+            upstream = Some((s, std::io::BufReader::new(r)));
+        }
+        let Some((to_server, from_server)) = upstream.as_mut() else {
+            return;
+        };
+        if to_server.write_all(&head.raw).is_err() {
+            reset(&client);
+            return;
+        }
+        if fault == ProxyFault::ResetMidBody {
+            let _ = copy_n(
+                &mut from_client,
+                Some(to_server),
+                len / 2,
+                rate,
+                &sh.stopping,
+            );
+            reset(to_server);
+            reset(&client);
+            return;
+        }
+        if copy_n(&mut from_client, Some(to_server), len, rate, &sh.stopping).is_err() {
+            // The agent gave up mid-body: the server must not take half a row for a row.
+            reset(to_server);
+            return;
+        }
+        let Some((answer, server_closes)) = read_answer(from_server) else {
+            reset(&client);
+            return;
+        };
+        let sent = match fault {
+            ProxyFault::LoseAnswer => {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            ProxyFault::DelayAnswer(d) => {
+                // The fault itself: hold the answer past the agent's timeout.
+                std::thread::sleep(d);
+                client.write_all(&answer)
+            }
+            ProxyFault::HalfAnswer => {
+                let _ = client.write_all(&answer[..answer.len() / 2]);
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            ProxyFault::HtmlCreated => {
+                let body = "<html><body>Created</body></html>";
+                client.write_all(
+                    format!(
+                        "HTTP/1.1 201 Created\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+            }
+            _ => client.write_all(&answer),
+        };
+        if sent.is_err() || server_closes || head.close {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the application
+
+/// The application writing to its database while the agent runs: one insert every
+/// `pace`, with its own connection and busy timeout, counting failures.
+pub struct AppWriter {
+    stop: Arc<AtomicBool>,
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Vec<String>>>,
+}
+
+impl AppWriter {
+    /// Inserts an event every `pace`; every `media_every`-th insert (when set) is a
+    /// media row of `media_bytes` instead.
+    pub fn start(
+        db: &Path,
+        pace: Duration,
+        busy: Duration,
+        media_every: Option<(u64, u64)>,
+    ) -> AppWriter {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let conn = Connection::open(db).expect("open app db");
+        conn.busy_timeout(busy).expect("busy timeout");
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let result = match media_every {
+                    Some((every, bytes)) if n % every == 0 => {
+                        relais::demo::insert_media(&conn, Some(bytes)).map(|_| ())
+                    }
+                    _ => conn
+                        .execute(
+                            "INSERT INTO evenement (date, id_capteur) VALUES (strftime('%Y-%m-%dT%H:%M:%f', 'now'), 1)",
+                            [],
+                        )
+                        .map(|_| ()),
+                };
+                match result {
+                    Ok(()) => o.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        if errors.len() < 20 {
+                            errors.push(e.to_string());
+                        }
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                // The application's pace, not synchronisation.
+                std::thread::sleep(pace);
+            }
+            errors
+        });
+        AppWriter {
+            stop,
+            ok,
+            failed,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the writer; returns (inserts, failures, the first error messages).
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self
+            .handle
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+impl Drop for AppWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- processes
+
+/// CPU time (user + system) a live process has used, from /proc/<pid>/stat.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Sends SIGKILL to a child and reaps it: a power cut, as far as the process can tell.
+pub fn power_cut(agent: &mut Agent) {
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+}
+
+/// `PRAGMA integrity_check` of a database file: "ok" or the problems found.
+pub fn integrity(path: &Path) -> String {
+    match Connection::open(path).and_then(|c| {
+        c.busy_timeout(Duration::from_secs(5))?;
+        c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+    }) {
+        Ok(s) => s,
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A small xorshift generator: reproducible fault schedules from a printed seed.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `TORTURE_SEED` when set, else from the clock; prints the seed.
+    pub fn from_env(tag: &str) -> Rng {
+        let seed = std::env::var("TORTURE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("{tag}: TORTURE_SEED={seed}");
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
