@@ -620,13 +620,20 @@ fn sick_backend_campaign(scale: Scale) -> Line {
     for _ in 0..rounds {
         events_q.extend(faults.iter().cloned());
         // The short version spares the media the faults that only cost waiting time.
-        media_q.extend(faults.iter().cloned().filter(|f| {
-            scale == Scale::Full
-                || !matches!(
-                    f,
-                    ProxyFault::DelayAnswer(_) | ProxyFault::NeverAnswer | ProxyFault::Status(..)
-                )
-        }));
+        media_q.extend(
+            faults
+                .iter()
+                .filter(|f| {
+                    scale == Scale::Full
+                        || !matches!(
+                            f,
+                            ProxyFault::DelayAnswer(_)
+                                | ProxyFault::NeverAnswer
+                                | ProxyFault::Status(..)
+                        )
+                })
+                .cloned(),
+        );
     }
     let to_inject = events_q.len() + media_q.len();
     let injected = Arc::new(Mutex::new((
