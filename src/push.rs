@@ -280,16 +280,9 @@ impl Pusher {
                 match source::read_one(ctx.conn, ctx.path, table, id)? {
                     Some(row) => self.send_row(ctx, table, row, tr, group)?,
                     None => {
-                        let retry = clock::unix_now()
-                            + self.settings.retry.permanent_retry.as_secs() as i64;
-                        self.tracking.mark_failed(
-                            &ctx.key,
-                            &table.name,
-                            id,
-                            "the row no longer exists in the source database",
-                            retry,
-                        )?;
-                        tr.failed += 1;
+                        let delay = self.settings.retry.permanent_retry;
+                        let message = "the row no longer exists in the source database";
+                        self.fail(ctx, table, id, message, delay, tr)?;
                     }
                 }
             }
@@ -369,7 +362,6 @@ impl Pusher {
             }
             Some(_) => self.send_media(ctx, table, &row, &key, tr),
         };
-        let now = clock::unix_now();
         match sent {
             Ok((Outcome::Stored { remote_id }, bytes)) => {
                 match &remote_id {
@@ -402,16 +394,8 @@ impl Pusher {
                     table.name,
                     clock::human_duration(self.settings.retry.permanent_retry)
                 );
-                let retry = now + self.settings.retry.permanent_retry.as_secs() as i64;
-                self.tracking.mark_failed(
-                    &ctx.key,
-                    &table.name,
-                    &row.local_id,
-                    &crate::redact::redact(&reason),
-                    retry,
-                )?;
-                tr.failed += 1;
-                Ok(())
+                let delay = self.settings.retry.permanent_retry;
+                self.fail(ctx, table, &row.local_id, &reason, delay, tr)
             }
             Ok((
                 Outcome::Transient {
@@ -421,14 +405,8 @@ impl Pusher {
                 _,
             )) => {
                 self.flush(&ctx.key, group)?;
-                self.tracking.mark_failed(
-                    &ctx.key,
-                    &table.name,
-                    &row.local_id,
-                    &crate::redact::redact(&reason),
-                    now,
-                )?;
-                tr.failed += 1;
+                // Due at the next pass, which the daemon delays by its backoff.
+                self.fail(ctx, table, &row.local_id, &reason, Duration::ZERO, tr)?;
                 Err(Halt::Pass(Interruption::Backend {
                     reason,
                     retry_after,
@@ -443,15 +421,7 @@ impl Pusher {
                     BlobError::Changed(_) => self.settings.retry.initial_backoff,
                     _ => self.settings.retry.permanent_retry,
                 };
-                self.tracking.mark_failed(
-                    &ctx.key,
-                    &table.name,
-                    &row.local_id,
-                    &e.to_string(),
-                    now + delay.as_secs() as i64,
-                )?;
-                tr.failed += 1;
-                Ok(())
+                self.fail(ctx, table, &row.local_id, &e.to_string(), delay, tr)
             }
         }
     }
@@ -520,6 +490,23 @@ impl Pusher {
             );
         }
         Ok((outcome, len))
+    }
+
+    /// Records a failed row, to be tried again after `delay`.
+    fn fail(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        local_id: &Value,
+        message: &str,
+        delay: Duration,
+        tr: &mut TableReport,
+    ) -> Result<(), Halt> {
+        let retry_at = clock::unix_now() + delay.as_secs() as i64;
+        self.tracking
+            .mark_failed(&ctx.key, &table.name, local_id, message, retry_at)?;
+        tr.failed += 1;
+        Ok(())
     }
 
     fn small_body(&self, fields: &str) -> String {

@@ -314,7 +314,7 @@ impl Tracking {
         tx.commit().map_err(sql("commit synced rows"))
     }
 
-    /// Records a failed attempt and when to try again.
+    /// Records a failed attempt (its message redacted) and when to try again.
     pub fn mark_failed(
         &mut self,
         source: &str,
@@ -331,7 +331,11 @@ impl Tracking {
                    sync_date = excluded.sync_date, sync_status = 'failed', error_message = excluded.error_message,
                    attempts = attempts + 1, next_attempt_at = excluded.next_attempt_at",
             )
-            .and_then(|mut s| s.execute(params![source, table, stored(local_id), clock::now_iso8601(), message, retry_at]))
+            .and_then(|mut s| {
+                // Messages come from servers and transports: mask secrets before storing.
+                let message = crate::redact::redact(message);
+                s.execute(params![source, table, stored(local_id), clock::now_iso8601(), message, retry_at])
+            })
             .map(|_| ())
             .map_err(sql("record a failed row"))
     }
