@@ -111,6 +111,8 @@ fn syslog_priority(level: Level) -> u8 {
 
 impl FileSink {
     fn open(dir: &Path, max_bytes: u64) -> std::io::Result<FileSink> {
+        // systemd creates LogsDirectory=; run by hand, the directory may not exist yet.
+        fs::create_dir_all(dir)?;
         let path = dir.join(LOG_FILE_NAME);
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
