@@ -173,11 +173,16 @@ fn header<'a>(resp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from APIs and treated as absent).
+/// `Retry-After`, in seconds or as an HTTP date.
 fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
-    header(resp, "retry-after")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+    let value = header(resp, "retry-after")?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = crate::clock::parse_http_date(value)?;
+    Some(Duration::from_secs(
+        (at - crate::clock::unix_now()).max(0) as u64
+    ))
 }
 
 fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
