@@ -146,18 +146,24 @@ impl Env {
                 c
             }
         };
-        c.env("LOCAL_DB_PATH", db)
-            .env("BACKEND_URL", backend)
-            .env("DEVICE_ID", DEVICE)
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", dir)
-            .env("LANG", "C.UTF-8")
-            .current_dir(dir)
-            .stdin(Stdio::null())
+        agent_env(&mut c, db, backend, dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
     }
+}
+
+/// What every agent child gets, relais or baseline: the seed's variables, `PATH`, a home
+/// and a locale, `dir` as working directory, no stdin.
+fn agent_env<'c>(c: &'c mut Command, db: &Path, backend: &str, dir: &Path) -> &'c mut Command {
+    c.env("LOCAL_DB_PATH", db)
+        .env("BACKEND_URL", backend)
+        .env("DEVICE_ID", DEVICE)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .current_dir(dir)
+        .stdin(Stdio::null())
 }
 
 /// What `wait4` says about a finished child.
@@ -506,9 +512,37 @@ fn push_events(
     agent: Agent,
     validate: bool,
 ) -> Res<Usage> {
+    push_fresh(env, fixture, agent, "events", |receiver, db| {
+        let stats = receiver.stats();
+        if stats.stored != cfg.events as u64 {
+            return Err(format!(
+                "{}: {} events stored, {} expected",
+                agent.name(),
+                stats.stored,
+                cfg.events
+            ));
+        }
+        if validate {
+            validate_events(&receiver.rows(), db, cfg.events)
+                .map_err(|e| format!("{}: {e}", agent.name()))?;
+        }
+        Ok(())
+    })
+}
+
+/// One `once` run of `agent` over a copy of `fixture` against a fresh receiver, timed;
+/// `check` then judges what arrived (the receiver, the agent's database). The run's
+/// directory and the receiver's data are removed once `check` passes.
+fn push_fresh(
+    env: &Env,
+    fixture: &Path,
+    agent: Agent,
+    tag: &str,
+    check: impl FnOnce(&Receiver, &Path) -> Res<()>,
+) -> Res<Usage> {
     let dir = env
         .work
-        .join(env.unique(&format!("events-{}", agent.name())));
+        .join(env.unique(&format!("{tag}-{}", agent.name())));
     mkdirs(&dir)?;
     let db = dir.join("surveillance.db");
     copy(fixture, &db)?;
@@ -518,19 +552,7 @@ fn push_events(
         env.command(agent, &db, &receiver.url(), &dir, true),
         agent.name(),
     )?;
-    let stats = receiver.stats();
-    if stats.stored != cfg.events as u64 {
-        return Err(format!(
-            "{}: {} events stored, {} expected",
-            agent.name(),
-            stats.stored,
-            cfg.events
-        ));
-    }
-    if validate {
-        validate_events(&receiver.rows(), &db, cfg.events)
-            .map_err(|e| format!("{}: {e}", agent.name()))?;
-    }
+    check(&receiver, &db)?;
     drop(receiver);
     let _ = fs::remove_dir_all(&recv_dir);
     let _ = fs::remove_dir_all(&dir);
@@ -540,29 +562,16 @@ fn push_events(
 // Figure 2: one media row.
 
 fn push_media(env: &Env, fixture: &Path, mib: u64, agent: Agent, validate: bool) -> Res<Usage> {
-    let dir = env
-        .work
-        .join(env.unique(&format!("media-{}", agent.name())));
-    mkdirs(&dir)?;
-    let db = dir.join("surveillance.db");
-    copy(fixture, &db)?;
-    let (receiver, recv_dir) = env.receiver()?;
-    sync_disks();
-    let u = run_ok(
-        env.command(agent, &db, &receiver.url(), &dir, true),
-        agent.name(),
-    )?;
-    let rows = receiver.rows();
-    if rows.len() != 1 || rows[0].blob_len != Some(mib * MIB) {
-        return Err(format!("{}: media of {mib} MiB not received", agent.name()));
-    }
-    if validate {
-        validate_media(&rows, mib * MIB).map_err(|e| format!("{}: {e}", agent.name()))?;
-    }
-    drop(receiver);
-    let _ = fs::remove_dir_all(&recv_dir);
-    let _ = fs::remove_dir_all(&dir);
-    Ok(u)
+    push_fresh(env, fixture, agent, "media", |receiver, _| {
+        let rows = receiver.rows();
+        if rows.len() != 1 || rows[0].blob_len != Some(mib * MIB) {
+            return Err(format!("{}: media of {mib} MiB not received", agent.name()));
+        }
+        if validate {
+            validate_media(&rows, mib * MIB).map_err(|e| format!("{}: {e}", agent.name()))?;
+        }
+        Ok(())
+    })
 }
 
 // Figure 3: the state of N rows already synced, as each agent leaves it.
@@ -697,15 +706,8 @@ fn baseline_cycle(env: &Env, db: &Path, dir: &Path, backend: &str) -> Res<(f64, 
         .env_clear()
         .env("PYTHONPATH", env.script.parent().unwrap_or(dir))
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONIOENCODING", "utf-8")
-        .env("LOCAL_DB_PATH", db)
-        .env("BACKEND_URL", backend)
-        .env("DEVICE_ID", DEVICE)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .env("LANG", "C.UTF-8")
-        .current_dir(dir)
-        .stdin(Stdio::null());
+        .env("PYTHONIOENCODING", "utf-8");
+    agent_env(&mut cmd, db, backend, dir);
     let out = cmd.output().map_err(|e| format!("baseline cycle: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -868,21 +870,29 @@ struct Table {
 impl Table {
     /// A row where lower is better (costs).
     fn cost(&mut self, figure: String, relais: f64, baseline: f64, fmt: fn(f64) -> String) {
-        self.rows.push(Row {
-            figure,
-            relais: fmt(relais),
-            baseline: fmt(baseline),
-            ratio: (relais > 0.0).then(|| baseline / relais),
-        });
+        let ratio = (relais > 0.0).then(|| baseline / relais);
+        self.row(figure, relais, baseline, fmt, ratio);
     }
 
     /// A row where higher is better (rates).
     fn rate(&mut self, figure: String, relais: f64, baseline: f64, fmt: fn(f64) -> String) {
+        let ratio = (baseline > 0.0).then(|| relais / baseline);
+        self.row(figure, relais, baseline, fmt, ratio);
+    }
+
+    fn row(
+        &mut self,
+        figure: String,
+        relais: f64,
+        baseline: f64,
+        fmt: fn(f64) -> String,
+        ratio: Option<f64>,
+    ) {
         self.rows.push(Row {
             figure,
             relais: fmt(relais),
             baseline: fmt(baseline),
-            ratio: (baseline > 0.0).then(|| relais / baseline),
+            ratio,
         });
     }
 
@@ -891,27 +901,18 @@ impl Table {
     }
 
     fn print(&self) {
-        let w = self
-            .rows
-            .iter()
-            .map(|r| r.figure.chars().count())
-            .max()
-            .unwrap_or(10)
-            .max(6);
-        let wr = self
-            .rows
-            .iter()
-            .map(|r| r.relais.chars().count())
-            .max()
-            .unwrap_or(6)
-            .max(6);
-        let wb = self
-            .rows
-            .iter()
-            .map(|r| r.baseline.chars().count())
-            .max()
-            .unwrap_or(8)
-            .max(8);
+        // A column's width: its widest cell, at least `min`; `empty` without rows.
+        let width = |cell: fn(&Row) -> &String, empty: usize, min: usize| {
+            self.rows
+                .iter()
+                .map(|r| cell(r).chars().count())
+                .max()
+                .unwrap_or(empty)
+                .max(min)
+        };
+        let w = width(|r| &r.figure, 10, 6);
+        let wr = width(|r| &r.relais, 6, 6);
+        let wb = width(|r| &r.baseline, 8, 8);
         let pad =
             |s: &str, n: usize| format!("{s}{}", " ".repeat(n.saturating_sub(s.chars().count())));
         println!(
@@ -1288,35 +1289,28 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
             fmt_bytes,
         );
     }
-    for c in &idle_cycle {
-        let n = rows_label(c.n);
-        table.cost(
-            format!("3. idle cycle of `run`, {n} synced: wall"),
-            c.cycle_wall[0],
-            c.cycle_wall[1],
-            fmt_secs,
-        );
-        table.cost(
-            format!("3. idle cycle of `run`, {n} synced: CPU"),
-            c.cycle_cpu[0],
-            c.cycle_cpu[1],
-            fmt_secs,
-        );
-    }
-    for c in &idle_cycle {
-        let n = rows_label(c.n);
-        table.cost(
-            format!("3. idle `once` process, {n} synced: wall"),
-            c.once_wall[0],
-            c.once_wall[1],
-            fmt_secs,
-        );
-        table.cost(
-            format!("3. idle `once` process, {n} synced: CPU"),
-            c.once_cpu[0],
-            c.once_cpu[1],
-            fmt_secs,
-        );
+    type Pick = fn(&IdleCycle) -> [f64; 2];
+    let idle_rows: [(&str, Pick, Pick); 2] = [
+        ("idle cycle of `run`", |c| c.cycle_wall, |c| c.cycle_cpu),
+        ("idle `once` process", |c| c.once_wall, |c| c.once_cpu),
+    ];
+    for (what, wall, cpu) in idle_rows {
+        for c in &idle_cycle {
+            let n = rows_label(c.n);
+            let (wall, cpu) = (wall(c), cpu(c));
+            table.cost(
+                format!("3. {what}, {n} synced: wall"),
+                wall[0],
+                wall[1],
+                fmt_secs,
+            );
+            table.cost(
+                format!("3. {what}, {n} synced: CPU"),
+                cpu[0],
+                cpu[1],
+                fmt_secs,
+            );
+        }
     }
     table.cost(
         "4. bytes written per event".into(),
@@ -1371,7 +1365,6 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         idle_cycle.first().ok_or("no idle")?,
         idle_cycle.last().ok_or("no idle")?,
     );
-    type Pick = fn(&IdleCycle) -> [f64; 2];
     let idle_targets: [(&str, Pick); 4] = [
         ("`run` cycle, wall", |c| c.cycle_wall),
         ("`run` cycle, CPU", |c| c.cycle_cpu),

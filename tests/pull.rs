@@ -4,6 +4,8 @@
 //! as the child that replaces the file in a loop.
 #![cfg(feature = "receiver")]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
+use common::Scratch;
 use miniserde::json::Value;
 use relais::atomic_file;
 use relais::pull::{self, PullError, PullOutcome, PullWake, Puller, SyncStatus};
@@ -67,28 +70,6 @@ fn assert_logged(needle: &str) {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "relais-pull-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A site configuration with `devices` devices; `tag` makes versions differ.
 /// Non-ASCII names exercise the `\uXXXX` hashing; passwords must never be logged.
 fn site(tag: &str, devices: usize) -> String {
@@ -110,7 +91,7 @@ fn site(tag: &str, devices: usize) -> String {
 
 /// One agent against one receiver: directories, token, settings.
 struct Fixture {
-    dir: TempDir,
+    dir: Scratch,
     rx: Receiver,
     token: String,
 }
@@ -118,7 +99,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         logs();
-        let dir = TempDir::new("agent");
+        let dir = Scratch::new("pull-agent");
         let rx = Receiver::start(ReceiverOptions::new(dir.0.join("receiver"))).expect("receiver");
         let token = format!(
             "site-token-{}-{}",
@@ -400,14 +381,18 @@ fn assert_failure_keeps_file(
     assert_never_logged(&[&fx.token, "pw-secret"]);
 }
 
+/// [`assert_failure_keeps_file`] for a fresh agent and receiver, returned for more checks.
+fn failure_keeps_file(inject: impl FnOnce(&Fixture), expected: ErrorCheck) -> Fixture {
+    let fx = Fixture::new();
+    let mut puller = fx.puller();
+    assert_failure_keeps_file(&fx, &mut puller, inject, expected);
+    fx
+}
+
 #[test]
 fn server_errors_keep_the_file() {
     for code in [500, 503] {
-        let fx = Fixture::new();
-        let mut puller = fx.puller();
-        assert_failure_keeps_file(
-            &fx,
-            &mut puller,
+        let _fx = failure_keeps_file(
             |fx| fx.rx.push_config_fault(ConfigFault::Status(code)),
             |e| matches!(e, PullError::Status { status: 500 | 503, detail } if detail.contains("injected")),
         );
@@ -416,20 +401,12 @@ fn server_errors_keep_the_file() {
 
 #[test]
 fn unauthorized_and_not_found_keep_the_file() {
-    let fx = Fixture::new();
-    let mut puller = fx.puller();
-    assert_failure_keeps_file(
-        &fx,
-        &mut puller,
+    let _fx = failure_keeps_file(
         |fx| fx.rx.push_config_fault(ConfigFault::Status(404)),
         |e| *e == PullError::NotFound,
     );
     // A token the receiver does not know: its real 401.
-    let fx = Fixture::new();
-    let mut puller = fx.puller();
-    assert_failure_keeps_file(
-        &fx,
-        &mut puller,
+    let _fx = failure_keeps_file(
         |fx| fx.rx.push_config_fault(ConfigFault::Status(401)),
         |e| *e == PullError::Unauthorized,
     );
@@ -467,24 +444,13 @@ fn bad_bodies_keep_the_file() {
         }),
     ];
     for (fault, expected) in cases {
-        let fx = Fixture::new();
-        let mut puller = fx.puller();
-        assert_failure_keeps_file(
-            &fx,
-            &mut puller,
-            |fx| fx.rx.push_config_fault(fault),
-            expected,
-        );
+        let _fx = failure_keeps_file(|fx| fx.rx.push_config_fault(fault), expected);
     }
 }
 
 #[test]
 fn wrong_shape_from_the_backend_keeps_the_file() {
-    let fx = Fixture::new();
-    let mut puller = fx.puller();
-    assert_failure_keeps_file(
-        &fx,
-        &mut puller,
+    let fx = failure_keeps_file(
         |fx| {
             fx.set(r#"{"site_name": "no devices"}"#);
         },
@@ -495,11 +461,7 @@ fn wrong_shape_from_the_backend_keeps_the_file() {
 
 #[test]
 fn oversized_config_keeps_the_file() {
-    let fx = Fixture::new();
-    let mut puller = fx.puller();
-    assert_failure_keeps_file(
-        &fx,
-        &mut puller,
+    let _fx = failure_keeps_file(
         |fx| {
             fx.set(&site("huge", 100));
         },
@@ -709,7 +671,7 @@ fn next_random(state: &mut u64) -> u64 {
 
 #[test]
 fn sigkill_during_replacement_never_tears_the_file() {
-    let dir = TempDir::new("kill");
+    let dir = Scratch::new("pull-kill");
     let path = dir.0.join("config.json");
     let tmp = dir.0.join("config.json.tmp");
     let (a, b) = versions();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{DEVICE, Scratch, TrackRow, tracked, tracking_rows, unix_now};
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media, settings_for};
 use relais::push::{CycleReport, Interruption, Pusher};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
+use relais::receiver::{Fault, ReceivedRow, Receiver, ReceiverOptions};
 use relais::settings::Settings;
 use rusqlite::Connection;
 use rusqlite::types::Value;
@@ -89,6 +89,29 @@ fn pusher(settings: &Settings) -> Pusher {
     relais::daemon::build_pusher(settings, Arc::new(AtomicBool::new(false))).expect("pusher")
 }
 
+/// A receiver with idempotency that meets `fault` first, and a pusher against it.
+fn with_fault(
+    dir: &Scratch,
+    db: &Path,
+    fault: Fault,
+    extra: &[(&str, &str)],
+) -> (Receiver, Pusher) {
+    let rx = receiver(dir, true);
+    rx.push_fault(fault);
+    let p = pusher(&settings(db, &rx.url(), dir, extra));
+    (rx, p)
+}
+
+/// The idempotency keys of the received rows, sorted.
+fn sorted_keys(rows: &[ReceivedRow]) -> Vec<String> {
+    let mut keys: Vec<String> = rows
+        .iter()
+        .map(|r| r.idempotency_key.clone().unwrap())
+        .collect();
+    keys.sort();
+    keys
+}
+
 fn assert_exact(db: &Path, rx: &Receiver) -> relais::demo::Delivery {
     let d = check_delivery(db, &rx.rows(), DEVICE).expect("delivery check");
     assert!(d.is_exact(), "delivery not exact: {d:?}");
@@ -111,6 +134,15 @@ fn backend_interruption(report: &CycleReport) -> (String, Option<Duration>) {
         }) => (reason.clone(), *retry_after),
         other => panic!("expected a backend interruption, got {other:?} in {report}"),
     }
+}
+
+/// A pass the backend interrupts for a reason containing `needle`: its report and the
+/// Retry-After.
+fn interrupted_pass(p: &mut Pusher, needle: &str) -> (CycleReport, Option<Duration>) {
+    let report = p.sync_once();
+    let (reason, retry_after) = backend_interruption(&report);
+    assert!(reason.contains(needle), "{reason}");
+    (report, retry_after)
 }
 
 fn with_status<'a>(rows: &'a [TrackRow], status: &str) -> Vec<&'a TrackRow> {
@@ -233,13 +265,9 @@ fn server_down_stops_at_the_first_row_then_everything_arrives_once() {
 #[test]
 fn server_error_500_stops_the_pass_and_the_row_is_retried_next_pass() {
     let (dir, db) = app("status-500", 3, &[]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::Status(500, None));
-    let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
+    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(500, None), &[]);
 
-    let first = p.sync_once();
-    let (reason, retry_after) = backend_interruption(&first);
-    assert!(reason.contains("500"), "{reason}");
+    let (first, retry_after) = interrupted_pass(&mut p, "500");
     assert_eq!(retry_after, None);
     assert_eq!((first.pushed(), first.failed()), (0, 1), "{first}");
     assert_eq!(
@@ -260,12 +288,8 @@ fn server_error_500_stops_the_pass_and_the_row_is_retried_next_pass() {
 #[test]
 fn too_many_requests_429_honours_retry_after() {
     let (dir, db) = app("status-429", 2, &[]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::Status(429, Some(7)));
-    let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
-    let first = p.sync_once();
-    let (reason, retry_after) = backend_interruption(&first);
-    assert!(reason.contains("429"), "{reason}");
+    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(429, Some(7)), &[]);
+    let (first, retry_after) = interrupted_pass(&mut p, "429");
     assert_eq!(retry_after, Some(Duration::from_secs(7)));
     assert_eq!(first.failed(), 1);
     assert!(rx.rows().is_empty());
@@ -277,9 +301,7 @@ fn too_many_requests_429_honours_retry_after() {
 #[test]
 fn rejected_422_fails_one_row_the_pass_goes_on_and_retry_failed_makes_it_due() {
     let (dir, db) = app("status-422", 3, &[]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::Status(422, None));
-    let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
+    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(422, None), &[]);
 
     let before = unix_now();
     let first = p.sync_once();
@@ -317,9 +339,8 @@ fn rejected_422_fails_one_row_the_pass_goes_on_and_retry_failed_makes_it_due() {
 #[test]
 fn html_answer_is_a_success_without_remote_id() {
     let (dir, db) = app("html-ok", 2, &[]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::HtmlOk);
-    let report = pusher(&settings(&db, &rx.url(), &dir, &[])).sync_once();
+    let (rx, mut p) = with_fault(&dir, &db, Fault::HtmlOk, &[]);
+    let report = p.sync_once();
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.pushed(), 2);
     assert_exact(&db, &rx);
@@ -332,12 +353,8 @@ fn html_answer_is_a_success_without_remote_id() {
 #[test]
 fn unauthorized_401_is_transient() {
     let (dir, db) = app("status-401", 2, &[]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::Status(401, None));
-    let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
-    let first = p.sync_once();
-    let (reason, _) = backend_interruption(&first);
-    assert!(reason.contains("credentials"), "{reason}");
+    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(401, None), &[]);
+    let (first, _) = interrupted_pass(&mut p, "credentials");
     assert_eq!(first.failed(), 1);
     let row = tracked(&dir.state_db(), "evenement", 1).unwrap();
     assert!(row.next_attempt_at.unwrap() <= unix_now(), "due at once");
@@ -351,9 +368,7 @@ fn unauthorized_401_is_transient() {
 #[test]
 fn lost_answer_is_resent_under_the_same_key_and_stored_once() {
     let (dir, db) = app("lost-answer", 1, &[Some(100 * 1024)]);
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::LoseAnswer);
-    let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
+    let (rx, mut p) = with_fault(&dir, &db, Fault::LoseAnswer, &[]);
 
     let first = p.sync_once();
     backend_interruption(&first);
@@ -496,11 +511,7 @@ fn glob_sources_are_tracked_separately_with_distinct_keys() {
     assert_eq!(first.pushed(), 4 + 5);
     let rows = rx.rows();
     assert_eq!(rows.len(), 9);
-    let mut keys: Vec<String> = rows
-        .iter()
-        .map(|r| r.idempotency_key.clone().unwrap())
-        .collect();
-    keys.sort();
+    let mut keys = sorted_keys(&rows);
     keys.dedup();
     assert_eq!(keys.len(), 9, "distinct keys: {keys:?}");
     for (i, day) in days.iter().enumerate() {
@@ -707,26 +718,46 @@ fn malformed_configuration_exits_2_with_one_line_naming_the_setting() {
 
 // ---------------------------------------------------------------- 8. non-integer ids
 
+/// An application database without events, with a table `note` keyed by TEXT holding
+/// `values` (an SQL list of `(code, body)`), and a connection to it.
+fn notes_app(tag: &str, values: &str) -> (Scratch, PathBuf, Connection) {
+    let (dir, db) = app(tag, 0, &[]);
+    let conn = Connection::open(&db).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TABLE note (code TEXT PRIMARY KEY, body TEXT NOT NULL);
+         INSERT INTO note VALUES {values};"
+    ))
+    .unwrap();
+    (dir, db, conn)
+}
+
+/// A pusher of the `note` table alone (configuration members `extra` first) against a
+/// receiver that answers 503 first.
+fn notes_pusher(dir: &Scratch, db: &Path, extra: &str) -> (Receiver, Pusher) {
+    let config = config_file(
+        dir,
+        &format!(
+            r#"{{{extra}"tables": [
+            {{"name": "note", "query": "SELECT code AS local_id, body FROM note", "endpoint": "/api/notes"}}
+        ]}}"#
+        ),
+    );
+    with_fault(
+        dir,
+        db,
+        Fault::Status(503, None),
+        &[("RELAIS_CONFIG", &config)],
+    )
+}
+
 #[test]
 fn text_local_ids_are_pushed_once_across_passes() {
-    let (dir, db) = app("text-ids", 0, &[]);
-    let conn = Connection::open(&db).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE note (code TEXT PRIMARY KEY, body TEXT NOT NULL);
-         INSERT INTO note VALUES ('cam-b', 'second'), ('cam-a', 'first'), ('z-last', 'third');",
-    )
-    .unwrap();
-    let config = config_file(
-        &dir,
-        r#"{"batch_size": 2, "tables": [
-            {"name": "note", "query": "SELECT code AS local_id, body FROM note", "endpoint": "/api/notes"}
-        ]}"#,
+    let (dir, db, conn) = notes_app(
+        "text-ids",
+        "('cam-b', 'second'), ('cam-a', 'first'), ('z-last', 'third')",
     );
-    let rx = receiver(&dir, true);
     // A transient failure first, so the retry path (ids read back from tracking) is used.
-    rx.push_fault(Fault::Status(503, None));
-    let s = settings(&db, &rx.url(), &dir, &[("RELAIS_CONFIG", &config)]);
-    let mut p = pusher(&s);
+    let (rx, mut p) = notes_pusher(&dir, &db, r#""batch_size": 2, "#);
 
     let failed = p.sync_once();
     assert_eq!((failed.pushed(), failed.failed()), (0, 1), "{failed}");
@@ -743,14 +774,8 @@ fn text_local_ids_are_pushed_once_across_passes() {
     assert_eq!(third.pushed(), 0);
     assert_eq!(rx.stats().requests, requests);
 
-    let mut keys: Vec<String> = rx
-        .rows()
-        .iter()
-        .map(|r| r.idempotency_key.clone().unwrap())
-        .collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        sorted_keys(&rx.rows()),
         ["a-early", "cam-a", "cam-b", "m-mid", "z-last"].map(|k| format!("{DEVICE}:note:{k}"))
     );
     assert!(rx.rows().iter().any(|r| r.json.contains("\"fifth\"")));
@@ -769,40 +794,15 @@ fn text_local_ids_are_pushed_once_across_passes() {
 /// "0042" was looked up as 42 and never found again.
 #[test]
 fn numeric_looking_text_ids_are_tracked_as_text() {
-    let (dir, db) = app("numeric-text-ids", 0, &[]);
-    let conn = Connection::open(&db).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE note (code TEXT PRIMARY KEY, body TEXT NOT NULL);
-         INSERT INTO note VALUES ('0042', 'padded'), ('0007', 'seven');",
-    )
-    .unwrap();
-    let config = config_file(
-        &dir,
-        r#"{"tables": [
-            {"name": "note", "query": "SELECT code AS local_id, body FROM note", "endpoint": "/api/notes"}
-        ]}"#,
-    );
-    let rx = receiver(&dir, true);
-    rx.push_fault(Fault::Status(503, None));
-    let mut p = pusher(&settings(
-        &db,
-        &rx.url(),
-        &dir,
-        &[("RELAIS_CONFIG", &config)],
-    ));
+    let (dir, db, conn) = notes_app("numeric-text-ids", "('0042', 'padded'), ('0007', 'seven')");
+    let (rx, mut p) = notes_pusher(&dir, &db, "");
     p.sync_once();
     p.sync_once();
     conn.execute_batch("INSERT INTO note VALUES ('42', 'plain');")
         .unwrap();
     p.sync_once();
-    let mut keys: Vec<String> = rx
-        .rows()
-        .iter()
-        .map(|r| r.idempotency_key.clone().unwrap())
-        .collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        sorted_keys(&rx.rows()),
         ["0007", "0042", "42"].map(|k| format!("{DEVICE}:note:{k}"))
     );
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEVICE, Proxy, Scratch, agent_env, drain, run_relais, send_signal, spawn_relais, tracked,
+    DEVICE, Proxy, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged, tracked,
     vm_hwm_kib, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
@@ -88,15 +88,14 @@ fn a_256_mb_blob_uploads_in_bounded_memory() {
         dir.path(),
         &[("SYNC_INTERVAL_SECONDS", "3600")],
     );
-    let mut child = spawn_relais(&["run"], &vars);
-    let stderr = drain(child.stderr.take().unwrap());
+    let (mut child, stderr) = spawn_logged(&["run"], &vars);
     let upload = Instant::now();
     let stored = wait_for(Duration::from_secs(180), || rx.stats().stored == 3);
     let uploaded = upload.elapsed();
     let hwm = vm_hwm_kib(child.id());
     send_signal(child.id(), "TERM");
     let status = wait_exit(&mut child, Duration::from_secs(5));
-    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let log = log_text(stderr);
     assert!(stored, "the rows did not arrive; agent log:\n{log}");
     let hwm = hwm.expect("VmHWM of the live agent");
     println!(
@@ -171,8 +170,7 @@ fn concurrent_writer(wal: bool) {
     let proxy = Proxy::start(&rx.url(), 24 * MB);
     let writer = start_writer(&db);
     let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
-    let mut child = spawn_relais(&["once"], &vars);
-    let stderr = drain(child.stderr.take().unwrap());
+    let (mut child, stderr) = spawn_logged(&["once"], &vars);
     assert!(
         wait_for(Duration::from_secs(30), || proxy.forwarded() > 2 * MB),
         "the upload did not start"
@@ -182,7 +180,7 @@ fn concurrent_writer(wal: bool) {
     let during = writer.ok.load(Ordering::Relaxed) - during_from;
     writer.stop.store(true, Ordering::Relaxed);
     let errors = writer.handle.join().unwrap();
-    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let log = log_text(stderr);
     let failed = writer.failed.load(Ordering::Relaxed);
     let hold = longest_read_lock(&log);
     println!(
@@ -223,8 +221,7 @@ fn change_mid_upload(tag: &str, change: &str, expected: &str) {
     let rx = receiver(&dir);
     let proxy = Proxy::start(&rx.url(), 8 * MB);
     let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
-    let mut child = spawn_relais(&["once"], &vars);
-    let stderr = drain(child.stderr.take().unwrap());
+    let (mut child, stderr) = spawn_logged(&["once"], &vars);
     assert!(
         wait_for(Duration::from_secs(30), || proxy.forwarded() > MB),
         "the upload did not start"
@@ -233,7 +230,7 @@ fn change_mid_upload(tag: &str, change: &str, expected: &str) {
         .execute_batch(change)
         .expect("the application's change");
     let status = wait_exit(&mut child, Duration::from_secs(30));
-    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let log = log_text(stderr);
     let row = tracked(&dir.state_db(), "media", 1).expect("tracked");
     assert_eq!(row.status, "failed", "{row:?}\n{log}");
     let error = row.error.unwrap_or_default();
@@ -279,8 +276,7 @@ fn sigterm_mid_upload_stops_quickly_and_the_row_is_sent_later_once() {
         dir.path(),
         &[("SYNC_INTERVAL_SECONDS", "3600")],
     );
-    let mut child = spawn_relais(&["run"], &vars);
-    let stderr = drain(child.stderr.take().unwrap());
+    let (mut child, stderr) = spawn_logged(&["run"], &vars);
     assert!(
         wait_for(Duration::from_secs(30), || proxy.forwarded() > 2 * MB),
         "the upload did not start"
@@ -289,7 +285,7 @@ fn sigterm_mid_upload_stops_quickly_and_the_row_is_sent_later_once() {
     let signalled = Instant::now();
     let status = wait_exit(&mut child, Duration::from_secs(10));
     let took = signalled.elapsed();
-    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let log = log_text(stderr);
     println!("SIGTERM mid-upload: exited in {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}\n{log}");
     assert!(status.success(), "{status:?}\n{log}");

@@ -3,42 +3,21 @@
 //! chunked bodies, keep-alive, malformed request lines).
 #![cfg(feature = "receiver")]
 
+mod common;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use common::Scratch;
 use relais::receiver::{Fault, Receiver, ReceiverOptions, ReceiverStats};
 
 // ---------------------------------------------------------------- helpers
 
-/// A fresh, empty data directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "relais-receiver-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn start(idempotency: bool) -> (Receiver, TempDir) {
-    let dir = TempDir::new();
+fn start(idempotency: bool) -> (Receiver, Scratch) {
+    let dir = Scratch::uncreated("receiver");
     let mut opts = ReceiverOptions::new(&dir.0);
     opts.idempotency = idempotency;
     (Receiver::start(opts).expect("receiver starts"), dir)
@@ -170,6 +149,22 @@ fn post(rx: &Receiver, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Res
     let mut conn = Conn::open(rx);
     conn.post(path, headers, body).expect("send");
     conn.expect_response()
+}
+
+/// The next response has `status`, then the server closes the connection; nothing stored.
+fn assert_refused_and_closed(conn: &mut Conn, rx: &Receiver, status: u16) {
+    let resp = conn.expect_response();
+    assert_eq!(resp.status, status);
+    assert!(conn.closed_by_server());
+    assert!(rx.rows().is_empty());
+}
+
+/// The server closes the connection (or it fails) without an answer.
+fn assert_no_answer(conn: &mut Conn) {
+    assert!(
+        conn.read().map_or(true, |r| r.is_none()),
+        "no answer expected"
+    );
 }
 
 const EVENT: &str = r#"{"date": "2025-12-18T17:30:00.123456", "capteur": {"id": 1, "nom": "PIR Entrée", "etat": 1}, "device_id": "raspberry-1", "source": "sync_service"}"#;
@@ -328,10 +323,7 @@ fn chunked_body_is_refused_with_411() {
     req.extend_from_slice(body);
     req.extend_from_slice(b"\r\n0\r\n\r\n");
     conn.send_raw(&req).expect("send");
-    let resp = conn.expect_response();
-    assert_eq!(resp.status, 411);
-    assert!(conn.closed_by_server());
-    assert!(rx.rows().is_empty());
+    assert_refused_and_closed(&mut conn, &rx, 411);
 }
 
 #[test]
@@ -384,10 +376,7 @@ fn unknown_routes_and_malformed_requests() {
 
     let mut conn = Conn::open(&rx);
     conn.send_raw(b"complete garbage\r\n\r\n").expect("send");
-    let resp = conn.expect_response();
-    assert_eq!(resp.status, 400);
-    assert!(conn.closed_by_server());
-    assert!(rx.rows().is_empty());
+    assert_refused_and_closed(&mut conn, &rx, 400);
 }
 
 #[test]
@@ -431,10 +420,7 @@ fn fault_lose_answer_stores_but_does_not_answer() {
         EVENT.as_bytes(),
     )
     .expect("send");
-    assert!(
-        conn.read().map_or(true, |r| r.is_none()),
-        "no answer expected"
-    );
+    assert_no_answer(&mut conn);
     assert_eq!(rx.rows().len(), 1);
     // The retry is answered from the idempotency cache with the same id.
     let retry = post(
@@ -491,10 +477,7 @@ fn fault_reset_closes_after_headers() {
     let mut conn = Conn::open(&rx);
     // Sending may itself fail once the server has closed.
     let _ = conn.post("/api/evenements", &[], EVENT.as_bytes());
-    assert!(
-        conn.read().map_or(true, |r| r.is_none()),
-        "no answer expected"
-    );
+    assert_no_answer(&mut conn);
     assert!(rx.rows().is_empty());
     assert_eq!(rx.stats().stored, 0);
 }
@@ -529,7 +512,7 @@ fn shutdown_is_prompt_with_idle_connections() {
 
 #[test]
 fn data_survives_a_restart() {
-    let dir = TempDir::new();
+    let dir = Scratch::uncreated("receiver");
     let rx = Receiver::start(ReceiverOptions::new(&dir.0)).expect("start");
     let key = [("Idempotency-Key", "d:evenements:1")];
     let first = post(&rx, "/api/evenements", &key, EVENT.as_bytes()).id();

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{Scratch, agent_env, drain, send_signal, spawn_relais, wait_exit, wait_for};
+use common::{Scratch, agent_env, drain, log_text, send_signal, spawn_logged, wait_exit, wait_for};
 use relais::demo::{create_app_db, insert_events};
 use relais::receiver::{ConfigFault, Receiver, ReceiverOptions};
 
@@ -34,8 +34,7 @@ fn a_hanging_config_endpoint_never_stalls_the_push_and_sigusr1_pulls_now() {
             ("SYNC_INTERVAL_SECONDS", "3600"),
         ],
     );
-    let mut agent = spawn_relais(&["run"], &vars);
-    let stderr = drain(agent.stderr.take().unwrap());
+    let (mut agent, stderr) = spawn_logged(&["run"], &vars);
     let _stdout = drain(agent.stdout.take().unwrap());
     assert!(
         wait_for(Duration::from_secs(20), || dir.state_db().exists()),
@@ -74,7 +73,7 @@ fn a_hanging_config_endpoint_never_stalls_the_push_and_sigusr1_pulls_now() {
 
     send_signal(agent.id(), "TERM");
     assert!(wait_exit(&mut agent, Duration::from_secs(10)).success());
-    let log = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+    let log = log_text(stderr);
     assert!(
         !log.contains(TOKEN),
         "the site token reached the log:\n{log}"

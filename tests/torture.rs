@@ -100,6 +100,14 @@ impl Line {
         }
     }
 
+    /// Adds a delivery's counts to the line's (a campaign of several steps).
+    fn add_counts(&mut self, d: &Delivery) {
+        self.expected += d.expected;
+        self.received += d.received;
+        self.duplicates += d.duplicates;
+        self.lost += d.missing.len() as u64;
+    }
+
     fn check(&mut self, ok: bool, problem: impl FnOnce() -> String) {
         if !ok {
             self.problems.push(problem());
@@ -162,17 +170,62 @@ fn receiver(dir: &Scratch, idempotency: bool) -> Receiver {
     Receiver::start(opts).expect("receiver starts")
 }
 
+/// A receiver and the fault-injecting proxy in front of it.
+fn proxied_receiver(dir: &Scratch, idempotency: bool) -> (Receiver, FaultProxy) {
+    let rx = receiver(dir, idempotency);
+    let proxy = FaultProxy::start(&rx.url());
+    (rx, proxy)
+}
+
+/// The line, the fault schedule and the directory of a campaign run against a backend
+/// with or without idempotency: `names` and `tags` give (with, without).
+fn campaign(idempotency: bool, names: (&str, &str), tags: (&str, &str)) -> (Line, Rng, Scratch) {
+    let (name, tag) = if idempotency {
+        (names.0, tags.0)
+    } else {
+        (names.1, tags.1)
+    };
+    (Line::new(name), Rng::from_env(name), Scratch::new(tag))
+}
+
 fn write_config(dir: &Scratch, name: &str, json: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, json).expect("write config");
     path.display().to_string()
 }
 
+/// The environment of an agent over `db` against `backend` with state and logs in `dir`,
+/// passing every `interval` seconds, with `json` as its configuration file.
+fn configured_env(
+    dir: &Scratch,
+    db: &Path,
+    backend: &str,
+    interval: &str,
+    json: &str,
+) -> Vec<(String, String)> {
+    let config = write_config(dir, "relais.json", json);
+    agent_env(
+        db,
+        backend,
+        dir.path(),
+        &[
+            ("SYNC_INTERVAL_SECONDS", interval),
+            ("RELAIS_CONFIG", &config),
+        ],
+    )
+}
+
+/// An application database at `path` with `events` events.
+fn app_db(path: &Path, events: usize, wal: bool) -> Connection {
+    let conn = create_app_db(path, wal).expect("create app db");
+    insert_events(&conn, events).expect("insert events");
+    conn
+}
+
 /// The application database of the power-cut and lost-answer campaigns.
 fn fixture(dir: &Scratch, events: usize, media: &[Option<u64>], wal: bool) -> PathBuf {
     let db = dir.join("surveillance.db");
-    let conn = create_app_db(&db, wal).expect("create app db");
-    insert_events(&conn, events).expect("insert events");
+    let conn = app_db(&db, events, wal);
     for m in media {
         insert_media(&conn, *m).expect("insert media");
     }
@@ -209,6 +262,12 @@ fn synced_counts(state_db: &Path) -> (u64, u64) {
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )
     .unwrap_or((0, 0))
+}
+
+/// Waits up to `timeout` for the state database to track `expected` rows `success` and
+/// none otherwise.
+fn wait_synced(dir: &Scratch, expected: u64, timeout: Duration) -> bool {
+    wait_for(timeout, || synced_counts(&dir.state_db()) == (expected, 0))
 }
 
 /// Rows of the application database (events and media).
@@ -258,29 +317,43 @@ impl Tail {
         Tail { agent, lines }
     }
 
+    /// `f` of the lines collected so far.
+    fn with_lines<R>(&self, f: impl FnOnce(&[String]) -> R) -> R {
+        f(&self.lines.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|l| pred(l))
-            .count()
+        self.with_lines(|lines| lines.iter().filter(|l| pred(l)).count())
     }
 
     fn find(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|l| pred(l))
-            .cloned()
+        self.with_lines(|lines| lines.iter().find(|l| pred(l)).cloned())
     }
 
     fn text(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .join("\n")
+        self.with_lines(|lines| lines.join("\n"))
+    }
+
+    /// Waits up to `timeout` for `min` lines that `pred` accepts.
+    fn wait_count(&self, timeout: Duration, min: usize, pred: impl Fn(&str) -> bool) -> bool {
+        wait_for(timeout, || self.count(&pred) >= min)
+    }
+
+    /// The last `n` lines, newest first.
+    fn last_lines(&self, n: usize) -> String {
+        self.text()
+            .lines()
+            .rev()
+            .take(n)
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+
+    /// Notes the message of the first line `pred` accepts, if any, as `label: "..."`.
+    fn note_first(&self, line: &mut Line, label: &str, pred: impl Fn(&str) -> bool) {
+        if let Some(l) = self.find(pred) {
+            line.note(format!("{label}: {:?}", message(&l)));
+        }
     }
 
     fn alive(&mut self) -> bool {
@@ -294,6 +367,17 @@ impl Tail {
         }
         wait_exit(&mut self.agent.0, Duration::from_secs(10))
     }
+
+    /// [`Tail::stop`], and a problem on `line` unless the agent exited 0.
+    fn stop_checked(&mut self, line: &mut Line) {
+        let status = self.stop();
+        line.check(status.success(), || format!("agent exited {status:?}"));
+    }
+}
+
+/// A log line without its leading timestamp.
+fn message(l: &str) -> &str {
+    l.split_once(' ').map_or(l, |x| x.1)
 }
 
 /// Whether the lead has wired the configuration pull into `relais run` yet.
@@ -323,6 +407,14 @@ impl Mount {
         let opt = if ro { "remount,ro" } else { "remount,rw" };
         mount(&["-o", opt], &self.0)
     }
+}
+
+/// A tmpfs of `size` at `dir`; `None`, noted on `line`, where it cannot be mounted
+/// (`what` is then not run).
+fn tmpfs_or_skip(line: &mut Line, dir: &Path, size: &str, what: &str) -> Option<Mount> {
+    Mount::tmpfs(dir, size)
+        .map_err(|e| line.note(format!("{what} not run: {e}")))
+        .ok()
 }
 
 fn mount(args: &[&str], dir: &Path) -> Result<(), String> {
@@ -367,22 +459,21 @@ fn fill(dir: &Path) -> PathBuf {
 // ---------------------------------------------------------------- 1 and 3. power cut
 
 fn power_cut_campaign(scale: Scale, idempotency: bool) -> Line {
-    let name = if idempotency {
-        "1. power cut (SIGKILL)"
-    } else {
-        "3. power cut, backend without idempotency"
-    };
-    let mut line = Line::new(name);
-    let mut rng = Rng::from_env(name);
-    let dir = Scratch::new(if idempotency { "cut" } else { "cut-noidem" });
+    let (mut line, mut rng, dir) = campaign(
+        idempotency,
+        (
+            "1. power cut (SIGKILL)",
+            "3. power cut, backend without idempotency",
+        ),
+        ("cut", "cut-noidem"),
+    );
     let db = fixture(
         &dir,
         scale.pick(300, 2000),
         &media_sizes(scale),
         rng.unit() < 0.5,
     );
-    let rx = receiver(&dir, idempotency);
-    let proxy = FaultProxy::start(&rx.url());
+    let (rx, proxy) = proxied_receiver(&dir, idempotency);
     // Paced so that uploads last long enough to be cut: the agent is busy for a good
     // share of each trial.
     proxy.set_rate(scale.pick(4, 8) * MB);
@@ -461,20 +552,13 @@ fn power_cut_campaign(scale: Scale, idempotency: bool) -> Line {
     // Power back for good: the agent finishes the job.
     let expected = app_rows(&db);
     let mut tail = Tail::spawn(&["run"], &vars);
-    let done = wait_for(Duration::from_secs(scale.pick(120, 300)), || {
-        synced_counts(&dir.state_db()) == (expected, 0)
-    });
+    let done = wait_synced(&dir, expected, Duration::from_secs(scale.pick(120, 300)));
     let status = tail.stop();
     line.check(done, || {
         format!(
             "not everything synced after the last restart: {:?}; log tail: {}",
             synced_counts(&dir.state_db()),
-            tail.text()
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" / ")
+            tail.last_lines(5)
         )
     });
     line.check(status.success(), || {
@@ -499,22 +583,21 @@ fn power_cut_campaign(scale: Scale, idempotency: bool) -> Line {
 // ---------------------------------------------------------------- 2 and 3. lost answers
 
 fn lost_answers_campaign(scale: Scale, idempotency: bool) -> Line {
-    let name = if idempotency {
-        "2. lost answers (10%)"
-    } else {
-        "3. lost answers, backend without idempotency"
-    };
-    let mut line = Line::new(name);
-    let mut rng = Rng::from_env(name);
-    let dir = Scratch::new(if idempotency { "lost" } else { "lost-noidem" });
+    let (mut line, mut rng, dir) = campaign(
+        idempotency,
+        (
+            "2. lost answers (10%)",
+            "3. lost answers, backend without idempotency",
+        ),
+        ("lost", "lost-noidem"),
+    );
     let db = fixture(
         &dir,
         scale.pick(200, 2000),
         &media_sizes(scale)[..scale.pick(4, 20)],
         false,
     );
-    let rx = receiver(&dir, idempotency);
-    let proxy = FaultProxy::start(&rx.url());
+    let (rx, proxy) = proxied_receiver(&dir, idempotency);
     proxy.set_policy(move |req| {
         if req.method == "POST" && rng.unit() < 0.10 {
             ProxyFault::LoseAnswer
@@ -522,25 +605,16 @@ fn lost_answers_campaign(scale: Scale, idempotency: bool) -> Line {
             ProxyFault::Pass
         }
     });
-    let config = write_config(
+    let vars = configured_env(
         &dir,
-        "relais.json",
-        r#"{"retry": {"initial_backoff_s": 0.02, "max_backoff_s": 0.1}}"#,
-    );
-    let vars = agent_env(
         &db,
         &proxy.url(),
-        dir.path(),
-        &[
-            ("RELAIS_CONFIG", &config),
-            ("SYNC_INTERVAL_SECONDS", "3600"),
-        ],
+        "3600",
+        r#"{"retry": {"initial_backoff_s": 0.02, "max_backoff_s": 0.1}}"#,
     );
     let expected = app_rows(&db);
     let mut tail = Tail::spawn(&["run"], &vars);
-    let done = wait_for(Duration::from_secs(scale.pick(90, 400)), || {
-        synced_counts(&dir.state_db()) == (expected, 0)
-    });
+    let done = wait_synced(&dir, expected, Duration::from_secs(scale.pick(90, 400)));
     let status = tail.stop();
     line.check(done, || {
         format!(
@@ -599,8 +673,7 @@ fn sick_backend_campaign(scale: Scale) -> Line {
         &[Some(2 * MB), Some(MB), Some(300 * KB), Some(4 * MB)],
         false,
     );
-    let rx = receiver(&dir, true);
-    let proxy = FaultProxy::start(&rx.url());
+    let (rx, proxy) = proxied_receiver(&dir, true);
     // Each fault of the list hits one event request and one media request, with
     // healthy requests between them.
     let faults = vec![
@@ -661,13 +734,7 @@ fn sick_backend_campaign(scale: Scale) -> Line {
             None => ProxyFault::Pass,
         }
     });
-    let config = write_config(&dir, "relais.json", SICK_CONFIG);
-    let vars = agent_env(
-        &db,
-        &proxy.url(),
-        dir.path(),
-        &[("RELAIS_CONFIG", &config), ("SYNC_INTERVAL_SECONDS", "0.5")],
-    );
+    let vars = configured_env(&dir, &db, &proxy.url(), "0.5", SICK_CONFIG);
     let writer = AppWriter::start(
         &db,
         Duration::from_millis(50),
@@ -720,9 +787,7 @@ fn sick_backend_campaign(scale: Scale) -> Line {
     let recovered = Instant::now();
     let (inserts, failed, errors) = writer.finish();
     let expected = app_rows(&db);
-    let caught_up = wait_for(Duration::from_secs(60), || {
-        synced_counts(&dir.state_db()) == (expected, 0)
-    });
+    let caught_up = wait_synced(&dir, expected, Duration::from_secs(60));
     line.check(caught_up, || {
         format!(
             "did not catch up after recovery: {:?} of {expected}",
@@ -733,8 +798,7 @@ fn sick_backend_campaign(scale: Scale) -> Line {
         "caught up {:.1} s after recovery",
         recovered.elapsed().as_secs_f64()
     ));
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    tail.stop_checked(&mut line);
     line.check(failed == 0, || {
         format!("application inserts failed: {errors:?}")
     });
@@ -751,15 +815,7 @@ fn sick_backend_campaign(scale: Scale) -> Line {
     line.delivery(&d);
     check_state(&mut line, &dir, expected);
     if !line.problems.is_empty() {
-        line.note(format!(
-            "agent log tail: {}",
-            tail.text()
-                .lines()
-                .rev()
-                .take(8)
-                .collect::<Vec<_>>()
-                .join(" / ")
-        ));
+        line.note(format!("agent log tail: {}", tail.last_lines(8)));
     }
     line
 }
@@ -772,8 +828,7 @@ fn application_campaign(scale: Scale, wal: bool) -> Line {
     let dir = Scratch::new(if wal { "app-wal" } else { "app-rollback" });
     let blob = scale.pick(8 * MB, 50 * MB);
     let db = fixture(&dir, 10, &[Some(blob)], wal);
-    let rx = receiver(&dir, true);
-    let proxy = FaultProxy::start(&rx.url());
+    let (rx, proxy) = proxied_receiver(&dir, true);
     proxy.set_rate(scale.pick(4 * MB, MB));
     let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
     let writer = AppWriter::start(
@@ -841,8 +896,7 @@ fn hostile_files(line: &mut Line) {
     // The good one, with a sensor name that is not UTF-8 and an event whose sensor is
     // unknown (NULL name and state in the payload).
     let good = src.join("good.db");
-    let conn = create_app_db(&good, false).unwrap();
-    insert_events(&conn, 300).unwrap();
+    let conn = app_db(&good, 300, false);
     insert_media(&conn, Some(700 * KB)).unwrap();
     insert_media(&conn, None).unwrap();
     conn.execute_batch(
@@ -868,8 +922,7 @@ fn hostile_files(line: &mut Line) {
     std::fs::write(src.join("junk.db"), vec![b'x'; 8192]).unwrap();
     // A database cut in the middle, as a torn copy or a full SD card leaves it.
     let truncated = src.join("truncated.db");
-    let conn = create_app_db(&truncated, false).unwrap();
-    insert_events(&conn, 3000).unwrap();
+    let conn = app_db(&truncated, 3000, false);
     drop(conn);
     let size = std::fs::metadata(&truncated).unwrap().len();
     std::fs::OpenOptions::new()
@@ -904,10 +957,7 @@ fn hostile_files(line: &mut Line) {
     line.check(status.success(), || format!("agent exited {status:?}"));
     let rows = rx.rows();
     let d = check_delivery(&good, &rows_of(&rows, "good.db"), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
     line.problems.extend(d.mismatched.iter().cloned());
     // Each cause named on a line of its own.
     let passes = tail.count(|l| l.contains("sync report"));
@@ -921,10 +971,7 @@ fn hostile_files(line: &mut Line) {
             format!("no log line names {file} and {cause:?}")
         });
         if let Some(l) = found {
-            line.note(format!(
-                "{what}: {:?}",
-                l.split_once(' ').map_or(&l[..], |x| x.1)
-            ));
+            line.note(format!("{what}: {:?}", message(&l)));
         }
     }
     let junk_lines = tail.count(|l| l.contains("junk.db"));
@@ -949,13 +996,17 @@ fn hostile_files(line: &mut Line) {
     line.trials += 4;
 }
 
+/// Event rows among the receiver's.
+fn events_received(rows: &[ReceivedRow]) -> usize {
+    rows.iter().filter(|r| r.endpoint == "evenements").count()
+}
+
 /// The application drops a table while relais is reading it (seed 004): mid-upload of
 /// a media row, and between passes for the events.
 fn dropped_table(line: &mut Line) {
     let dir = Scratch::new("dropped");
     let db = fixture(&dir, 200, &[Some(8 * MB)], false);
-    let rx = receiver(&dir, true);
-    let proxy = FaultProxy::start(&rx.url());
+    let (rx, proxy) = proxied_receiver(&dir, true);
     proxy.set_rate(4 * MB);
     let vars = agent_env(
         &db,
@@ -974,8 +1025,8 @@ fn dropped_table(line: &mut Line) {
     let app = Connection::open(&db).unwrap();
     app.busy_timeout(Duration::from_secs(10)).unwrap();
     app.execute_batch("DROP TABLE media").unwrap();
-    let noticed = wait_for(Duration::from_secs(30), || {
-        tail.count(|l| l.contains("media") && l.contains("no such table")) >= 1
+    let noticed = tail.wait_count(Duration::from_secs(30), 1, |l| {
+        l.contains("media") && l.contains("no such table")
     });
     line.check(noticed, || {
         format!("no log line names the dropped table: {}", tail.text())
@@ -983,19 +1034,15 @@ fn dropped_table(line: &mut Line) {
     // The other table keeps going.
     insert_events(&app, 5).unwrap();
     let flowing = wait_for(Duration::from_secs(30), || {
-        rx.rows()
-            .iter()
-            .filter(|r| r.endpoint == "evenements")
-            .count()
-            >= 205
+        events_received(&rx.rows()) >= 205
     });
     line.check(flowing, || {
         "events stopped flowing after media was dropped".into()
     });
     // Then the events' table, between passes.
     app.execute_batch("DROP TABLE evenement").unwrap();
-    let noticed = wait_for(Duration::from_secs(30), || {
-        tail.count(|l| l.contains("evenement") && l.contains("no such table")) >= 1
+    let noticed = tail.wait_count(Duration::from_secs(30), 1, |l| {
+        l.contains("evenement") && l.contains("no such table")
     });
     line.check(noticed, || {
         format!(
@@ -1014,19 +1061,14 @@ fn dropped_table(line: &mut Line) {
     )
     .unwrap();
     let resumed = wait_for(Duration::from_secs(30), || {
-        rx.rows()
-            .iter()
-            .filter(|r| r.endpoint == "evenements")
-            .count()
-            >= 207
+        events_received(&rx.rows()) >= 207
     });
     line.check(resumed, || {
         "rows did not flow again after the table came back".into()
     });
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    tail.stop_checked(line);
     let rows = rx.rows();
-    let events = rows.iter().filter(|r| r.endpoint == "evenements").count() as u64;
+    let events = events_received(&rows) as u64;
     line.expected += 207;
     line.received += events;
     let keys: std::collections::HashSet<_> = rows
@@ -1043,12 +1085,9 @@ fn dropped_table(line: &mut Line) {
     line.check(first_ok >= 200, || {
         format!("only {first_ok} event rows still recorded success")
     });
-    if let Some(l) = tail.find(|l| l.contains("media") && l.contains("no such table")) {
-        line.note(format!(
-            "dropped table: {:?}",
-            l.split_once(' ').map_or(&l[..], |x| x.1)
-        ));
-    }
+    tail.note_first(line, "dropped table", |l| {
+        l.contains("media") && l.contains("no such table")
+    });
     line.trials += 2;
 }
 
@@ -1086,10 +1125,7 @@ fn huge_blob(line: &mut Line, scale: Scale) {
         hwm as f64 / 1024.0
     ));
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
     line.problems.extend(d.mismatched.iter().cloned());
     line.trials += 1;
 }
@@ -1099,52 +1135,34 @@ fn state_disk_full(line: &mut Line) {
     let dir = Scratch::new("state-full");
     // 4 MiB: room for the tracking rows of the 5,000 events and a bounded WAL, not for
     // SQLite's default 4 MiB WAL on top.
-    let mnt = match Mount::tmpfs(&dir.join("state"), "4m") {
-        Ok(m) => m,
-        Err(e) => {
-            line.note(format!("disk full (state) not run: {e}"));
-            return;
-        }
+    let Some(mnt) = tmpfs_or_skip(line, &dir.join("state"), "4m", "disk full (state)") else {
+        return;
     };
     let db = fixture(&dir, 50, &[], false);
     let rx = receiver(&dir, true);
-    let config = write_config(&dir, "relais.json", SICK_CONFIG);
-    let vars = agent_env(
-        &db,
-        &rx.url(),
-        dir.path(),
-        &[("SYNC_INTERVAL_SECONDS", "0.3"), ("RELAIS_CONFIG", &config)],
-    );
+    let vars = configured_env(&dir, &db, &rx.url(), "0.3", SICK_CONFIG);
     let mut tail = Tail::spawn(&["run"], &vars);
-    line.check(
-        wait_for(Duration::from_secs(30), || {
-            synced_counts(&dir.state_db()) == (50, 0)
-        }),
-        || "first rows not synced".into(),
-    );
+    line.check(wait_synced(&dir, 50, Duration::from_secs(30)), || {
+        "first rows not synced".into()
+    });
     let filler = fill(&mnt.0);
     let app = Connection::open(&db).unwrap();
     insert_events(&app, 5000).unwrap();
     insert_media(&app, Some(MB)).unwrap();
-    let noticed = wait_for(Duration::from_secs(30), || {
-        tail.count(|l| l.contains("state database") && l.contains("full")) >= 1
+    let noticed = tail.wait_count(Duration::from_secs(30), 1, |l| {
+        l.contains("state database") && l.contains("full")
     });
     line.check(noticed, || {
         format!("no log line says the disk is full: {}", tail.text())
     });
-    if let Some(l) = tail.find(|l| l.contains("state database") && l.contains("full")) {
-        line.note(format!(
-            "state disk full: {:?}",
-            l.split_once(' ').map_or(&l[..], |x| x.1)
-        ));
-    }
+    tail.note_first(line, "state disk full", |l| {
+        l.contains("state database") && l.contains("full")
+    });
     let alive = tail.alive();
     line.check(alive, || format!("the agent died: {}", tail.text()));
     std::fs::remove_file(&filler).unwrap();
     let expected = app_rows(&db);
-    let healed = wait_for(Duration::from_secs(60), || {
-        synced_counts(&dir.state_db()) == (expected, 0)
-    });
+    let healed = wait_synced(&dir, expected, Duration::from_secs(60));
     line.check(healed, || {
         format!(
             "not synced after space came back: {:?} of {expected}; state dir {:?}; log: {}",
@@ -1155,21 +1173,12 @@ fn state_disk_full(line: &mut Line) {
                     .map(|e| (e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0)))
                     .collect::<Vec<_>>())
                 .unwrap_or_default(),
-            tail.text()
-                .lines()
-                .rev()
-                .take(12)
-                .collect::<Vec<_>>()
-                .join(" / ")
+            tail.last_lines(12)
         )
     });
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    tail.stop_checked(line);
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
     line.problems.extend(d.mismatched.iter().cloned());
     let integrity = integrity(&dir.state_db());
     line.check(integrity == "ok", || {
@@ -1186,30 +1195,18 @@ fn state_disk_full(line: &mut Line) {
 /// to the file once space comes back.
 fn log_disk_full(line: &mut Line) {
     let dir = Scratch::new("log-full");
-    let mnt = match Mount::tmpfs(&dir.join("log"), "1m") {
-        Ok(m) => m,
-        Err(e) => {
-            line.note(format!("disk full (log) not run: {e}"));
-            return;
-        }
+    let Some(mnt) = tmpfs_or_skip(line, &dir.join("log"), "1m", "disk full (log)") else {
+        return;
     };
     let filler = fill(&mnt.0);
     let db = fixture(&dir, 30, &[Some(100 * KB)], false);
     let rx = receiver(&dir, true);
-    let config = write_config(&dir, "relais.json", r#"{"log_max_bytes": 65536}"#);
-    let vars = agent_env(
-        &db,
-        &rx.url(),
-        dir.path(),
-        &[("SYNC_INTERVAL_SECONDS", "0.2"), ("RELAIS_CONFIG", &config)],
-    );
+    let vars = configured_env(&dir, &db, &rx.url(), "0.2", r#"{"log_max_bytes": 65536}"#);
     let mut tail = Tail::spawn(&["run"], &vars);
-    let pushed = wait_for(Duration::from_secs(30), || {
-        synced_counts(&dir.state_db()) == (31, 0)
-    });
+    let pushed = wait_synced(&dir, 31, Duration::from_secs(30));
     line.check(pushed, || "rows not pushed with a full log disk".into());
-    let noticed = wait_for(Duration::from_secs(10), || {
-        tail.count(|l| l.contains("log file") && l.contains("No space left")) >= 1
+    let noticed = tail.wait_count(Duration::from_secs(10), 1, |l| {
+        l.contains("log file") && l.contains("No space left")
     });
     line.check(noticed, || {
         format!("no line about the full log disk: {}", tail.text())
@@ -1230,25 +1227,17 @@ fn log_disk_full(line: &mut Line) {
     line.check(resumed, || {
         "the log file never got lines again after space came back".into()
     });
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    tail.stop_checked(line);
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
     line.trials += 1;
 }
 
 /// The state directory is not writable at start, then becomes read-only mid-run.
 fn state_read_only(line: &mut Line) {
     let dir = Scratch::new("state-ro");
-    let mnt = match Mount::tmpfs(&dir.join("state"), "8m") {
-        Ok(m) => m,
-        Err(e) => {
-            line.note(format!("read-only state not run: {e}"));
-            return;
-        }
+    let Some(mnt) = tmpfs_or_skip(line, &dir.join("state"), "8m", "read-only state") else {
+        return;
     };
     if let Err(e) = mnt.read_only(true) {
         line.note(format!("read-only state not run: {e}"));
@@ -1256,62 +1245,42 @@ fn state_read_only(line: &mut Line) {
     }
     let db = fixture(&dir, 40, &[], false);
     let rx = receiver(&dir, true);
-    let config = write_config(
+    let vars = configured_env(
         &dir,
-        "relais.json",
-        r#"{"retry": {"initial_backoff_s": 0.2, "max_backoff_s": 0.5}}"#,
-    );
-    let vars = agent_env(
         &db,
         &rx.url(),
-        dir.path(),
-        &[("SYNC_INTERVAL_SECONDS", "0.3"), ("RELAIS_CONFIG", &config)],
+        "0.3",
+        r#"{"retry": {"initial_backoff_s": 0.2, "max_backoff_s": 0.5}}"#,
     );
     let mut tail = Tail::spawn(&["run"], &vars);
-    let noticed = wait_for(Duration::from_secs(20), || {
-        tail.count(|l| l.contains("state database")) >= 2
-    });
+    let noticed = tail.wait_count(Duration::from_secs(20), 2, |l| l.contains("state database"));
     line.check(noticed, || {
         format!("no line about the state directory: {}", tail.text())
     });
-    if let Some(l) = tail.find(|l| l.contains("state database")) {
-        line.note(format!(
-            "read-only state: {:?}",
-            l.split_once(' ').map_or(&l[..], |x| x.1)
-        ));
-    }
+    tail.note_first(line, "read-only state", |l| l.contains("state database"));
     line.check(rx.stats().requests == 0, || {
         "rows sent while nothing could be recorded".into()
     });
     mnt.read_only(false).unwrap();
-    line.check(
-        wait_for(Duration::from_secs(30), || {
-            synced_counts(&dir.state_db()) == (40, 0)
-        }),
-        || "did not heal once the state directory was writable".into(),
-    );
+    line.check(wait_synced(&dir, 40, Duration::from_secs(30)), || {
+        "did not heal once the state directory was writable".into()
+    });
     // Not writable again, for an agent starting with a state database already there
     // (a remount while the database is open is refused: "mount point is busy").
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    tail.stop_checked(line);
     mnt.read_only(true).unwrap();
     insert_events(&Connection::open(&db).unwrap(), 20).unwrap();
     let mut tail = Tail::spawn(&["run"], &vars);
-    let noticed = wait_for(Duration::from_secs(20), || {
-        tail.count(|l| l.contains("state database")) >= 1
-    });
+    let noticed = tail.wait_count(Duration::from_secs(20), 1, |l| l.contains("state database"));
     line.check(noticed, || {
         format!(
             "no line when the existing state was read-only: {}",
             tail.text()
         )
     });
-    if let Some(l) = tail.find(|l| l.contains("state database")) {
-        line.note(format!(
-            "read-only existing state: {:?}",
-            l.split_once(' ').map_or(&l[..], |x| x.1)
-        ));
-    }
+    tail.note_first(line, "read-only existing state", |l| {
+        l.contains("state database")
+    });
     line.check(rx.stats().requests == 40, || {
         format!(
             "{} requests: rows sent while nothing could be recorded",
@@ -1319,19 +1288,12 @@ fn state_read_only(line: &mut Line) {
         )
     });
     mnt.read_only(false).unwrap();
-    line.check(
-        wait_for(Duration::from_secs(30), || {
-            synced_counts(&dir.state_db()) == (60, 0)
-        }),
-        || "did not heal the second time".into(),
-    );
-    let status = tail.stop();
-    line.check(status.success(), || format!("agent exited {status:?}"));
+    line.check(wait_synced(&dir, 60, Duration::from_secs(30)), || {
+        "did not heal the second time".into()
+    });
+    tail.stop_checked(line);
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
     line.check(integrity(&dir.state_db()) == "ok", || {
         "state integrity".into()
     });
@@ -1396,10 +1358,7 @@ fn wrong_types(line: &mut Line) {
         "pass after fixing the file".into()
     });
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
-    line.expected += d.expected;
-    line.received += d.received;
-    line.duplicates += d.duplicates;
-    line.lost += d.missing.len() as u64;
+    line.add_counts(&d);
 }
 
 fn hostile_campaign(scale: Scale) -> Vec<Line> {
@@ -1436,28 +1395,18 @@ fn log_cap_campaign(cycles: usize) -> Line {
     let src = dir.join("data");
     std::fs::create_dir_all(&src).unwrap();
     let db = src.join("app.db");
-    let conn = create_app_db(&db, false).unwrap();
-    insert_events(&conn, 5).unwrap();
-    drop(conn);
+    drop(app_db(&db, 5, false));
     // Errors on every cycle: a junk file among the sources, and a backend that answers 503.
     std::fs::write(src.join("junk.db"), vec![b'x'; 4096]).unwrap();
-    let rx = receiver(&dir, true);
-    let proxy = FaultProxy::start(&rx.url());
+    let (_rx, proxy) = proxied_receiver(&dir, true);
     proxy.set_policy(|_| ProxyFault::Status(503, None));
-    let config = write_config(
-        &dir,
-        "relais.json",
-        r#"{"log_max_bytes": 65536, "retry": {"initial_backoff_s": 0.001, "max_backoff_s": 0.002}}"#,
-    );
     let pattern = src.join("*.db").display().to_string();
-    let vars = agent_env(
+    let vars = configured_env(
+        &dir,
         Path::new(&pattern),
         &proxy.url(),
-        dir.path(),
-        &[
-            ("SYNC_INTERVAL_SECONDS", "0.001"),
-            ("RELAIS_CONFIG", &config),
-        ],
+        "0.001",
+        r#"{"log_max_bytes": 65536, "retry": {"initial_backoff_s": 0.001, "max_backoff_s": 0.002}}"#,
     );
     let log_dir = dir.join("log");
     std::fs::create_dir_all(&log_dir).unwrap();

@@ -26,6 +26,14 @@ pub struct Scratch(pub PathBuf);
 impl Scratch {
     /// Unique per process, test (`tag`) and call, so parallel tests never share one.
     pub fn new(tag: &str) -> Scratch {
+        let dir = Scratch::uncreated(tag);
+        std::fs::create_dir_all(&dir.0).expect("create scratch dir");
+        dir
+    }
+
+    /// The same path as [`Scratch::new`] would make, but not created: for code under
+    /// test that creates its directory itself.
+    pub fn uncreated(tag: &str) -> Scratch {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "relais-test-{tag}-{}-{}",
@@ -33,7 +41,6 @@ impl Scratch {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
         Scratch(dir)
     }
 
@@ -162,6 +169,18 @@ impl Drop for Agent {
 
 pub fn spawn_relais(args: &[&str], vars: &[(String, String)]) -> Agent {
     Agent(relais_command(args, vars).spawn().expect("spawn relais"))
+}
+
+/// Spawns `relais <args>` with its stderr read to the end on a thread (see [`log_text`]).
+pub fn spawn_logged(args: &[&str], vars: &[(String, String)]) -> (Agent, JoinHandle<Vec<u8>>) {
+    let mut child = spawn_relais(args, vars);
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    (child, stderr)
+}
+
+/// What a [`spawn_logged`] child wrote to stderr, once it has exited.
+pub fn log_text(stderr: JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&stderr.join().unwrap()).into_owned()
 }
 
 /// Runs `relais <args>` to completion (at most `timeout`) and returns its output.
