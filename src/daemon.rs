@@ -182,12 +182,10 @@ fn pusher_or_build<'a>(
     settings: &Settings,
     stop: &Arc<AtomicBool>,
 ) -> Result<&'a mut Pusher, String> {
-    if pusher.is_none() {
-        *pusher = Some(build_pusher(settings, stop.clone())?);
+    match pusher {
+        Some(p) => Ok(p),
+        None => Ok(pusher.insert(build_pusher(settings, stop.clone())?)),
     }
-    pusher
-        .as_mut()
-        .ok_or_else(|| "push engine not built".to_string())
 }
 
 /// Sleeps until `delay` has passed or something wakes the loop. Under a systemd

@@ -47,11 +47,6 @@ const STATUS_MODE: u32 = 0o644;
 /// Longest `config_hash` accepted; it travels back in `If-None-Match`.
 const MAX_HASH_LEN: usize = 128;
 
-/// The delay before the first pull after start.
-pub fn first_pull_delay() -> Duration {
-    FIRST_PULL_DELAY
-}
-
 /// Why a pull failed. The configuration file is untouched in every case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PullError {
@@ -614,8 +609,7 @@ pub fn run_loop(settings: Settings, wake: Receiver<PullWake>) {
     );
     let mut delay = FIRST_PULL_DELAY;
     loop {
-        let deadline = Instant::now() + delay;
-        match wake.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match wake.recv_timeout(delay) {
             Ok(PullWake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(PullWake::Now) | Err(RecvTimeoutError::Timeout) => {}
         }

@@ -629,7 +629,7 @@ fn run_loop_pulls_on_wake_and_stops() {
     let stopping = Instant::now();
     handle.join().expect("loop thread");
     assert!(stopping.elapsed() < Duration::from_secs(1));
-    assert_eq!(pull::first_pull_delay(), Duration::from_secs(10));
+    assert_eq!(pull::FIRST_PULL_DELAY, Duration::from_secs(10));
 }
 
 // ---------------------------------------------------------------- SIGKILL
