@@ -150,8 +150,9 @@ struct SourceCtx<'a> {
     path: &'a Path,
     /// Key of the source in `sync_tracking.source`.
     key: String,
-    /// Component naming table and source in idempotency keys.
+    /// WAL mode: a BLOB handle may stay open across chunks (see `blob_stream`).
     wal: bool,
+    /// One of several source files (a glob): idempotency keys name the file.
     multi: bool,
 }
 
@@ -300,6 +301,7 @@ impl Pusher {
             .tracking
             .high_water(&ctx.key, &table.name)?
             .map(Value::Integer);
+        let mut untrackable = 0;
         loop {
             let rows = source::read_after(ctx.conn, ctx.path, table, after.as_ref(), batch)?;
             let Some(last) = rows.last() else { break };
@@ -308,14 +310,9 @@ impl Pusher {
             let (rows, bad): (Vec<RowPayload>, Vec<RowPayload>) = rows
                 .into_iter()
                 .partition(|r| matches!(r.local_id, Value::Integer(_) | Value::Text(_)));
-            if !bad.is_empty() {
-                return Err(Halt::Table(format!(
-                    "source {} table {}: {} rows have a local_id that is NULL or not an integer or text; they cannot be tracked",
-                    ctx.key,
-                    table.name,
-                    bad.len()
-                )));
-            }
+            // Skipped, not fatal: stopping here would hold the table's good rows back
+            // behind the bad ones at every pass.
+            untrackable += bad.len();
             let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
             let due =
                 self.tracking
@@ -326,6 +323,12 @@ impl Pusher {
             if !full {
                 break;
             }
+        }
+        if untrackable > 0 {
+            return Err(Halt::Table(format!(
+                "source {} table {}: {untrackable} rows have a local_id that is NULL or not an integer or text; they cannot be tracked and were skipped",
+                ctx.key, table.name
+            )));
         }
         Ok(())
     }

@@ -806,3 +806,27 @@ fn numeric_looking_text_ids_are_tracked_as_text() {
         ["0007", "0042", "42"].map(|k| format!("{DEVICE}:note:{k}"))
     );
 }
+
+#[test]
+fn a_row_without_a_usable_local_id_is_reported_and_does_not_hold_back_the_others() {
+    // A TEXT primary key may be NULL in SQLite; such a row sorts first.
+    let (dir, db, _conn) = notes_app(
+        "null-id",
+        "(NULL, 'orphan'), ('a', 'first'), ('b', 'second')",
+    );
+    let (rx, mut p) = notes_pusher(&dir, &db, r#""batch_size": 2, "#);
+    p.sync_once(); // the injected 503
+    let report = p.sync_once();
+    assert_eq!(
+        sorted_keys(&rx.rows()),
+        ["a", "b"].map(|k| format!("{DEVICE}:note:{k}"))
+    );
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("1 rows have a local_id that is NULL")),
+        "{:?}",
+        report.errors
+    );
+}
