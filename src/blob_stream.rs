@@ -62,6 +62,14 @@ impl std::fmt::Display for BlobError {
     }
 }
 
+/// An open BLOB handle: while it lives, the database's read lock is held.
+struct Handle<'c> {
+    blob: Blob<'c>,
+    /// When the lock was obtained.
+    opened: Instant,
+    bytes_read: u64,
+}
+
 /// Reads a BLOB's raw bytes chunk by chunk. Implements [`Read`]; wrap it in
 /// [`Base64Encoder`] to produce the request body.
 pub struct BlobReader<'c> {
@@ -75,7 +83,8 @@ pub struct BlobReader<'c> {
     start: usize,
     end: usize,
     offset: u64,
-    handle: Option<(Blob<'c>, Instant, u64)>,
+    /// The handle kept open between chunks, in WAL mode only.
+    handle: Option<Handle<'c>>,
     stop: &'c AtomicBool,
     failure: Option<BlobError>,
     max_hold: Duration,
@@ -105,14 +114,15 @@ impl<'c> BlobReader<'c> {
             Some(None) => return Ok(None),
             Some(Some(n)) => n as u64,
         };
-        let mut reader = BlobReader {
+        Ok(Some(BlobReader {
             conn,
             spec,
             rowid,
             len,
             head: Vec::new(),
             wal,
-            chunk: Vec::new(),
+            // As large as the chunk, but never larger than the BLOB itself.
+            chunk: vec![0; chunk_bytes.min(len as usize).max(1)],
             start: 0,
             end: 0,
             offset: 0,
@@ -120,10 +130,7 @@ impl<'c> BlobReader<'c> {
             stop,
             failure: None,
             max_hold: Duration::ZERO,
-        };
-        // A buffer as large as the chunk, but never larger than the BLOB itself.
-        reader.chunk = vec![0; chunk_bytes.min(len as usize).max(1)];
-        Ok(Some(reader))
+        }))
     }
 
     /// The BLOB's size in bytes.
@@ -151,32 +158,31 @@ impl<'c> BlobReader<'c> {
             return Err(BlobError::Stopped);
         }
         let want = (self.len - self.offset).min(self.chunk.len() as u64) as usize;
-        let expired = self.handle.as_ref().is_some_and(|(_, since, bytes)| {
-            since.elapsed() >= WAL_RENEW_AFTER || *bytes >= WAL_RENEW_BYTES
+        let expired = self.handle.as_ref().is_some_and(|h| {
+            h.opened.elapsed() >= WAL_RENEW_AFTER || h.bytes_read >= WAL_RENEW_BYTES
         });
         if expired {
             self.handle = None;
         }
         // The hold is timed from the moment the lock is held: time spent in `blob_open`
         // waiting for the application's own commit to finish is not relais holding it.
-        let (mut blob, began) = match self.handle.take() {
+        let (mut handle, began) = match self.handle.take() {
             Some(h) => (h, Instant::now()),
             None => {
-                let (handle, locked_at) = self.open_handle()?;
-                ((handle, locked_at, 0), locked_at)
+                let h = self.open_handle()?;
+                let locked_at = h.opened;
+                (h, locked_at)
             }
         };
-        let read = blob
-            .0
-            .read_at_exact(&mut self.chunk[..want], self.offset as usize);
-        if let Err(e) = read {
-            return Err(classify(e));
-        }
-        blob.2 += want as u64;
+        handle
+            .blob
+            .read_at_exact(&mut self.chunk[..want], self.offset as usize)
+            .map_err(classify)?;
+        handle.bytes_read += want as u64;
+        // In rollback-journal mode the handle, and the lock, end with this function,
+        // before the chunk goes to the network.
         if self.wal {
-            self.handle = Some(blob);
-        } else {
-            drop(blob);
+            self.handle = Some(handle);
         }
         self.max_hold = self.max_hold.max(began.elapsed());
         self.offset += want as u64;
@@ -185,9 +191,8 @@ impl<'c> BlobReader<'c> {
         Ok(())
     }
 
-    /// Opens a handle and checks the row is still the one being sent; returns it with
-    /// the instant the read lock was obtained.
-    fn open_handle(&mut self) -> Result<(Blob<'c>, Instant), BlobError> {
+    /// Opens a handle and checks the row is still the one being sent.
+    fn open_handle(&mut self) -> Result<Handle<'c>, BlobError> {
         let blob = self
             .conn
             .blob_open(
@@ -213,7 +218,11 @@ impl<'c> BlobReader<'c> {
         } else if head != self.head {
             return Err(BlobError::Changed("its first bytes differ".into()));
         }
-        Ok((blob, locked_at))
+        Ok(Handle {
+            blob,
+            opened: locked_at,
+            bytes_read: 0,
+        })
     }
 }
 
