@@ -59,8 +59,13 @@ fn parent_dir(path: &Path) -> PathBuf {
 /// A fixed temporary name per target: a leftover from a power cut is simply
 /// overwritten by the next replacement instead of accumulating.
 fn temp_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".tmp")
+}
+
+/// The sibling of `path` whose name is `path`'s name plus `suffix` (`config.json.prev`).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(suffix);
     path.with_file_name(name)
 }
 

@@ -13,7 +13,7 @@ use std::sync::{Mutex, PoisonError};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-use crate::{clock, redact};
+use crate::{atomic_file, clock, redact};
 
 pub const LOG_FILE_NAME: &str = "relais.log";
 
@@ -154,9 +154,7 @@ impl FileSink {
 
     fn rotate(&mut self) {
         self.file = None;
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        let _ = fs::rename(&self.path, PathBuf::from(old));
+        let _ = fs::rename(&self.path, atomic_file::with_suffix(&self.path, ".1"));
         self.size = 0;
         self.file = open_append(&self.path).ok();
     }

@@ -368,13 +368,11 @@ impl Puller {
             .and_then(|t| SyncStatus::from_json(&t))
             .unwrap_or_default();
         let target = settings.agent_config.clone();
-        let mut prev_name = target.file_name().unwrap_or_default().to_os_string();
-        prev_name.push(".prev");
         let puller = Puller {
             transport,
             backend_url: settings.http.backend_url.clone(),
             path: format!("/config/{token}"),
-            prev: target.with_file_name(prev_name),
+            prev: atomic_file::with_suffix(&target, ".prev"),
             target,
             status_path,
             max_bytes: settings.config_max_bytes,
