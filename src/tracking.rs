@@ -51,14 +51,6 @@ fn sql(what: &'static str) -> impl FnOnce(rusqlite::Error) -> TrackingError {
     move |e| TrackingError::Sql(what, e)
 }
 
-/// Where a row stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Pending,
-    Success,
-    Failed,
-}
-
 /// A row acknowledged by the backend, waiting to be recorded.
 #[derive(Debug, Clone)]
 pub struct Acked {
@@ -129,22 +121,19 @@ impl Tracking {
             // The tracking database reveals what the device recorded: keep it private.
             let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
         }
-        // The same hint as below: SQLite's "unable to open database file" alone does not
-        // say that a read-only state directory is the usual cause (fault campaign 6).
-        let conn = Connection::open(&path).map_err(|e| {
+        // SQLite's "unable to open database file" alone does not say that a read-only
+        // state directory or a full disk is the usual cause (fault campaign 6).
+        let unwritable = |e: rusqlite::Error| {
             open_err(format!(
                 "{e} (is the state directory writable and the disk not full?)"
             ))
-        })?;
+        };
+        let conn = Connection::open(&path).map_err(unwritable)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(|e| open_err(e.to_string()))?;
         conn.execute_batch(WAL_SETUP)
             .and_then(|()| conn.execute_batch(SCHEMA))
-            .map_err(|e| {
-                open_err(format!(
-                    "{e} (is the state directory writable and the disk not full?)"
-                ))
-            })?;
+            .map_err(unwritable)?;
         Ok(Tracking { conn })
     }
 
@@ -262,21 +251,6 @@ impl Tracking {
             .map_err(sql("read the retry set"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("read the retry set"))
-    }
-
-    /// Whether this row already reached the backend.
-    pub fn is_synced(
-        &self,
-        source: &str,
-        table: &str,
-        local_id: &Value,
-    ) -> Result<bool, TrackingError> {
-        self.conn
-            .prepare_cached(
-                "SELECT 1 FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3 AND sync_status = 'success'",
-            )
-            .and_then(|mut s| s.exists(params![source, table, stored(local_id)]))
-            .map_err(sql("read tracking"))
     }
 
     /// Records acknowledged rows as `success`, all in one transaction.
@@ -497,29 +471,6 @@ impl Tracking {
             })
             .map_err(sql("read failures"))?;
         rows.collect::<Result<_, _>>().map_err(sql("read failures"))
-    }
-
-    /// Status of one row (for tests and diagnostics).
-    pub fn status_of(
-        &self,
-        source: &str,
-        table: &str,
-        local_id: &Value,
-    ) -> Result<Option<Status>, TrackingError> {
-        let s: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT sync_status FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
-                params![source, table, stored(local_id)],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("read tracking"))?;
-        Ok(s.map(|s| match s.as_str() {
-            "success" => Status::Success,
-            "failed" => Status::Failed,
-            _ => Status::Pending,
-        }))
     }
 }
 
