@@ -384,11 +384,6 @@ impl Puller {
         Ok(puller)
     }
 
-    /// The status after the last pull (or as loaded at start).
-    pub fn status(&self) -> &SyncStatus {
-        &self.status
-    }
-
     fn report_local_file(&self) {
         let path = self.target.display();
         match inspect(&self.target, self.status.file_md5.as_deref()) {
