@@ -18,9 +18,7 @@ const LAST_ERROR_AT: &str = "last_error_at";
 /// it is diagnostics, not state.
 pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
     let now = clock::now_iso8601();
-    let mut result = tracking
-        .set_meta(LAST_CYCLE_AT, &now)
-        .and_then(|()| tracking.set_meta(LAST_CYCLE, &report.to_string()));
+    let cycle = report.to_string();
     let error = report
         .errors
         .first()
@@ -29,12 +27,13 @@ pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
             Some(crate::push::Interruption::Backend { reason, .. }) => Some(reason.clone()),
             Some(crate::push::Interruption::State(e)) => Some(e.clone()),
             _ => None,
-        });
-    if let Some(e) = error {
-        result = result
-            .and_then(|()| tracking.set_meta(LAST_ERROR, &crate::redact::redact(&e)))
-            .and_then(|()| tracking.set_meta(LAST_ERROR_AT, &now));
+        })
+        .map(|e| crate::redact::redact(&e));
+    let mut entries = vec![(LAST_CYCLE_AT, now.as_str()), (LAST_CYCLE, cycle.as_str())];
+    if let Some(e) = &error {
+        entries.extend([(LAST_ERROR, e.as_str()), (LAST_ERROR_AT, now.as_str())]);
     }
+    let result = tracking.set_meta(&entries);
     if let Err(e) = result {
         log::warn!("{e}");
     }

@@ -378,7 +378,7 @@ impl Tracking {
                 tx.commit().map_err(sql("import legacy tracking"))?;
             }
         }
-        self.set_meta(&key, &clock::now_iso8601())?;
+        self.set_meta(&[(&key, &clock::now_iso8601())])?;
         Ok(Some(imported))
     }
 
@@ -391,14 +391,20 @@ impl Tracking {
             .map_err(sql("read agent metadata"))
     }
 
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), TrackingError> {
-        self.conn
-            .execute(
+    /// Sets metadata entries, all in one transaction (one SD card write per pass).
+    pub fn set_meta(&mut self, entries: &[(&str, &str)]) -> Result<(), TrackingError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("begin a transaction"))?;
+        for (key, value) in entries {
+            tx.execute(
                 "INSERT OR REPLACE INTO agent_meta (key, value) VALUES (?1, ?2)",
                 params![key, value],
             )
-            .map(|_| ())
-            .map_err(sql("write agent metadata"))
+            .map_err(sql("write agent metadata"))?;
+        }
+        tx.commit().map_err(sql("write agent metadata"))
     }
 
     /// Row counts per source, table and status.
