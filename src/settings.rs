@@ -277,6 +277,15 @@ impl Source<'_> {
         (self.env)(var).filter(|v| !v.trim().is_empty())
     }
 
+    /// The name an error reports: the variable when the environment sets it, else the
+    /// file's key.
+    fn origin(&self, var: &str, key: &str) -> String {
+        match self.env(var) {
+            Some(_) => var.to_string(),
+            None => self.file.name(key),
+        }
+    }
+
     fn string(&self, var: &str, key: &str) -> Result<Option<String>, SettingsError> {
         match self.env(var) {
             Some(v) => Ok(Some(v)),
@@ -429,11 +438,6 @@ fn whole(n: f64, min: f64, max: f64, name: &str) -> Result<f64, SettingsError> {
 }
 
 fn parse_mode(src: &Source) -> Result<SyncMode, SettingsError> {
-    let name = if src.env("SYNC_MODE").is_some() {
-        "SYNC_MODE".to_string()
-    } else {
-        src.file.name("sync_mode")
-    };
     match src
         .string("SYNC_MODE", "sync_mode")?
         .as_deref()
@@ -443,7 +447,7 @@ fn parse_mode(src: &Source) -> Result<SyncMode, SettingsError> {
         Some("periodic") => Ok(SyncMode::Periodic),
         Some("once") => Ok(SyncMode::Once),
         Some(other) => Err(invalid(
-            &name,
+            &src.origin("SYNC_MODE", "sync_mode"),
             format!("{other:?} is not one of once, periodic, continuous"),
         )),
     }
@@ -641,7 +645,7 @@ fn parse_log(src: &Source) -> Result<LogSettings, SettingsError> {
         None => LevelFilter::Info,
         Some(l) => l.parse().map_err(|_| {
             invalid(
-                "log_level",
+                &src.origin("RELAIS_LOG_LEVEL", "log_level"),
                 format!("{l:?} is not one of error, warn, info, debug, trace"),
             )
         })?,
