@@ -21,7 +21,7 @@ use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::Settings;
 use crate::tracking::Tracking;
 use crate::transport::Transport;
-use crate::{clock, notify, status};
+use crate::{backlog, clock, notify, status};
 
 /// Longest time between a stop signal and the agent's exit.
 pub const STOP_GRACE: Duration = Duration::from_millis(4500);
@@ -82,7 +82,7 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 if once {
                     let pulled = pull_once(settings);
                     notify::stopping();
-                    return once_exit_code(&report, active).max(pulled);
+                    return once_exit_code(settings, &report, active).max(pulled);
                 }
                 report.interrupted
             }
@@ -160,13 +160,17 @@ fn pull_once(settings: &Settings) -> i32 {
 }
 
 /// `relais once` succeeds only when nothing is left to push: this pass was clean and no
-/// row is still waiting from an earlier one (a rejected row not yet due for its retry).
-fn once_exit_code(report: &CycleReport, pusher: &mut Pusher) -> i32 {
-    match pusher.tracking().unsynced() {
-        Ok(0) if report.is_clean() => EXIT_OK,
-        Ok(n) => {
-            if n > 0 {
-                log::warn!("{n} rows are not synced yet (relais status lists them)");
+/// tracked row is still waiting (a rejected row not yet due for its retry). Rows the
+/// application wrote after the pass read its tables are the next pass's, not a failure;
+/// but when the pass failed, the line counts them too, as after an outage most of the
+/// backlog was never read.
+fn once_exit_code(settings: &Settings, report: &CycleReport, pusher: &mut Pusher) -> i32 {
+    let backlog = backlog::measure(pusher.tracking(), settings);
+    match backlog {
+        Ok(b) if report.is_clean() && b.unsynced() == 0 => EXIT_OK,
+        Ok(b) => {
+            if b.total() > 0 {
+                log::warn!("{b} (relais status lists them)");
             }
             EXIT_FAILED_ROWS
         }

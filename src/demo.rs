@@ -65,6 +65,20 @@ pub fn insert_events(conn: &Connection, n: usize) -> rusqlite::Result<()> {
 /// Inserts a media row with a BLOB of `size` bytes (NULL for `None`), written in
 /// chunks so that building a 1 GB row needs no 1 GB buffer. Returns its id.
 pub fn insert_media(conn: &Connection, size: Option<u64>) -> rusqlite::Result<i64> {
+    // One transaction, as an application should write it: a reader must never see the
+    // row with its BLOB still zeros (that raced with the power-cut campaign's uploads).
+    conn.execute_batch("SAVEPOINT insert_media")?;
+    let written = write_media(conn, size);
+    let end = if written.is_ok() {
+        "RELEASE insert_media"
+    } else {
+        "ROLLBACK TO insert_media; RELEASE insert_media"
+    };
+    conn.execute_batch(end)?;
+    written
+}
+
+fn write_media(conn: &Connection, size: Option<u64>) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO media (date, id_capteur, numero_camera, video) VALUES ('2025-12-18T17:30:00.123456', 4, 1, ?1)",
         [size.map(|n| rusqlite::blob::ZeroBlob(n as i32))],

@@ -12,6 +12,7 @@
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
 
 pub mod atomic_file;
+pub mod backlog;
 pub mod backoff;
 pub mod blob_stream;
 pub mod clock;
@@ -23,9 +24,11 @@ pub mod notify;
 pub mod payload;
 pub mod pull;
 pub mod push;
+pub mod reconcile;
 pub mod redact;
 pub mod settings;
 pub mod source;
+pub mod source_registry;
 pub mod status;
 pub mod tracking;
 pub mod transport;

@@ -14,6 +14,8 @@ commands:
   once           one pass, then exit: 0 all pushed, 1 some rows failed, 2 bad configuration
   status [--json]  what was pushed, what failed and why
   retry-failed   make every failed row due now
+  reconcile      queue every row below the high-water mark that was never sent
+  forget SOURCE  close out the unsynced rows of a source whose file is gone
   demo           push a generated database to a local receiver and check every byte
   receiver       run the reference receiver (development builds)
   --version      print the version
@@ -66,6 +68,8 @@ fn run(args: &[String]) -> i32 {
         ("status", None) => status::run(&settings, false),
         ("status", Some("--json")) => status::run(&settings, true),
         ("retry-failed", None) => retry_failed(&settings),
+        ("reconcile", None) => reconcile(&settings),
+        ("forget", Some(source)) if rest.len() == 2 => forget(&settings, source),
         ("run", None) => agent(&settings, false),
         ("once", None) => agent(&settings, true),
         ("", None) => agent(&settings, settings.mode == SyncMode::Once),
@@ -88,6 +92,49 @@ fn retry_failed(settings: &Settings) -> i32 {
         }
         Err(e) => {
             eprintln!("relais: {e}");
+            EXIT_FAILED_ROWS
+        }
+    }
+}
+
+/// `relais reconcile`: the sweep alone; exit 0 when every table was swept.
+fn reconcile(settings: &Settings) -> i32 {
+    if let Some(warning) = logging::init(&settings.log) {
+        log::warn!("{warning}");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let report = match daemon::build_pusher(settings, stop) {
+        Ok(mut pusher) => pusher.reconcile(),
+        Err(e) => {
+            log::error!("{e}");
+            return EXIT_FAILED_ROWS;
+        }
+    };
+    for e in &report.errors {
+        log::error!("{e}");
+    }
+    if !report.errors.is_empty() {
+        return EXIT_FAILED_ROWS;
+    }
+    println!(
+        "reconcile: {} untracked rows queued; the next pass sends them",
+        report.queued
+    );
+    EXIT_OK
+}
+
+/// `relais forget SOURCE`: recorded in the state database and in the log, never silent.
+fn forget(settings: &Settings, source: &str) -> i32 {
+    if let Some(warning) = logging::init(&settings.log) {
+        log::warn!("{warning}");
+    }
+    match relais::source_registry::forget(&settings.state_dir, source) {
+        Ok(done) => {
+            log::warn!("{done}");
+            EXIT_OK
+        }
+        Err(e) => {
+            log::error!("{e}");
             EXIT_FAILED_ROWS
         }
     }

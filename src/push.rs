@@ -20,8 +20,10 @@ use rusqlite::types::Value;
 
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::payload::RowPayload;
+use crate::reconcile::{self, SweepError, SweptTable};
 use crate::settings::{Settings, TableSpec};
 use crate::source::{self, SourceError};
+use crate::source_registry::{self, Resolved};
 use crate::tracking::{Acked, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
 use crate::{clock, json};
@@ -65,6 +67,10 @@ pub struct CycleReport {
     pub interrupted: Option<Interruption>,
     /// Problems with sources or tables that did not stop the pass (one line each).
     pub errors: Vec<String>,
+    /// Sources whose file is gone while rows of theirs are unsynced, with those rows.
+    pub vanished: Vec<(String, u64)>,
+    /// Untracked rows the reconciliation sweep found and queued.
+    pub queued: u64,
 }
 
 impl CycleReport {
@@ -134,7 +140,10 @@ enum Halt {
 
 impl From<TrackingError> for Halt {
     fn from(e: TrackingError) -> Halt {
-        Halt::Pass(Interruption::State(e.to_string()))
+        match e {
+            TrackingError::TwinIds { .. } => Halt::Table(e.to_string()),
+            _ => Halt::Pass(Interruption::State(e.to_string())),
+        }
     }
 }
 
@@ -194,7 +203,7 @@ impl Pusher {
     pub fn sync_once(&mut self) -> CycleReport {
         let began = Instant::now();
         let mut report = CycleReport::default();
-        let paths = match source::discover(&self.settings.local_db_path) {
+        let found = match source::discover(&self.settings.local_db_path) {
             Ok(p) => p,
             Err(e) => {
                 report.errors.push(e.to_string());
@@ -202,22 +211,130 @@ impl Pusher {
             }
         };
         let multi = source::is_glob(&self.settings.local_db_path);
-        for path in &paths {
-            if let Some(stop) = self.push_source(path, multi, &mut report) {
-                report.interrupted = Some(stop);
-                break;
+        let sweep = reconcile::is_due(&self.tracking, self.settings.retry.permanent_retry);
+        report.interrupted = match (source_registry::resolve(&mut self.tracking, &found), sweep) {
+            (Ok(sources), Ok(sweep)) => {
+                if sweep {
+                    // Its problems are the pass's too (a missing table, a locked file),
+                    // and the pass reports them; they only keep the sweep due.
+                    let _ = self.sweep(&sources, &mut report);
+                }
+                self.push_sources(&sources, multi, &mut report)
             }
+            (Err(e), _) | (_, Err(e)) => Some(Interruption::State(e.to_string())),
+        };
+        report.duration = began.elapsed();
+        report
+    }
+
+    /// The reconciliation sweep alone (`relais reconcile`): queues the untracked rows
+    /// below each table's high-water mark for the next pass, sends nothing.
+    pub fn reconcile(&mut self) -> CycleReport {
+        let began = Instant::now();
+        let mut report = CycleReport::default();
+        match source::discover(&self.settings.local_db_path)
+            .map_err(|e| e.to_string())
+            .and_then(|found| {
+                source_registry::resolve(&mut self.tracking, &found).map_err(|e| e.to_string())
+            }) {
+            Ok(sources) => {
+                let errors = self.sweep(&sources, &mut report);
+                report.errors.extend(errors);
+            }
+            Err(e) => report.errors.push(e),
         }
         report.duration = began.elapsed();
         report
     }
 
-    fn push_source(
+    /// Sweeps every table of every source, before any network I/O, and records the sweep
+    /// as done when every table was swept; returns the problems that kept it from that.
+    fn sweep(&mut self, sources: &[Resolved], report: &mut CycleReport) -> Vec<String> {
+        let began = Instant::now();
+        let mut errors = Vec::new();
+        for s in sources {
+            let conn = match source::open(&s.path) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            for table in &self.settings.tables {
+                let t = SweptTable {
+                    conn: &conn,
+                    path: &s.path,
+                    key: &s.key,
+                    table,
+                };
+                match reconcile::sweep_table(&mut self.tracking, &t) {
+                    Ok(n) => report.queued += n,
+                    Err(SweepError::Source(e)) => errors.push(e.to_string()),
+                    Err(SweepError::State(e)) => errors.push(e.to_string()),
+                }
+            }
+        }
+        if errors.is_empty() {
+            let now = clock::unix_now().to_string();
+            if let Err(e) = self.tracking.set_meta(&[(reconcile::LAST_SWEEP, &now)]) {
+                errors.push(e.to_string());
+            }
+        }
+        log::info!(
+            "reconciliation sweep: {} untracked rows queued in {}{}",
+            report.queued,
+            clock::human_duration(began.elapsed()),
+            if errors.is_empty() {
+                ""
+            } else {
+                " (incomplete: some tables could not be read)"
+            }
+        );
+        errors
+    }
+
+    fn push_sources(
         &mut self,
-        path: &Path,
+        sources: &[Resolved],
         multi: bool,
         report: &mut CycleReport,
     ) -> Option<Interruption> {
+        if let Err(e) = self.find_vanished(sources, report) {
+            return Some(Interruption::State(e.to_string()));
+        }
+        for s in sources {
+            if let Some(stop) = self.push_source(s, multi, report) {
+                return Some(stop);
+            }
+        }
+        None
+    }
+
+    /// Sources with unsynced rows whose file is gone: said at every pass until the file
+    /// comes back or the operator closes them out with `relais forget`.
+    fn find_vanished(
+        &self,
+        present: &[Resolved],
+        report: &mut CycleReport,
+    ) -> Result<(), TrackingError> {
+        for (key, rows) in self.tracking.unsynced_by_source()? {
+            if present.iter().all(|s| s.key != key) {
+                report.errors.push(format!(
+                    "source {key} vanished with {rows} unsynced rows; if it is gone for good, `relais forget {key}` closes them out"
+                ));
+                report.vanished.push((key, rows));
+            }
+        }
+        Ok(())
+    }
+
+    fn push_source(
+        &mut self,
+        source: &Resolved,
+        multi: bool,
+        report: &mut CycleReport,
+    ) -> Option<Interruption> {
+        let path = source.path.as_path();
         let conn = match source::open(path) {
             Ok(c) => c,
             Err(e) => {
@@ -228,7 +345,7 @@ impl Pusher {
         let ctx = SourceCtx {
             conn: &conn,
             path,
-            key: path.display().to_string(),
+            key: source.key.clone(),
             wal: source::is_wal(&conn),
             multi,
         };
@@ -291,6 +408,17 @@ impl Pusher {
                 Some(last) if ids.len() == batch => after = Some(last.clone()),
                 _ => break,
             }
+        }
+        let t = SweptTable {
+            conn: ctx.conn,
+            path: ctx.path,
+            key: &ctx.key,
+            table,
+        };
+        match reconcile::check_high_water(&mut self.tracking, &t) {
+            Ok(()) => {}
+            Err(SweepError::Source(e)) => return Err(e.into()),
+            Err(SweepError::State(e)) => return Err(e.into()),
         }
         // Record the retries' acknowledgements first: with non-integer ids the scan below
         // starts from the beginning and would otherwise find them unsynced and send them again.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::payload::{Plan, RowPayload};
 use crate::settings::TableSpec;
@@ -108,6 +108,46 @@ pub fn discover(pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
     Ok(found)
 }
 
+/// What identifies a database file whatever its name: its inode number and birth time.
+/// The inode alone would not do: ext4 reuses the inode of a deleted day file for the
+/// next file created, and taking a new file for a known one would skip its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub ino: u64,
+    /// Birth time, nanoseconds since the epoch.
+    pub born: i64,
+}
+
+impl FileId {
+    /// The file's identity, or `None` when the filesystem records no birth time (FAT,
+    /// some network filesystems): such a file is known by its path only.
+    pub fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let born = meta
+            .created()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some(FileId {
+            ino: meta.ino(),
+            born: i64::try_from(born.as_nanos()).ok()?,
+        })
+    }
+}
+
+/// `path` absolute and spelled one way: `data//x.db`, `./data/x.db` and `/srv/data/x.db`
+/// (run from `/srv`) are one file. Lexical only: `..` and symbolic links are kept, the
+/// file's identity ([`FileId`]) recognises those.
+pub fn normalise(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    absolute.components().collect()
+}
+
 /// Whether the path has wildcards; only the file name may have them.
 pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?'])
@@ -196,6 +236,81 @@ pub fn read_one(
     Ok(query_rows(conn, path, table, &sql, &[local_id])?
         .into_iter()
         .next())
+}
+
+/// The `local_id`s of `table` greater than `after` (from the lowest when `None`) and at
+/// most `upto`, in order, at most `limit` of them: the application's side of the
+/// reconciliation sweep. Only the id is read, so SQLite walks the id index alone.
+pub fn ids_upto(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    after: Option<&Value>,
+    upto: i64,
+    limit: usize,
+) -> Result<Vec<Value>, SourceError> {
+    let lower = if after.is_some() {
+        "local_id > ?1 AND"
+    } else {
+        "?1 IS NULL AND"
+    };
+    let sql = format!(
+        "SELECT local_id FROM ({}) WHERE {lower} local_id <= ?2 ORDER BY local_id LIMIT ?3",
+        table.query
+    );
+    let query_err = |error| SourceError::Query {
+        path: path.into(),
+        table: table.name.clone(),
+        error,
+    };
+    let mut stmt = conn.prepare_cached(&sql).map_err(query_err)?;
+    let after = after.cloned().unwrap_or(Value::Null);
+    let rows = stmt
+        .query_map(rusqlite::params![after, upto, limit as i64], |r| r.get(0))
+        .map_err(query_err)?;
+    rows.collect::<Result<_, _>>().map_err(query_err)
+}
+
+/// How many rows of `table` have a `local_id` above `after` (all rows when `None`).
+pub fn count_after(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    after: Option<i64>,
+) -> Result<u64, SourceError> {
+    // One range condition, so SQLite counts along the id index from the mark.
+    let sql = format!(
+        "SELECT count(*) FROM ({}) WHERE local_id >= ?1",
+        table.query
+    );
+    let from = after.map_or(i64::MIN, |a| a.saturating_add(1));
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| stmt.query_row([from], |r| r.get::<_, i64>(0)))
+        .map(|n| n as u64)
+        .map_err(|error| SourceError::Query {
+            path: path.into(),
+            table: table.name.clone(),
+            error,
+        })
+}
+
+/// The table's highest `local_id`, if it has rows. O(log n) for a rowid or indexed id.
+pub fn max_id(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+) -> Result<Option<Value>, SourceError> {
+    let sql = format!(
+        "SELECT local_id FROM ({}) ORDER BY local_id DESC LIMIT 1",
+        table.query
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)).optional())
+        .map_err(|error| SourceError::Query {
+            path: path.into(),
+            table: table.name.clone(),
+            error,
+        })
 }
 
 fn query_rows(

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use crate::backlog::Backlog;
 use crate::pull::SyncStatus;
 use crate::push::CycleReport;
 use crate::settings::Settings;
@@ -13,6 +14,8 @@ const LAST_CYCLE_AT: &str = "last_cycle_at";
 const LAST_CYCLE: &str = "last_cycle";
 const LAST_ERROR: &str = "last_error";
 const LAST_ERROR_AT: &str = "last_error_at";
+/// Sources gone with unsynced rows at the last pass: `key<TAB>rows` lines.
+const VANISHED: &str = "vanished";
 
 /// Remembers the pass's outcome for `relais status`. A failure to write it is logged:
 /// it is diagnostics, not state.
@@ -29,7 +32,16 @@ pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
             _ => None,
         })
         .map(|e| crate::redact::redact(&e));
-    let mut entries = vec![(LAST_CYCLE_AT, now.as_str()), (LAST_CYCLE, cycle.as_str())];
+    let vanished: String = report
+        .vanished
+        .iter()
+        .map(|(key, rows)| format!("{key}\t{rows}\n"))
+        .collect();
+    let mut entries = vec![
+        (LAST_CYCLE_AT, now.as_str()),
+        (LAST_CYCLE, cycle.as_str()),
+        (VANISHED, vanished.as_str()),
+    ];
     if let Some(e) = &error {
         entries.extend([(LAST_ERROR, e.as_str()), (LAST_ERROR_AT, now.as_str())]);
     }
@@ -48,7 +60,7 @@ pub fn run(settings: &Settings, as_json: bool) -> i32 {
         );
         return 1;
     }
-    let tracking = match Tracking::open(&settings.state_dir) {
+    let tracking = match Tracking::open_read_only(&settings.state_dir) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("{e}");
@@ -56,7 +68,14 @@ pub fn run(settings: &Settings, as_json: bool) -> i32 {
         }
     };
     let pull = crate::pull::read_status(&settings.state_dir);
-    match render(&tracking, pull.as_ref(), as_json) {
+    let backlog = match crate::backlog::measure(&tracking, settings) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    match render(&tracking, &backlog, pull.as_ref(), as_json) {
         Ok(text) => {
             print!("{text}");
             0
@@ -70,11 +89,20 @@ pub fn run(settings: &Settings, as_json: bool) -> i32 {
 
 fn render(
     tracking: &Tracking,
+    backlog: &Backlog,
     pull: Option<&SyncStatus>,
     as_json: bool,
 ) -> Result<String, crate::tracking::TrackingError> {
     let counts = tracking.counts()?;
     let failures = tracking.recent_failures(5)?;
+    let forgotten = tracking.forgotten()?;
+    let vanished: Vec<(String, String)> = tracking
+        .meta(VANISHED)?
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, n)| (k.to_string(), n.to_string()))
+        .collect();
     let meta = |k| tracking.meta(k);
     let (at, cycle, error, error_at) = (
         meta(LAST_CYCLE_AT)?,
@@ -109,6 +137,39 @@ fn render(
             json::push_key(&mut out, key, false);
             json::push_opt_str(&mut out, value.as_deref());
         }
+        out.push_str(", \"vanished\": [");
+        for (i, (source, rows)) in vanished.iter().enumerate() {
+            out.push_str(if i > 0 { ", {" } else { "{" });
+            json::push_key(&mut out, "source", true);
+            json::push_str(&mut out, source);
+            let _ = write!(out, ", \"unsynced_rows\": {rows}}}");
+        }
+        out.push_str("], \"backlog\": [");
+        for (i, t) in backlog.tables.iter().enumerate() {
+            out.push_str(if i > 0 { ", {" } else { "{" });
+            json::push_key(&mut out, "source", true);
+            json::push_str(&mut out, &t.source);
+            json::push_key(&mut out, "table", false);
+            json::push_str(&mut out, &t.table);
+            let _ = write!(out, ", \"unsynced\": {}, \"unread\": ", t.unsynced);
+            match t.unread {
+                Some(n) => {
+                    let _ = write!(out, "{n}}}");
+                }
+                None => out.push_str("null}"),
+            }
+        }
+        out.push_str("], \"forgotten\": [");
+        for (i, (source, rows, at)) in forgotten.iter().enumerate() {
+            out.push_str(if i > 0 { ", {" } else { "{" });
+            json::push_key(&mut out, "source", true);
+            json::push_str(&mut out, source);
+            let _ = write!(out, ", \"rows\": {rows}");
+            json::push_key(&mut out, "forgotten_at", false);
+            json::push_str(&mut out, at);
+            out.push('}');
+        }
+        out.push(']');
         json::push_key(&mut out, "config_pull", false);
         out.push_str(&pull.map_or_else(|| "null".to_string(), SyncStatus::to_json));
         out.push_str("}\n");
@@ -142,6 +203,32 @@ fn render(
             _ => "?".into(),
         };
         let _ = writeln!(out, "failed: {source} {table} {id}: {message}");
+    }
+    for t in backlog
+        .tables
+        .iter()
+        .filter(|t| t.unsynced > 0 || t.unread != Some(0))
+    {
+        let unread = t
+            .unread
+            .map_or("an uncounted number of".to_string(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "backlog: {} {}: {} tracked and waiting, {unread} rows not read yet",
+            t.source, t.table, t.unsynced
+        );
+    }
+    for (source, rows) in &vanished {
+        let _ = writeln!(
+            out,
+            "vanished: source {source} with {rows} unsynced rows (relais forget {source} closes them out)"
+        );
+    }
+    for (source, rows, at) in &forgotten {
+        let _ = writeln!(
+            out,
+            "forgotten: source {source}: {rows} unsynced rows closed out by hand, last on {at}"
+        );
     }
     if let Some(p) = pull {
         let _ = write!(out, "{p}");

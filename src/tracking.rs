@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::clock;
+use crate::source::FileId;
 
 pub const STATE_DB_NAME: &str = "relais.db";
 
@@ -25,6 +26,12 @@ pub const STATE_DB_NAME: &str = "relais.db";
 pub enum TrackingError {
     Open(PathBuf, String),
     Sql(&'static str, rusqlite::Error),
+    /// A table yields an id both as an integer and as text with the same digits (a column
+    /// without a declared type): both would have the same idempotency key.
+    TwinIds {
+        table: String,
+        id: String,
+    },
 }
 
 impl fmt::Display for TrackingError {
@@ -41,6 +48,10 @@ impl fmt::Display for TrackingError {
                 };
                 write!(f, "state database: cannot {what}: {e}{hint}")
             }
+            TrackingError::TwinIds { table, id } => write!(
+                f,
+                "table {table}: local_id {id} occurs both as the integer {id} and as the text '{id}' (a column without a declared type?); their idempotency keys would be the same and the backend would drop one, so the table is not pushed further: make the query yield one type, e.g. CAST(id AS INTEGER) AS local_id"
+            ),
         }
     }
 }
@@ -67,6 +78,14 @@ pub struct Count {
     pub table: String,
     pub status: String,
     pub rows: u64,
+}
+
+/// An application database file the state knows, and the key its rows are tracked by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownSource {
+    pub key: String,
+    pub path: String,
+    pub id: Option<FileId>,
 }
 
 pub struct Tracking {
@@ -98,6 +117,26 @@ CREATE TABLE IF NOT EXISTS sync_cursor (
     PRIMARY KEY (source, table_name)
 );
 CREATE TABLE IF NOT EXISTS agent_meta (key TEXT PRIMARY KEY, value TEXT);
+-- Every application database file ever pushed, under the key its rows are tracked by.
+-- `ino` and `born` (birth time, ns) identify the file across renames; NULL when the
+-- filesystem records no birth time.
+CREATE TABLE IF NOT EXISTS source_file (
+    key TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    ino INTEGER,
+    born INTEGER,
+    changed_at TEXT NOT NULL
+);
+-- Unsynced rows of vanished sources, closed out by `relais forget`.
+CREATE TABLE IF NOT EXISTS sync_forgotten (
+    source TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    local_id INTEGER NOT NULL,
+    sync_status TEXT NOT NULL,
+    error_message TEXT,
+    attempts INTEGER,
+    forgotten_at TEXT NOT NULL
+);
 PRAGMA user_version = 1;
 ";
 
@@ -137,6 +176,28 @@ impl Tracking {
         Ok(Tracking { conn })
     }
 
+    /// Opens the state database for reading only (`relais status`), so it works when the
+    /// state cannot be written: a full disk, a read-only mount. Where SQLite cannot even
+    /// create its shared-memory file, the file is read as immutable.
+    pub fn open_read_only(state_dir: &Path) -> Result<Tracking, TrackingError> {
+        let path = state_dir.join(STATE_DB_NAME);
+        let open = |target: &str, extra: OpenFlags| {
+            let conn = Connection::open_with_flags(
+                target,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | extra,
+            )?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            conn.query_row("SELECT 1 FROM sync_tracking LIMIT 1", [], |_| Ok(()))
+                .optional()?;
+            Ok::<_, rusqlite::Error>(conn)
+        };
+        let immutable = format!("file:{}?immutable=1", path.display());
+        open(&path.to_string_lossy(), OpenFlags::empty())
+            .or_else(|_| open(&immutable, OpenFlags::SQLITE_OPEN_URI))
+            .map(|conn| Tracking { conn })
+            .map_err(|e| TrackingError::Open(path.clone(), e.to_string()))
+    }
+
     /// Largest integer `local_id` ever recorded for this table: rows above it are new.
     pub fn high_water(&self, source: &str, table: &str) -> Result<Option<i64>, TrackingError> {
         self.conn
@@ -171,6 +232,11 @@ impl Tracking {
                     "SELECT sync_status, next_attempt_at FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
                 )
                 .map_err(sql("read tracking"))?;
+            let mut twin_exists = tx
+                .prepare_cached(
+                    "SELECT 1 FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                )
+                .map_err(sql("read tracking"))?;
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO sync_tracking (source, table_name, local_id, sync_date, sync_status) VALUES (?1, ?2, ?3, ?4, 'pending')",
@@ -183,6 +249,19 @@ impl Tracking {
                     })
                     .optional()
                     .map_err(sql("read tracking"))?;
+                if existing.is_none() {
+                    if let Some((twin, digits)) = twin(id) {
+                        if twin_exists
+                            .exists(params![source, table, twin])
+                            .map_err(sql("read tracking"))?
+                        {
+                            return Err(TrackingError::TwinIds {
+                                table: table.to_string(),
+                                id: digits,
+                            });
+                        }
+                    }
+                }
                 match existing {
                     None => {
                         insert
@@ -251,6 +330,34 @@ impl Tracking {
             .map_err(sql("read the retry set"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("read the retry set"))
+    }
+
+    /// Calls `each` with every tracked `local_id` of the table greater than `after` and at
+    /// most `upto`, in order, streaming: the tracking's side of the reconciliation sweep.
+    pub fn each_tracked(
+        &self,
+        source: &str,
+        table: &str,
+        after: Option<&Value>,
+        upto: &Value,
+        mut each: impl FnMut(Value),
+    ) -> Result<(), TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT local_id FROM sync_tracking
+                 WHERE source = ?1 AND table_name = ?2 AND (?3 IS NULL OR local_id > ?3) AND local_id <= ?4
+                 ORDER BY local_id",
+            )
+            .map_err(sql("read tracked ids"))?;
+        let after = after.map_or(Value::Null, stored);
+        let mut rows = stmt
+            .query(params![source, table, after, stored(upto)])
+            .map_err(sql("read tracked ids"))?;
+        while let Some(row) = rows.next().map_err(sql("read tracked ids"))? {
+            each(loaded(row.get(0).map_err(sql("read tracked ids"))?));
+        }
+        Ok(())
     }
 
     /// Records acknowledged rows as `success`, all in one transaction.
@@ -480,6 +587,140 @@ impl Tracking {
     }
 }
 
+/// The sources: which file is which, which vanished, and the rows closed out by hand.
+impl Tracking {
+    pub fn known_sources(&self) -> Result<Vec<KnownSource>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, path, ino, born FROM source_file ORDER BY key")
+            .map_err(sql("read the known sources"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let (ino, born): (Option<i64>, Option<i64>) = (r.get(2)?, r.get(3)?);
+                Ok(KnownSource {
+                    key: r.get(0)?,
+                    path: r.get(1)?,
+                    id: ino.zip(born).map(|(ino, born)| FileId {
+                        ino: ino as u64,
+                        born,
+                    }),
+                })
+            })
+            .map_err(sql("read the known sources"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read the known sources"))
+    }
+
+    /// Records where a source is and what file it is.
+    pub fn remember_source(&mut self, source: &KnownSource) -> Result<(), TrackingError> {
+        self.conn
+            .execute(
+                "INSERT INTO source_file (key, path, ino, born, changed_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET path = excluded.path, ino = excluded.ino,
+                   born = excluded.born, changed_at = excluded.changed_at",
+                params![
+                    source.key,
+                    source.path,
+                    source.id.map(|i| i.ino as i64),
+                    source.id.map(|i| i.born),
+                    clock::now_iso8601()
+                ],
+            )
+            .map(|_| ())
+            .map_err(sql("record a source"))
+    }
+
+    /// Whether any row is tracked under this source key (and table).
+    pub fn has_rows(&self, source: &str, table: Option<&str>) -> Result<bool, TrackingError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM sync_tracking WHERE source = ?1 AND (?2 IS NULL OR table_name = ?2) LIMIT 1",
+                params![source, table],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(sql("look up a source"))
+    }
+
+    /// Unsynced rows per source; reads only the partial index of unsynced rows.
+    pub fn unsynced_by_source(&self) -> Result<Vec<(String, u64)>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT source, count(*) FROM sync_tracking WHERE sync_status != 'success'
+                 GROUP BY source ORDER BY source",
+            )
+            .map_err(sql("count unsynced rows"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(sql("count unsynced rows"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("count unsynced rows"))
+    }
+
+    /// Unsynced rows per source and table, from the partial index.
+    pub fn unsynced_by_table(&self) -> Result<Vec<(String, String, u64)>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT source, table_name, count(*) FROM sync_tracking WHERE sync_status != 'success'
+                 GROUP BY source, table_name",
+            )
+            .map_err(sql("count unsynced rows"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .map_err(sql("count unsynced rows"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("count unsynced rows"))
+    }
+
+    /// Closes out the unsynced rows of a vanished source (`relais forget`): they move to
+    /// `sync_forgotten`, in one transaction, and are no longer waited for. Rows already
+    /// synced stay, so a file that comes back is not sent twice.
+    pub fn forget(&mut self, source: &str) -> Result<u64, TrackingError> {
+        let now = clock::now_iso8601();
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("begin a transaction"))?;
+        let moved = tx
+            .execute(
+                "INSERT INTO sync_forgotten (source, table_name, local_id, sync_status, error_message, attempts, forgotten_at)
+                 SELECT source, table_name, local_id, sync_status, error_message, attempts, ?2 FROM sync_tracking
+                 WHERE source = ?1 AND sync_status != 'success'",
+                params![source, now],
+            )
+            .map_err(sql("record forgotten rows"))?;
+        tx.execute(
+            "DELETE FROM sync_tracking WHERE source = ?1 AND sync_status != 'success'",
+            [source],
+        )
+        .map_err(sql("close out forgotten rows"))?;
+        tx.commit().map_err(sql("commit forgotten rows"))?;
+        Ok(moved as u64)
+    }
+
+    /// Forgotten rows per source, with when the last were forgotten.
+    pub fn forgotten(&self) -> Result<Vec<(String, u64, String)>, TrackingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT source, count(*), max(forgotten_at) FROM sync_forgotten GROUP BY source ORDER BY source",
+            )
+            .map_err(sql("read forgotten rows"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })
+            .map_err(sql("read forgotten rows"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("read forgotten rows"))
+    }
+}
+
 /// How a `local_id` is stored. `local_id` is declared INTEGER, as the contract and the
 /// seed's SQL expect, and that affinity would turn a text id that looks like a number
 /// (`"0042"`) into the integer 42, merging it with `"42"`. Text ids are therefore stored
@@ -489,6 +730,21 @@ fn stored(id: &Value) -> Value {
     match id {
         Value::Text(t) => Value::Blob(t.clone().into_bytes()),
         other => other.clone(),
+    }
+}
+
+/// The stored form of the other id whose key text would be the same as `id`'s: the
+/// integer 12 and the text "12" (but not "012" or "+12", which keep their own text).
+/// Returns it with the digits both share.
+fn twin(id: &Value) -> Option<(Value, String)> {
+    match id {
+        Value::Integer(i) => Some((Value::Blob(i.to_string().into_bytes()), i.to_string())),
+        Value::Text(t) => t
+            .parse::<i64>()
+            .ok()
+            .filter(|i| i.to_string() == *t)
+            .map(|i| (Value::Integer(i), t.clone())),
+        _ => None,
     }
 }
 

@@ -1158,6 +1158,7 @@ fn state_disk_full(line: &mut Line) {
     tail.note_first(line, "state disk full", |l| {
         l.contains("state database") && l.contains("full")
     });
+    status_reads_backlog(line, &vars, "state disk full", "rows not read yet");
     let alive = tail.alive();
     line.check(alive, || format!("the agent died: {}", tail.text()));
     std::fs::remove_file(&filler).unwrap();
@@ -1189,6 +1190,22 @@ fn state_disk_full(line: &mut Line) {
         rx.stats().replays
     ));
     line.trials += 1;
+}
+
+/// `relais status` works on a state it cannot write, and counts the rows no pass has
+/// read yet, which the tracking alone cannot see.
+fn status_reads_backlog(line: &mut Line, vars: &[(String, String)], what: &str, expected: &str) {
+    let out = run_relais(&["status"], vars, Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout);
+    line.check(out.status.success() && text.contains(expected), || {
+        format!(
+            "{what}: status failed or did not say {expected:?}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if let Some(backlog) = text.lines().find(|l| l.starts_with("backlog:")) {
+        line.note(format!("{what}: {backlog}"));
+    }
 }
 
 /// The disk holding the log file is full: the agent goes on pushing, and logs again
@@ -1281,6 +1298,7 @@ fn state_read_only(line: &mut Line) {
     tail.note_first(line, "read-only existing state", |l| {
         l.contains("state database")
     });
+    status_reads_backlog(line, &vars, "read-only state", "20 rows not read yet");
     line.check(rx.stats().requests == 40, || {
         format!(
             "{} requests: rows sent while nothing could be recorded",
