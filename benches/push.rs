@@ -127,15 +127,9 @@ impl Env {
     /// The command running `agent` over `db` against `backend`; relais keeps its state
     /// and log under `dir`.
     fn command(&self, agent: Agent, db: &Path, backend: &str, dir: &Path, once: bool) -> Command {
-        let mut c = match agent {
-            Agent::Relais => {
-                let mut c = Command::new(&self.relais);
-                c.arg(if once { "once" } else { "run" });
-                c.env_clear()
-                    .env("RELAIS_STATE_DIR", dir.join("state"))
-                    .env("RELAIS_LOG_DIR", dir.join("log"));
-                c
-            }
+        let mode = if once { "once" } else { "run" };
+        match agent {
+            Agent::Relais => self.relais_command(mode, db, backend, dir),
             Agent::Baseline => {
                 let mut c = Command::new(&self.python);
                 c.arg(&self.script);
@@ -143,14 +137,26 @@ impl Env {
                     .env("SYNC_MODE", if once { "once" } else { "continuous" })
                     .env("PYTHONDONTWRITEBYTECODE", "1")
                     .env("PYTHONIOENCODING", "utf-8");
+                piped(agent_env(&mut c, db, backend, dir));
                 c
             }
-        };
-        agent_env(&mut c, db, backend, dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        }
+    }
+
+    /// `relais <command>` over `db`, its state and log under `dir`.
+    fn relais_command(&self, command: &str, db: &Path, backend: &str, dir: &Path) -> Command {
+        let mut c = Command::new(&self.relais);
+        c.arg(command);
+        c.env_clear()
+            .env("RELAIS_STATE_DIR", dir.join("state"))
+            .env("RELAIS_LOG_DIR", dir.join("log"));
+        piped(agent_env(&mut c, db, backend, dir));
         c
     }
+}
+
+fn piped(c: &mut Command) {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
 }
 
 /// What every agent child gets, relais or baseline: the seed's variables, `PATH`, a home
@@ -736,6 +742,11 @@ struct IdleCycle {
     cycle_cpu: [f64; 2],
     once_wall: [f64; 2],
     once_cpu: [f64; 2],
+    /// `relais reconcile` (wall, CPU, peak RSS): the sweep that finds rows below the
+    /// high-water mark; the seed's equivalent is its `NOT IN` rescan, which every pass
+    /// does, so the baseline's figures are those of its `once` process.
+    sweep: [f64; 3],
+    once_rss: f64,
 }
 
 // Figure 5: a running child, between two snapshots.
@@ -1200,7 +1211,25 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
                 cycles[i].push(c);
             }
         }
+        let mut sweeps = Vec::new();
+        for _ in 0..reps {
+            let (dir, db) = &setup.dirs[0];
+            sync_disks();
+            let u = run_ok(
+                env.relais_command("reconcile", db, &receiver.url(), dir),
+                "relais reconcile",
+            )?;
+            println!(
+                "     {:>4} synced relais   `reconcile` (the sweep): wall {:>9} CPU {:>9} peak RSS {}",
+                rows_label(n),
+                fmt_secs(u.wall),
+                fmt_secs(u.cpu),
+                fmt_bytes(u.maxrss as f64)
+            );
+            sweeps.push(u);
+        }
         let med = |i: usize, f: &dyn Fn(&Usage) -> f64| median(us[i].iter().map(f).collect());
+        let meds = |f: &dyn Fn(&Usage) -> f64| median(sweeps.iter().map(f).collect());
         let medc =
             |i: usize, f: &dyn Fn(&(f64, f64)) -> f64| median(cycles[i].iter().map(f).collect());
         idle_cycle.push(IdleCycle {
@@ -1209,6 +1238,12 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
             cycle_cpu: [medc(0, &|c| c.1), medc(1, &|c| c.1)],
             once_wall: [med(0, &|u| u.wall), med(1, &|u| u.wall)],
             once_cpu: [med(0, &|u| u.cpu), med(1, &|u| u.cpu)],
+            sweep: [
+                meds(&|u| u.wall),
+                meds(&|u| u.cpu),
+                meds(&|u| u.maxrss as f64),
+            ],
+            once_rss: med(1, &|u| u.maxrss as f64),
         });
         idle_setups.push((n, setup));
     }
@@ -1311,6 +1346,28 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
                 fmt_secs,
             );
         }
+    }
+    for c in &idle_cycle {
+        let n = rows_label(c.n);
+        let what = "7. reconciliation sweep (baseline: its `once`, which rescans with NOT IN)";
+        table.cost(
+            format!("{what}, {n}: wall"),
+            c.sweep[0],
+            c.once_wall[1],
+            fmt_secs,
+        );
+        table.cost(
+            format!("{what}, {n}: CPU"),
+            c.sweep[1],
+            c.once_cpu[1],
+            fmt_secs,
+        );
+        table.cost(
+            format!("{what}, {n}: peak RSS"),
+            c.sweep[2],
+            c.once_rss,
+            fmt_bytes,
+        );
     }
     table.cost(
         "4. bytes written per event".into(),

@@ -5,6 +5,8 @@
 //!
 //! - [`settings`]: environment variables and the optional JSON configuration file;
 //! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
+//!   [`source_registry`]: which file is which source; [`reconcile`]: the sweep below the
+//!   high-water mark; [`backlog`]: what is left to push;
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
 //! - [`transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;

@@ -342,13 +342,21 @@ impl Tracking {
         upto: &Value,
         mut each: impl FnMut(Value),
     ) -> Result<(), TrackingError> {
+        // Two statements rather than `(?3 IS NULL OR local_id > ?3)`: SQLite cannot seek
+        // on a lower bound behind an OR, and every batch would walk from the first id.
+        let query = match after {
+            Some(_) => {
+                "SELECT local_id FROM sync_tracking
+                 WHERE source = ?1 AND table_name = ?2 AND local_id > ?3 AND local_id <= ?4 ORDER BY local_id"
+            }
+            None => {
+                "SELECT local_id FROM sync_tracking
+                 WHERE source = ?1 AND table_name = ?2 AND ?3 IS NULL AND local_id <= ?4 ORDER BY local_id"
+            }
+        };
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT local_id FROM sync_tracking
-                 WHERE source = ?1 AND table_name = ?2 AND (?3 IS NULL OR local_id > ?3) AND local_id <= ?4
-                 ORDER BY local_id",
-            )
+            .prepare_cached(query)
             .map_err(sql("read tracked ids"))?;
         let after = after.map_or(Value::Null, stored);
         let mut rows = stmt
