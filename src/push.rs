@@ -19,12 +19,13 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
+use crate::clock::RetryClock;
 use crate::payload::RowPayload;
 use crate::settings::{Settings, TableSpec};
 use crate::source::{self, SourceError};
 use crate::tracking::{Acked, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
-use crate::{clock, json};
+use crate::{backoff, clock, json, notify};
 
 /// Acknowledgements are committed when this many are waiting...
 const ACK_GROUP: usize = 256;
@@ -274,7 +275,7 @@ impl Pusher {
                 &ctx.key,
                 &table.name,
                 after.as_ref(),
-                clock::unix_now(),
+                self.retry_clock(),
                 batch,
             )?;
             for id in &ids {
@@ -316,7 +317,7 @@ impl Pusher {
             let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
             let due =
                 self.tracking
-                    .record_pending(&ctx.key, &table.name, &ids, clock::unix_now())?;
+                    .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
             for row in rows.into_iter().filter(|r| due.contains(&r.local_id)) {
                 self.send_row(ctx, table, row, tr, group)?;
             }
@@ -341,7 +342,7 @@ impl Pusher {
         tr: &mut TableReport,
         group: &mut AckGroup,
     ) -> Result<(), Halt> {
-        crate::notify::keepalive();
+        notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {
             return Err(Halt::Pass(Interruption::Shutdown));
         }
@@ -354,12 +355,7 @@ impl Pusher {
             None => {
                 let body = self.small_body(&row.fields);
                 Ok((
-                    self.transport.post(
-                        &table.endpoint,
-                        &key,
-                        body.len() as u64,
-                        &mut body.as_bytes(),
-                    ),
+                    self.post(&table.endpoint, &key, body.len() as u64, body.as_bytes()),
                     body.len() as u64,
                 ))
             }
@@ -463,21 +459,17 @@ impl Pusher {
             prefix.push_str("null");
             prefix.push_str(&suffix);
             let len = prefix.len() as u64;
-            return Ok((
-                self.transport
-                    .post(&table.endpoint, key, len, &mut prefix.as_bytes()),
-                len,
-            ));
+            return Ok((self.post(&table.endpoint, key, len, prefix.as_bytes()), len));
         };
         prefix.push('"');
         let len = prefix.len() as u64 + base64_len(reader.len()) + 1 + suffix.len() as u64;
         let outcome = {
-            let mut body = prefix
+            let body = prefix
                 .as_bytes()
                 .chain(Base64Encoder::new(&mut reader))
                 .chain(b"\"".as_slice())
                 .chain(suffix.as_bytes());
-            self.transport.post(&table.endpoint, key, len, &mut body)
+            self.post(&table.endpoint, key, len, body)
         };
         tr.max_lock_hold = tr.max_lock_hold.max(reader.max_hold());
         if let Some(failure) = reader.failure() {
@@ -493,6 +485,19 @@ impl Pusher {
             );
         }
         Ok((outcome, len))
+    }
+
+    /// POSTs a body, pinging the watchdog as the HTTP client reads it: over a slow uplink
+    /// one BLOB chunk takes longer to send than `WatchdogSec`, and the agent is making
+    /// progress for as long as bytes move.
+    fn post(&self, endpoint: &str, key: &str, len: u64, body: impl Read) -> Outcome {
+        self.transport
+            .post(endpoint, key, len, &mut notify::Progress(body))
+    }
+
+    /// The wall clock retry times are judged by (see [`RetryClock`]).
+    fn retry_clock(&self) -> RetryClock {
+        RetryClock::read(backoff::longest_delay(&self.settings.retry))
     }
 
     /// Records a failed row, to be tried again after `delay`.
