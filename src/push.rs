@@ -342,7 +342,7 @@ impl Pusher {
         tr: &mut TableReport,
         group: &mut AckGroup,
     ) -> Result<(), Halt> {
-        notify::keepalive();
+        crate::notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {
             return Err(Halt::Pass(Interruption::Shutdown));
         }
