@@ -10,6 +10,17 @@ use crate::settings::RetryPolicy;
 /// and a device silent for days helps nobody.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// The longest delay relais schedules before a retry, whether stored in the state
+/// database or waited for: a stored retry time further ahead was set by a wrong clock
+/// (see [`crate::clock::RetryClock`]).
+pub fn longest_delay(policy: &RetryPolicy) -> Duration {
+    policy
+        .initial_backoff
+        .max(policy.max_backoff)
+        .max(policy.permanent_retry)
+        .max(MAX_RETRY_AFTER)
+}
+
 #[derive(Debug)]
 pub struct Backoff {
     initial: Duration,

@@ -1,9 +1,14 @@
-//! Wall-clock helpers: Unix seconds and ISO-8601 UTC timestamps, without a date crate.
+//! Wall-clock helpers: Unix seconds and ISO-8601 UTC timestamps, without a date crate;
+//! how retry times are judged by a wall clock that may be wrong, and noticing it jump.
+//!
+//! A Raspberry Pi has no real-time clock: it boots in 1970 or at the last saved time, and
+//! NTP moves the clock later, by years. Waits are timed by the monotonic clock
+//! ([`std::time::Instant`]), which never jumps; only what is stored (retry times, dates)
+//! uses the wall clock.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Seconds since the Unix epoch; 0 if the clock is set before 1970 (a Pi without RTC
-/// before NTP sync), which only delays retries rather than failing.
+/// Seconds since the Unix epoch; 0 if the clock is set before 1970.
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -26,6 +31,93 @@ pub fn iso8601(unix: i64) -> String {
 
 pub fn now_iso8601() -> String {
     iso8601(unix_now())
+}
+
+/// The wall clock as stored retry times are judged by. A retry time later than `now`
+/// plus the longest delay relais ever schedules cannot have been set by this clock: it
+/// was stored under a clock running ahead, or the clock has gone back since (a Pi that
+/// failed a row with the right time, then rebooted into 1970). Such a row is due now;
+/// its next failure is scheduled from the current clock. Without this rule the row
+/// would wait for as long as the clock was wrong, years.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryClock {
+    pub now: i64,
+    /// Retry times after this are due now.
+    pub latest: i64,
+}
+
+impl RetryClock {
+    /// The wall clock now, for retries scheduled at most `longest_delay` ahead.
+    pub fn read(longest_delay: Duration) -> RetryClock {
+        RetryClock::at(unix_now(), longest_delay)
+    }
+
+    pub fn at(now: i64, longest_delay: Duration) -> RetryClock {
+        let longest = i64::try_from(longest_delay.as_secs()).unwrap_or(i64::MAX);
+        RetryClock {
+            now,
+            latest: now.saturating_add(longest),
+        }
+    }
+
+    pub fn is_due(&self, retry_at: i64) -> bool {
+        retry_at <= self.now || retry_at > self.latest
+    }
+}
+
+/// A wall-clock jump smaller than this is drift or a slow NTP slew, not worth a warning.
+const JUMP_WORTH_A_WARNING: Duration = Duration::from_secs(120);
+
+/// Notices the wall clock jumping relative to the monotonic clock (NTP setting a clock
+/// that booted in 1970, `date -s` by hand) between two observations.
+#[derive(Debug)]
+pub struct ClockWatch {
+    mono: Instant,
+    wall: SystemTime,
+}
+
+impl Default for ClockWatch {
+    fn default() -> ClockWatch {
+        ClockWatch {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
+
+impl ClockWatch {
+    /// By how many seconds the wall clock jumped (forward if positive) since the last
+    /// observation, when that is more than two minutes.
+    pub fn jumped(&mut self) -> Option<i64> {
+        self.observe(Instant::now(), SystemTime::now())
+    }
+
+    fn observe(&mut self, mono: Instant, wall: SystemTime) -> Option<i64> {
+        let mono_elapsed = mono.saturating_duration_since(self.mono).as_secs_f64();
+        let wall_elapsed = match wall.duration_since(self.wall) {
+            Ok(d) => d.as_secs_f64(),
+            Err(back) => -back.duration().as_secs_f64(),
+        };
+        (self.mono, self.wall) = (mono, wall);
+        let jump = wall_elapsed - mono_elapsed;
+        (jump.abs() > JUMP_WORTH_A_WARNING.as_secs_f64()).then_some(jump.round() as i64)
+    }
+}
+
+/// A `Retry-After` value as a delay: seconds, or an HTTP date. The date is measured
+/// against the answer's own `Date` when it has one (both from the server's clock, so a
+/// device clock off by years changes nothing), else against the local clock. A date in
+/// the past means now; an absurdly far one is capped by the backoff.
+pub fn retry_after(value: &str, date: Option<&str>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_http_date(value)?;
+    let now = date
+        .and_then(|d| parse_http_date(d.trim()))
+        .unwrap_or_else(unix_now);
+    Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
@@ -119,5 +211,47 @@ mod tests {
         );
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 CET"), None);
         assert_eq!(parse_http_date("120"), None);
+    }
+
+    #[test]
+    fn retry_times_beyond_the_longest_delay_are_due() {
+        let hour = Duration::from_secs(3600);
+        let clock = RetryClock::at(1_000_000, hour);
+        assert!(clock.is_due(999_000) && clock.is_due(1_000_000));
+        assert!(!clock.is_due(1_000_001) && !clock.is_due(1_003_600));
+        // Stored under a clock ten years ahead, or before the clock went back ten years.
+        assert!(clock.is_due(1_000_000 + 315_360_000));
+        assert!(RetryClock::at(0, Duration::MAX).latest == i64::MAX);
+    }
+
+    #[test]
+    fn notices_wall_clock_jumps_only() {
+        let (mono, wall) = (Instant::now(), SystemTime::now());
+        let mut watch = ClockWatch { mono, wall };
+        let later = Duration::from_secs(300);
+        assert_eq!(watch.observe(mono + later, wall + later), None);
+        let ten_years = Duration::from_secs(315_360_000);
+        let (mono, wall) = (mono + later * 2, wall + later * 2 + ten_years);
+        assert_eq!(watch.observe(mono, wall), Some(315_360_000));
+        assert_eq!(watch.observe(mono, wall - ten_years), Some(-315_360_000));
+        assert_eq!(watch.observe(mono, wall - ten_years), None, "logged once");
+    }
+
+    #[test]
+    fn retry_after_dates_use_the_servers_clock() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let two_minutes_later = "Sun, 06 Nov 1994 08:51:37 GMT";
+        assert_eq!(retry_after(" 7 ", None), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after(two_minutes_later, Some(date)),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(date, Some(two_minutes_later)),
+            Some(Duration::ZERO)
+        );
+        // Without the server's Date, against the local clock: 1994 is long past.
+        assert_eq!(retry_after(date, None), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon", None), None);
     }
 }

@@ -72,7 +72,11 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
     // not stop the agent (the configuration pull can still work), and must heal by
     // itself once the operator fixes it.
     let mut pusher: Option<Pusher> = None;
+    let mut clock_watch = clock::ClockWatch::default();
     loop {
+        if let Some(jump) = clock_watch.jumped() {
+            log_clock_jump(jump);
+        }
         let interrupted = match pusher_or_build(&mut pusher, settings, &stop) {
             Ok(active) => {
                 let report = active.sync_once();
@@ -244,6 +248,17 @@ fn watch_signals(
         }
     })?;
     Ok(())
+}
+
+/// Waits are timed by the monotonic clock and are unaffected; what the jump changes is
+/// worth a line for whoever reads the journal.
+fn log_clock_jump(seconds: i64) {
+    log::warn!(
+        "clock: the wall clock jumped {} by {} s ({:.1} days) between two passes (NTP or a manual change); sync dates on one side of the jump are off by that much, retry times too far ahead are due now",
+        if seconds > 0 { "forward" } else { "back" },
+        seconds.unsigned_abs(),
+        seconds.unsigned_abs() as f64 / 86_400.0
+    );
 }
 
 fn log_report(report: &CycleReport) {

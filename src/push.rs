@@ -19,6 +19,7 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
+use crate::clock::RetryClock;
 use crate::payload::RowPayload;
 use crate::reconcile::{self, SweepError, SweptTable};
 use crate::settings::{Settings, TableSpec};
@@ -26,7 +27,7 @@ use crate::source::{self, SourceError};
 use crate::source_registry::{self, Resolved};
 use crate::tracking::{Acked, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
-use crate::{clock, json};
+use crate::{backoff, clock, json, notify};
 
 /// Acknowledgements are committed when this many are waiting...
 const ACK_GROUP: usize = 256;
@@ -267,7 +268,8 @@ impl Pusher {
                     key: &s.key,
                     table,
                 };
-                match reconcile::sweep_table(&mut self.tracking, &t) {
+                let clock = self.retry_clock();
+                match reconcile::sweep_table(&mut self.tracking, &t, clock) {
                     Ok(n) => report.queued += n,
                     Err(SweepError::Source(e)) => errors.push(e.to_string()),
                     Err(SweepError::State(e)) => errors.push(e.to_string()),
@@ -391,7 +393,7 @@ impl Pusher {
                 &ctx.key,
                 &table.name,
                 after.as_ref(),
-                clock::unix_now(),
+                self.retry_clock(),
                 batch,
             )?;
             for id in &ids {
@@ -444,7 +446,7 @@ impl Pusher {
             let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
             let due =
                 self.tracking
-                    .record_pending(&ctx.key, &table.name, &ids, clock::unix_now())?;
+                    .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
             for row in rows.into_iter().filter(|r| due.contains(&r.local_id)) {
                 self.send_row(ctx, table, row, tr, group)?;
             }
@@ -482,12 +484,7 @@ impl Pusher {
             None => {
                 let body = self.small_body(&row.fields);
                 Ok((
-                    self.transport.post(
-                        &table.endpoint,
-                        &key,
-                        body.len() as u64,
-                        &mut body.as_bytes(),
-                    ),
+                    self.post(&table.endpoint, &key, body.len() as u64, body.as_bytes()),
                     body.len() as u64,
                 ))
             }
@@ -591,21 +588,17 @@ impl Pusher {
             prefix.push_str("null");
             prefix.push_str(&suffix);
             let len = prefix.len() as u64;
-            return Ok((
-                self.transport
-                    .post(&table.endpoint, key, len, &mut prefix.as_bytes()),
-                len,
-            ));
+            return Ok((self.post(&table.endpoint, key, len, prefix.as_bytes()), len));
         };
         prefix.push('"');
         let len = prefix.len() as u64 + base64_len(reader.len()) + 1 + suffix.len() as u64;
         let outcome = {
-            let mut body = prefix
+            let body = prefix
                 .as_bytes()
                 .chain(Base64Encoder::new(&mut reader))
                 .chain(b"\"".as_slice())
                 .chain(suffix.as_bytes());
-            self.transport.post(&table.endpoint, key, len, &mut body)
+            self.post(&table.endpoint, key, len, body)
         };
         tr.max_lock_hold = tr.max_lock_hold.max(reader.max_hold());
         if let Some(failure) = reader.failure() {
@@ -621,6 +614,19 @@ impl Pusher {
             );
         }
         Ok((outcome, len))
+    }
+
+    /// POSTs a body, pinging the watchdog as the HTTP client reads it: over a slow uplink
+    /// one BLOB chunk takes longer to send than `WatchdogSec`, and the agent is making
+    /// progress for as long as bytes move.
+    fn post(&self, endpoint: &str, key: &str, len: u64, body: impl Read) -> Outcome {
+        self.transport
+            .post(endpoint, key, len, &mut notify::Progress(body))
+    }
+
+    /// The wall clock retry times are judged by (see [`RetryClock`]).
+    fn retry_clock(&self) -> RetryClock {
+        RetryClock::read(backoff::longest_delay(&self.settings.retry))
     }
 
     /// Records a failed row, to be tried again after `delay`.

@@ -13,7 +13,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
-use crate::clock;
+use crate::clock::{self, RetryClock};
 use crate::settings::TableSpec;
 use crate::source::{self, SourceError};
 use crate::tracking::{Tracking, TrackingError};
@@ -65,7 +65,11 @@ pub fn is_due(tracking: &Tracking, every: std::time::Duration) -> Result<bool, T
 
 /// Queues every row of the table at or below its high-water mark that the tracking
 /// does not know; returns how many. Memory is one batch of ids, whatever the table.
-pub fn sweep_table(tracking: &mut Tracking, t: &SweptTable) -> Result<u64, SweepError> {
+pub fn sweep_table(
+    tracking: &mut Tracking,
+    t: &SweptTable,
+    clock: RetryClock,
+) -> Result<u64, SweepError> {
     let Some(high_water) = tracking.high_water(t.key, &t.table.name)? else {
         // Nothing pushed yet: the pass's scan reads the table from its start.
         return Ok(0);
@@ -94,7 +98,7 @@ pub fn sweep_table(tracking: &mut Tracking, t: &SweptTable) -> Result<u64, Sweep
                     .cloned(),
             );
             queued += untracked.len() as u64;
-            tracking.record_pending(t.key, &t.table.name, &untracked, clock::unix_now())?;
+            tracking.record_pending(t.key, &t.table.name, &untracked, clock)?;
         }
         if ids.len() < SWEEP_BATCH {
             break;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::clock;
+use crate::clock::{self, RetryClock};
 use crate::source::FileId;
 
 pub const STATE_DB_NAME: &str = "relais.db";
@@ -218,9 +218,9 @@ impl Tracking {
         source: &str,
         table: &str,
         ids: &[Value],
-        now: i64,
+        now: RetryClock,
     ) -> Result<Vec<Value>, TrackingError> {
-        let date = clock::iso8601(now);
+        let date = clock::iso8601(now.now);
         let tx = self
             .conn
             .transaction()
@@ -271,7 +271,7 @@ impl Tracking {
                     }
                     Some((status, next))
                         if status != "success"
-                            && (status == "pending" || next.is_none_or(|t| t <= now)) =>
+                            && (status == "pending" || next.is_none_or(|t| now.is_due(t))) =>
                     {
                         due.push(id.clone())
                     }
@@ -303,13 +303,13 @@ impl Tracking {
 
     /// Rows due for another attempt, after `after`, in `local_id` order: `pending` ones
     /// (interrupted, or reset by hand as the seed documents) and `failed` ones whose
-    /// retry time has come.
+    /// retry time has come, or is too far ahead to be true ([`RetryClock`]).
     pub fn due(
         &self,
         source: &str,
         table: &str,
         after: Option<&Value>,
-        now: i64,
+        now: RetryClock,
         limit: usize,
     ) -> Result<Vec<Value>, TrackingError> {
         let mut stmt = self
@@ -318,15 +318,17 @@ impl Tracking {
                 "SELECT local_id FROM sync_tracking
                  WHERE source = ?1 AND table_name = ?2 AND sync_status != 'success'
                    AND (?3 IS NULL OR local_id > ?3)
-                   AND (sync_status = 'pending' OR next_attempt_at IS NULL OR next_attempt_at <= ?4)
+                   AND (sync_status = 'pending' OR next_attempt_at IS NULL
+                        OR next_attempt_at <= ?4 OR next_attempt_at > ?6)
                  ORDER BY local_id LIMIT ?5",
             )
             .map_err(sql("read the retry set"))?;
         let after = after.map_or(Value::Null, stored);
         let rows = stmt
-            .query_map(params![source, table, after, now, limit as i64], |r| {
-                r.get::<_, Value>(0).map(loaded)
-            })
+            .query_map(
+                params![source, table, after, now.now, limit as i64, now.latest],
+                |r| r.get::<_, Value>(0).map(loaded),
+            )
             .map_err(sql("read the retry set"))?;
         rows.collect::<Result<_, _>>()
             .map_err(sql("read the retry set"))
@@ -450,7 +452,9 @@ impl Tracking {
 
     /// Imports, once per source, the `success` rows of a `sync_tracking` table left in the
     /// application's database by the Python service, so they are not sent again. Reads in
-    /// short batches so the application is never locked out for long.
+    /// short batches so the application is never locked out for long. A million rows take
+    /// minutes on a Pi: each batch pings the watchdog and records, in its own transaction,
+    /// the last legacy id imported, so an agent killed mid-import resumes there.
     pub fn import_legacy(
         &mut self,
         source: &str,
@@ -471,8 +475,18 @@ impl Tracking {
             .is_some();
         let mut imported = 0u64;
         if has_table {
-            let mut after = 0i64;
+            let progress = format!("legacy_progress:{source}");
+            let mut after: i64 = self
+                .meta(&progress)?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if after > 0 {
+                log::info!(
+                    "source {source}: resuming the import of the previous service's tracking after its id {after}"
+                );
+            }
             loop {
+                crate::notify::keepalive();
                 let batch = read_legacy_batch(app, after)
                     .map_err(sql("read the legacy sync_tracking table"))?;
                 let Some(last) = batch.last() else { break };
@@ -490,6 +504,11 @@ impl Tracking {
                         )
                         .map_err(sql("import legacy tracking"))? as u64;
                 }
+                tx.execute(
+                    "INSERT OR REPLACE INTO agent_meta (key, value) VALUES (?1, ?2)",
+                    params![progress, after.to_string()],
+                )
+                .map_err(sql("import legacy tracking"))?;
                 tx.commit().map_err(sql("import legacy tracking"))?;
             }
         }
@@ -787,7 +806,8 @@ mod tests {
             std::env::temp_dir().join(format!("relais-tracking-counts-{}", std::process::id()));
         let mut t = Tracking::open(&dir).unwrap();
         let ids: Vec<Value> = (1..=5).map(Value::Integer).collect();
-        t.record_pending("a.db", "evenement", &ids, 0).unwrap();
+        let now = RetryClock::at(0, Duration::from_secs(3600));
+        t.record_pending("a.db", "evenement", &ids, now).unwrap();
         let acked: Vec<Acked> = ids[..3]
             .iter()
             .map(|id| Acked {
@@ -800,7 +820,7 @@ mod tests {
         t.mark_success("a.db", &acked).unwrap();
         t.mark_failed("a.db", "evenement", &ids[3], "boom", 10)
             .unwrap();
-        t.record_pending("a.db", "media", &[Value::Text("0042".into())], 0)
+        t.record_pending("a.db", "media", &[Value::Text("0042".into())], now)
             .unwrap();
         let got: Vec<(String, String, u64)> = t
             .counts()
@@ -819,7 +839,7 @@ mod tests {
         );
         assert_eq!(t.unsynced().unwrap(), 3);
         assert_eq!(
-            t.due("a.db", "media", None, 0, 10).unwrap(),
+            t.due("a.db", "media", None, now, 10).unwrap(),
             [Value::Text("0042".into())]
         );
         std::fs::remove_dir_all(&dir).unwrap();

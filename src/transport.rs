@@ -173,16 +173,9 @@ fn header<'a>(resp: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `Retry-After`, in seconds or as an HTTP date.
+/// `Retry-After`, in seconds or as an HTTP date (against the answer's `Date`).
 fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
-    let value = header(resp, "retry-after")?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = crate::clock::parse_http_date(value)?;
-    Some(Duration::from_secs(
-        (at - crate::clock::unix_now()).max(0) as u64
-    ))
+    crate::clock::retry_after(header(resp, "retry-after")?, header(resp, "date"))
 }
 
 fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {

@@ -226,6 +226,32 @@ pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+// ---------------------------------------------------------------- systemd notifications
+
+/// A socket in `dir` standing in for systemd's `NOTIFY_SOCKET`.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("notify socket timeout");
+        NotifySocket { path, socket }
+    }
+
+    /// The next message, if one arrives within 20 ms.
+    pub fn recv(&self) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
 // ---------------------------------------------------------------- throttling proxy
 
 /// A TCP proxy on 127.0.0.1 that forwards client-to-server bytes at a fixed rate
