@@ -6,7 +6,7 @@
 //! - [`settings`]: environment variables and the optional JSON configuration file;
 //! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
-//! - [`transport`], [`backoff`]: talking to the backend;
+//! - [`transport`], [`tcp_transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
 //! - [`notify`]: systemd readiness and watchdog;
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
@@ -27,6 +27,7 @@ pub mod redact;
 pub mod settings;
 pub mod source;
 pub mod status;
+pub mod tcp_transport;
 pub mod tracking;
 pub mod transport;
 
