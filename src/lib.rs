@@ -8,7 +8,7 @@
 //!   [`source_registry`]: which file is which source; [`reconcile`]: the sweep below the
 //!   high-water mark; [`backlog`]: what is left to push;
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
-//! - [`transport`], [`backoff`]: talking to the backend;
+//! - [`transport`], [`tcp_transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
 //! - [`notify`]: systemd readiness and watchdog;
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
@@ -32,6 +32,7 @@ pub mod settings;
 pub mod source;
 pub mod source_registry;
 pub mod status;
+pub mod tcp_transport;
 pub mod tracking;
 pub mod transport;
 

@@ -47,12 +47,14 @@ pub enum SyncMode {
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub backend_url: String,
+    /// Opening a connection, the TLS handshake included.
     pub connect_timeout: Duration,
-    /// Longest silence on a socket, reading or writing: a long upload that keeps moving
-    /// is never cut off, a stalled one is.
+    /// Longest time without progress on a connection: no byte of the request leaving
+    /// the socket's send queue, or no byte of the answer's body arriving. A long upload
+    /// that keeps moving is never cut off, a stalled one is.
     pub io_timeout: Duration,
-    /// Longest wait for the response headers once the body is sent (the backend may
-    /// take a while to store a large media row).
+    /// Longest wait for the answer's headers, counted from when the peer acknowledged
+    /// the request's last byte (the backend may take a while to store a large media row).
     pub response_timeout: Duration,
     pub bearer_token: Option<String>,
     pub ca_file: Option<PathBuf>,

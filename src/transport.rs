@@ -1,6 +1,6 @@
-//! Talking to the backend: one ureq agent (connection reuse, rustls, idle timeouts,
-//! `User-Agent: relais/<version>`), the contract's request headers, and the
-//! classification of every answer into stored, transient or rejected.
+//! Talking to the backend: one ureq agent (connection reuse, rustls, the timeouts of
+//! [`crate::tcp_transport`], `User-Agent: relais/<version>`), the contract's request
+//! headers, and the classification of every answer into stored, transient or rejected.
 
 use std::fmt;
 use std::io::Read;
@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use miniserde::json::{Number, Value as Json};
 use rusqlite::types::Value;
+use ureq::Timeout;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 
+use crate::clock::human_duration;
 use crate::settings::HttpSettings;
+use crate::tcp_transport::{Limits, NEVER, TcpConnector};
 
 /// Largest response body relais reads from a push answer; the `id` is near the start.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
@@ -48,6 +53,8 @@ pub struct Transport {
     agent: ureq::Agent,
     base_url: String,
     bearer: Option<String>,
+    connect_timeout: Duration,
+    limits: Limits,
 }
 
 /// A GET answer, for the configuration pull.
@@ -67,19 +74,27 @@ impl Transport {
             .user_agent(USER_AGENT)
             // A redirected POST would lose its streamed body; a redirect is a misconfigured URL.
             .max_redirects(0)
+            // Covers the TLS handshake too; the other timeouts are the TCP transport's.
             .timeout_connect(Some(http.connect_timeout))
-            // Idle timeouts: each read or write may stall this long, so a long upload that
-            // keeps moving is never cut off while a dead peer is noticed.
-            .timeout_per_read(Some(http.io_timeout))
-            .timeout_per_write(Some(http.io_timeout))
-            .timeout_recv_response(Some(http.response_timeout));
+            .timeout_recv_response(Some(NEVER));
         if let Some(ca) = &http.ca_file {
             config = config.tls_config(TlsConfig::builder().root_certs(load_ca(ca)?).build());
         }
+        let limits = Limits {
+            io: http.io_timeout,
+            response: http.response_timeout,
+        };
+        // ureq's default chain with its TCP connector replaced: a CONNECT proxy from the
+        // environment, then TCP, then rustls for https (with the CA file's roots).
+        let connector = ConnectProxyConnector::default()
+            .chain(TcpConnector(limits))
+            .chain(RustlsConnector::default());
         Ok(Transport {
-            agent: config.build().into(),
+            agent: ureq::Agent::with_parts(config.build(), connector, DefaultResolver::default()),
             base_url: http.backend_url.clone(),
             bearer: http.bearer_token.clone(),
+            connect_timeout: http.connect_timeout,
+            limits,
         })
     }
 
@@ -104,7 +119,7 @@ impl Transport {
         match req.send(ureq::SendBody::from_reader(body)) {
             Ok(resp) => classify_answer(resp),
             Err(e) => Outcome::Transient {
-                reason: describe_error(&e),
+                reason: self.describe(&e, "the upload"),
                 retry_after: None,
             },
         }
@@ -127,7 +142,7 @@ impl Transport {
         if let Some(token) = &self.bearer {
             req = req.header("Authorization", format!("Bearer {token}"));
         }
-        let mut resp = req.call().map_err(|e| describe_error(&e))?;
+        let mut resp = req.call().map_err(|e| self.describe(&e, "the request"))?;
         let status = resp.status().as_u16();
         let etag = header(&resp, "etag").map(|t| t.trim_matches('"').to_string());
         let retry_after = retry_after(&resp);
@@ -245,10 +260,38 @@ pub fn server_detail(body: &[u8]) -> String {
     format!(": {}", crate::redact::redact(&short))
 }
 
-/// An operator-readable sentence for a failed exchange.
+impl Transport {
+    /// An operator-readable sentence for a failed exchange; `sent` names what was sent.
+    fn describe(&self, e: &ureq::Error, sent: &str) -> String {
+        match e {
+            ureq::Error::Timeout(t) => self.describe_timeout(*t, sent),
+            other => describe_error(other),
+        }
+    }
+
+    fn describe_timeout(&self, t: Timeout, sent: &str) -> String {
+        let io = human_duration(self.limits.io);
+        match t {
+            Timeout::Connect => format!(
+                "cannot connect to the backend within {} (server down or network unreachable)",
+                human_duration(self.connect_timeout)
+            ),
+            Timeout::PerWrite => {
+                format!("{sent} stalled: nothing reached the backend for {io}")
+            }
+            Timeout::RecvResponse => format!(
+                "the backend did not answer in time (nothing within {} after {sent})",
+                human_duration(self.limits.response)
+            ),
+            Timeout::PerRead => format!("the backend's answer stalled: nothing came for {io}"),
+            other => format!("the backend did not answer in time ({other})"),
+        }
+    }
+}
+
+/// An operator-readable sentence for a failed exchange other than a timeout.
 fn describe_error(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Timeout(t) => format!("the backend did not answer in time ({t})"),
         ureq::Error::HostNotFound => {
             "the backend's host name does not resolve (DNS or network down)".into()
         }
