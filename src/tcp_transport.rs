@@ -36,6 +36,10 @@ use ureq::{Error, Timeout};
 /// checked again: short enough to start the answer wait promptly, cheap on a Pi.
 const SLICE: Duration = Duration::from_millis(20);
 
+/// Longest blocking read between two watchdog keepalives (a quarter of the watchdog
+/// period when that is shorter).
+const WATCHDOG_SLICE: Duration = Duration::from_secs(1);
+
 /// ureq's `RecvResponse` budget: a name for the phase, never the limit (100 years).
 pub const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -129,6 +133,7 @@ impl Transport for TcpTransport {
         let mut rest = &self.buffers.output()[..amount];
         self.stream.set_write_timeout(Some(SLICE))?;
         while !rest.is_empty() {
+            crate::notify::keepalive();
             budget.left()?;
             match (&*self.stream).write(rest) {
                 Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
@@ -196,6 +201,7 @@ impl TcpTransport {
             }
             budget.left()?;
             watch.check(&self.stream)?;
+            crate::notify::keepalive();
         }
         Ok(())
     }
@@ -269,18 +275,25 @@ impl Budget {
     }
 }
 
-/// One read, waiting at most `limit` for its first byte.
+/// One read, waiting at most `limit` for its first byte. The wait is cut in slices that
+/// feed systemd's watchdog: the answer may take `response_timeout_s` (120 s by default),
+/// longer than `WatchdogSec`, and a bounded wait is not a hang.
 fn read_within(stream: &TcpStream, buf: &mut [u8], limit: Duration) -> io::Result<usize> {
     let end = Instant::now() + limit;
     loop {
+        crate::notify::keepalive();
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        stream.set_read_timeout(Some(left))?;
+        let slice = crate::notify::watchdog_period().map_or(WATCHDOG_SLICE, |p| {
+            (p / 4).clamp(Duration::from_millis(1), WATCHDOG_SLICE)
+        });
+        stream.set_read_timeout(Some(left.min(slice)))?;
         match (&*stream).read(buf) {
             // Linux does not restart a socket read with a timeout after a signal.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {}
             result => return result,
         }
     }

@@ -16,7 +16,7 @@ use common::{
     spawn_logged, wait_exit, wait_for,
 };
 use relais::demo::{create_app_db, insert_events, insert_media};
-use relais::receiver::{Receiver, ReceiverOptions};
+use relais::receiver::{Fault, Receiver, ReceiverOptions};
 use rusqlite::Connection;
 
 const MB: u64 = 1 << 20;
@@ -54,26 +54,90 @@ fn the_watchdog_is_fed_while_a_slow_upload_moves() {
     let (mut child, stderr) = spawn_logged(&["run"], &vars);
     // Watched until 16 of the body's 21.3 MiB went through: the rest may already sit in
     // the kernel's socket buffers, sent without the agent reading anything.
-    let mut pings = Vec::new();
-    let watched = wait_for(Duration::from_secs(60), || {
-        if notify.recv().as_deref() == Some("WATCHDOG=1") {
-            pings.push(Instant::now());
-        }
-        proxy.forwarded() >= 16 * MB
-    });
-    let watched_until = Instant::now();
+    let (pings, watched_until) = pings_until(&notify, || proxy.forwarded() >= 16 * MB);
     let stored = wait_for(Duration::from_secs(60), || rx.stats().stored == 1);
     send_signal(child.id(), "TERM");
     let status = wait_exit(&mut child, Duration::from_secs(10));
     let log = log_text(stderr);
-    assert!(watched && stored, "the media row arrived\n{log}");
+    assert!(
+        watched_until.is_some() && stored,
+        "the media row arrived\n{log}"
+    );
     assert!(status.success(), "{status:?}\n{log}");
+    assert_fed(&pings, watched_until, watchdog, 4);
+}
+
+#[test]
+fn the_watchdog_is_fed_while_the_answer_takes_long() {
+    let dir = Scratch::new("watchdog-answer");
+    let db = dir.join("surveillance.db");
+    insert_events(&create_app_db(&db, false).expect("create app db"), 1).expect("insert");
+    let rx = receiver(&dir);
+    // The backend stores the row, then takes 2.5 s to answer: four watchdog periods.
+    rx.push_fault(Fault::Delay(Duration::from_millis(2500)));
+    let notify = NotifySocket::bind(dir.path());
+    let watchdog = Duration::from_millis(500);
+    let (socket, usec) = (
+        notify.path.display().to_string(),
+        watchdog.as_micros().to_string(),
+    );
+    let config = dir.join("relais.json");
+    std::fs::write(
+        &config,
+        r#"{"http": {"io_timeout_s": 1, "response_timeout_s": 10}}"#,
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let vars = agent_env(
+        &db,
+        &rx.url(),
+        dir.path(),
+        &[
+            ("SYNC_INTERVAL_SECONDS", "3600"),
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", &usec),
+            ("RELAIS_CONFIG", &config),
+        ],
+    );
+    let (mut child, stderr) = spawn_logged(&["run"], &vars);
+    let state = dir.state_db();
+    let (pings, answered) = pings_until(&notify, || {
+        state.exists() && common::count_status(&state, "success") == 1
+    });
+    send_signal(child.id(), "TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let log = log_text(stderr);
+    assert!(answered.is_some(), "the row was recorded\n{log}");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert_eq!(rx.stats().stored, 1);
+    assert_fed(&pings, answered, watchdog, 4);
+}
+
+/// The `WATCHDOG=1` messages received until `done` holds (at most 60 s), and when it did.
+fn pings_until(
+    notify: &NotifySocket,
+    mut done: impl FnMut() -> bool,
+) -> (Vec<Instant>, Option<Instant>) {
+    let mut pings = Vec::new();
+    let held = wait_for(Duration::from_secs(60), || {
+        if notify.recv().as_deref() == Some("WATCHDOG=1") {
+            pings.push(Instant::now());
+        }
+        done()
+    });
+    (pings, held.then(Instant::now))
+}
+
+/// At least `min` pings, and no gap of a watchdog period between two of them or after
+/// the last one.
+fn assert_fed(pings: &[Instant], until: Option<Instant>, watchdog: Duration, min: usize) {
+    let until = until.expect("the watched work finished");
     let gaps: Vec<Duration> = pings
         .windows(2)
         .map(|w| w[1] - w[0])
-        .chain(pings.last().map(|last| watched_until - *last))
+        .chain(pings.last().map(|last| until - *last))
         .collect();
-    assert!(pings.len() >= 4, "{} pings during the upload", pings.len());
+    assert!(pings.len() >= min, "{} pings", pings.len());
     assert!(
         gaps.iter().all(|g| *g < watchdog),
         "a gap of the watchdog period or more: {gaps:?}"
