@@ -4,8 +4,10 @@
 //! The binary in `main.rs` is a thin command-line layer over these modules:
 //!
 //! - [`settings`]: environment variables and the optional JSON configuration file;
+//!   [`device_id`]: the default device id;
 //! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
+//!   [`state_lock`]: one process per state directory;
 //! - [`transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
 //! - [`notify`]: systemd readiness and watchdog;
@@ -17,6 +19,7 @@ pub mod blob_stream;
 pub mod clock;
 pub mod config_hash;
 pub mod daemon;
+pub mod device_id;
 pub mod json;
 pub mod logging;
 pub mod notify;
@@ -26,6 +29,7 @@ pub mod push;
 pub mod redact;
 pub mod settings;
 pub mod source;
+pub mod state_lock;
 pub mod status;
 pub mod tracking;
 pub mod transport;
