@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Replaces `path` with `contents`, creating it with `mode` (e.g. `0o600` for files
 /// holding secrets). Errors name the step that failed.
@@ -43,7 +44,48 @@ fn write_synced(tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     f.sync_all().map_err(|e| context("fsync", tmp, e))
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Creates an empty file next to `path` under a name no other process or call uses
+/// (`relais.db.new-<pid>-<n>`), exclusively: for a file that must be built whole before
+/// it gets its real name with [`install_new`].
+pub fn create_unique(path: &Path, mode: u32) -> io::Result<PathBuf> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tmp = with_suffix(path, &format!(".new-{}-{n}", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
+            Ok(_) => return Ok(tmp),
+            // A leftover of an earlier process with the same pid (after a reboot).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(context("create", &tmp, e)),
+        }
+    }
+}
+
+/// Gives the finished file `tmp` the name `path` unless `path` exists already: fsyncs
+/// it, links it (a link never replaces, unlike a rename, so a file another process
+/// installed meanwhile is never clobbered), removes `tmp` and fsyncs the directory.
+/// Returns false when `path` was there first (`tmp` is removed all the same).
+pub fn install_new(tmp: &Path, path: &Path) -> io::Result<bool> {
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| context("fsync", tmp, e))?;
+    let installed = match fs::hard_link(tmp, path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(context("link", path, e)),
+    };
+    fs::remove_file(tmp).map_err(|e| context("remove", tmp, e))?;
+    sync_dir(&parent_dir(path))?;
+    Ok(installed)
+}
+
+/// Makes the directory's entries (a rename, a new file) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| context("fsync directory", dir, e))
@@ -91,6 +133,29 @@ mod tests {
             0o600
         );
         assert!(!temp_path(&target).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn install_new_never_replaces() {
+        let dir = std::env::temp_dir().join(format!("relais-atomic-new-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("relais.db");
+        let (a, b) = (
+            create_unique(&target, 0o600).unwrap(),
+            create_unique(&target, 0o600).unwrap(),
+        );
+        assert_ne!(a, b);
+        fs::write(&a, b"first").unwrap();
+        fs::write(&b, b"second").unwrap();
+        assert!(install_new(&a, &target).unwrap());
+        assert!(!install_new(&b, &target).unwrap());
+        assert_eq!(fs::read(&target).unwrap(), b"first");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary files left"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::pull::{self, PullOutcome, PullWake};
 use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::Settings;
+use crate::state_lock::{self, LockError, StateLock};
 use crate::tracking::Tracking;
 use crate::transport::Transport;
 use crate::{backlog, clock, notify, status};
@@ -47,6 +48,15 @@ pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher
 
 /// Runs one pass (`once`) or the loop until a stop signal; returns the exit code.
 pub fn run(settings: &Settings, once: bool) -> i32 {
+    let command = if once { "relais once" } else { "relais run" };
+    // Taken before anything else (the configuration pull included), held for the
+    // process's life. A state directory that cannot be locked yet (not writable) is
+    // retried with the state database below: it must not stop the agent.
+    let mut lock = None;
+    if let Err(line) = hold_lock(&mut lock, settings, command, settings.state_lock_wait) {
+        log::error!("{line}");
+        return EXIT_FAILED_ROWS;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let pull = if once { None } else { start_pull(settings) };
@@ -55,9 +65,10 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         return EXIT_FAILED_ROWS;
     }
     log::info!(
-        "relais {} started: device {}, database {}, backend {}, {}",
+        "relais {} started: device {} ({}), database {}, backend {}, {}",
         env!("CARGO_PKG_VERSION"),
         settings.device_id,
+        settings.device_id_origin,
         settings.local_db_path,
         settings.http.backend_url,
         if once {
@@ -77,7 +88,16 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         if let Some(jump) = clock_watch.jumped() {
             log_clock_jump(jump);
         }
-        let interrupted = match pusher_or_build(&mut pusher, settings, &stop) {
+        let built = match hold_lock(&mut lock, settings, command, Duration::ZERO) {
+            Ok(None) => pusher_or_build(&mut pusher, settings, &stop),
+            Ok(Some(unlockable)) => Err(unlockable),
+            Err(line) => {
+                log::error!("{line}");
+                notify::stopping();
+                return EXIT_FAILED_ROWS;
+            }
+        };
+        let interrupted = match built {
             Ok(active) => {
                 let report = active.sync_once();
                 log_report(&report);
@@ -182,6 +202,32 @@ fn once_exit_code(settings: &Settings, report: &CycleReport, pusher: &mut Pusher
             log::error!("{e}");
             EXIT_FAILED_ROWS
         }
+    }
+}
+
+/// Takes the state lock unless this process holds it already, waiting up to `wait`.
+/// `Ok(None)`: held. `Ok(Some(error))`: the lock file cannot be opened (an unwritable
+/// state directory), a state failure like the others, tried again later. `Err(line)`:
+/// another process owns the state directory; the line says who and what to do.
+fn hold_lock(
+    lock: &mut Option<StateLock>,
+    settings: &Settings,
+    command: &str,
+    wait: Duration,
+) -> Result<Option<String>, String> {
+    if lock.is_some() {
+        return Ok(None);
+    }
+    let on_wait = |busy: &LockError| {
+        log::info!("{busy}; waiting up to {}", clock::human_duration(wait));
+    };
+    match state_lock::acquire_waiting(&settings.state_dir, command, wait, on_wait) {
+        Ok(held) => {
+            *lock = Some(held);
+            Ok(None)
+        }
+        Err(busy @ LockError::Busy { .. }) => Err(busy.explain(command)),
+        Err(e) => Ok(Some(e.to_string())),
     }
 }
 

@@ -4,10 +4,12 @@
 //! The binary in `main.rs` is a thin command-line layer over these modules:
 //!
 //! - [`settings`]: environment variables and the optional JSON configuration file;
+//!   [`device_id`]: the default device id;
 //! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
 //!   [`source_registry`]: which file is which source; [`reconcile`]: the sweep below the
 //!   high-water mark; [`backlog`]: what is left to push;
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
+//!   [`state_lock`]: one process per state directory;
 //! - [`transport`], [`tcp_transport`], [`backoff`]: talking to the backend;
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
 //! - [`notify`]: systemd readiness and watchdog;
@@ -20,6 +22,7 @@ pub mod blob_stream;
 pub mod clock;
 pub mod config_hash;
 pub mod daemon;
+pub mod device_id;
 pub mod json;
 pub mod logging;
 pub mod notify;
@@ -31,6 +34,7 @@ pub mod redact;
 pub mod settings;
 pub mod source;
 pub mod source_registry;
+pub mod state_lock;
 pub mod status;
 pub mod tcp_transport;
 pub mod tracking;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use relais::daemon::{EXIT_CONFIG, EXIT_FAILED_ROWS, EXIT_OK};
 use relais::settings::{Settings, SyncMode};
-use relais::{daemon, logging, status};
+use relais::{clock, daemon, logging, state_lock, status, tracking};
 
 const USAGE: &str = "usage: relais [--config FILE] [COMMAND]
 
@@ -16,6 +16,7 @@ commands:
   retry-failed   make every failed row due now
   reconcile      queue every row below the high-water mark that was never sent
   forget SOURCE  close out the unsynced rows of a source whose file is gone
+  state reset    move the state database aside (relais.db.bad-<time>) and start afresh
   demo           push a generated database to a local receiver and check every byte
   receiver       run the reference receiver (development builds)
   --version      print the version
@@ -70,6 +71,7 @@ fn run(args: &[String]) -> i32 {
         ("retry-failed", None) => retry_failed(&settings),
         ("reconcile", None) => reconcile(&settings),
         ("forget", Some(source)) if rest.len() == 2 => forget(&settings, source),
+        ("state", Some("reset")) if rest.len() == 2 => state_reset(&settings),
         ("run", None) => agent(&settings, false),
         ("once", None) => agent(&settings, true),
         ("", None) => agent(&settings, settings.mode == SyncMode::Once),
@@ -135,6 +137,49 @@ fn forget(settings: &Settings, source: &str) -> i32 {
         }
         Err(e) => {
             log::error!("{e}");
+            EXIT_FAILED_ROWS
+        }
+    }
+}
+
+/// `relais state reset`: moves a state database that relais refuses (or one the operator
+/// wants gone) aside, holding the state lock so that no agent is using it meanwhile.
+fn state_reset(settings: &Settings) -> i32 {
+    let command = "relais state reset";
+    let wait = settings.state_lock_wait;
+    let say_wait = |busy: &state_lock::LockError| {
+        eprintln!(
+            "relais: {busy}; waiting up to {}",
+            clock::human_duration(wait)
+        );
+    };
+    let _lock = match state_lock::acquire_waiting(&settings.state_dir, command, wait, say_wait) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("relais: {}", e.explain(command));
+            return EXIT_FAILED_ROWS;
+        }
+    };
+    match tracking::set_aside(&settings.state_dir) {
+        Ok(moved) if moved.is_empty() => {
+            println!(
+                "no state database in {}: nothing to reset",
+                settings.state_dir.display()
+            );
+            EXIT_OK
+        }
+        Ok(moved) => {
+            for (from, to) in moved {
+                println!("moved {} to {}", from.display(), to.display());
+            }
+            println!(
+                "the next pass starts afresh: every row of the application's database is sent \
+                 again, under the same idempotency keys"
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("relais: {e}");
             EXIT_FAILED_ROWS
         }
     }

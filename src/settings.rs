@@ -106,6 +106,9 @@ pub struct Settings {
     /// The application's database; may be a glob on the file name (`/data/*.db`).
     pub local_db_path: String,
     pub device_id: String,
+    /// Where `device_id` came from, for the start-up line: `DEVICE_ID`, the file's key,
+    /// or `derived from /etc/machine-id`.
+    pub device_id_origin: String,
     pub mode: SyncMode,
     pub interval: Duration,
     pub http: HttpSettings,
@@ -123,6 +126,9 @@ pub struct Settings {
     /// Largest configuration body accepted from the backend.
     pub config_max_bytes: u64,
     pub on_config_change: Option<HookSpec>,
+    /// How long `relais once` (and `run`, `state reset`) waits for another process to
+    /// release the state directory (`state_lock_wait_s`).
+    pub state_lock_wait: Duration,
 }
 
 pub const DEFAULT_EVENT_QUERY: &str = "SELECT e.id_evenement AS local_id, e.date AS date, \
@@ -346,13 +352,14 @@ impl Settings {
                 map: &file.root,
             },
         };
+        let local_db_path = src
+            .string("LOCAL_DB_PATH", "local_db_path")?
+            .unwrap_or_else(|| "/data/surveillance.db".into());
+        let (device_id, device_id_origin) = parse_device_id(&src)?;
         let settings = Settings {
-            local_db_path: src
-                .string("LOCAL_DB_PATH", "local_db_path")?
-                .unwrap_or_else(|| "/data/surveillance.db".into()),
-            device_id: src
-                .string("DEVICE_ID", "device_id")?
-                .unwrap_or_else(|| "raspberry-1".into()),
+            local_db_path,
+            device_id,
+            device_id_origin,
             mode: parse_mode(&src)?,
             interval: parse_interval(&src)?,
             http: parse_http(&src)?,
@@ -392,6 +399,7 @@ impl Settings {
                     whole(n, 2.0, 1e9, "config_max_bytes")
                 })? as u64,
             on_config_change: parse_hook(&src.file)?,
+            state_lock_wait: src.file.seconds("state_lock_wait_s", 30.0)?,
         };
         settings.validate()?;
         Ok(settings)
@@ -437,6 +445,31 @@ fn whole(n: f64, min: f64, max: f64, name: &str) -> Result<f64, SettingsError> {
         ));
     }
     Ok(n)
+}
+
+/// The device id: `DEVICE_ID`, else the file's `device_id`, else derived from the machine
+/// id ([`crate::device_id`]). An empty value is an error, never a request for the
+/// default: `DEVICE_ID=` in an env file means someone meant to set it and did not.
+/// `RELAIS_MACHINE_ID_FILE` replaces the machine id's path (tests, image builds).
+fn parse_device_id(src: &Source) -> Result<(String, String), SettingsError> {
+    let explicit = match (src.env)("DEVICE_ID") {
+        Some(v) => Some((v, "DEVICE_ID".to_string())),
+        None => src
+            .file
+            .string("device_id")?
+            .map(|v| (v, src.file.name("device_id"))),
+    };
+    match explicit {
+        Some((v, origin)) if v.trim().is_empty() => Err(invalid(
+            &origin,
+            "is empty: set a name unique to this device, or leave it unset to derive one from /etc/machine-id",
+        )),
+        Some(found) => Ok(found),
+        None => {
+            let file = src.env("RELAIS_MACHINE_ID_FILE").map(PathBuf::from);
+            crate::device_id::derive(file.as_deref()).map_err(|e| invalid("DEVICE_ID", e))
+        }
+    }
 }
 
 fn parse_mode(src: &Source) -> Result<SyncMode, SettingsError> {
@@ -707,22 +740,39 @@ fn parse_hook(file: &Fields) -> Result<Option<HookSpec>, SettingsError> {
 mod tests {
     use super::*;
 
+    const MACHINE_ID: &str = "3d1219c7c4c5404aaa1f6d2a48adfda4";
+
+    /// A file of its own per call: tests run in parallel threads of one process.
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "relais-settings-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// The settings from `vars` and the file `file`; the machine id is a fixed test one,
+    /// never the host's, unless `vars` names another file.
     fn load(vars: &[(&str, &str)], file: Option<&str>) -> Result<Settings, SettingsError> {
-        let vars: Vec<(String, String)> = vars
+        let machine_id = temp_file("machine-id", &format!("{MACHINE_ID}\n"));
+        let mut vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        vars.push((
+            "RELAIS_MACHINE_ID_FILE".into(),
+            machine_id.display().to_string(),
+        ));
         let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let path = file.map(|text| {
-            let p = std::env::temp_dir().join(format!(
-                "relais-settings-{}-{}.json",
-                std::process::id(),
-                text.len()
-            ));
-            std::fs::write(&p, text).unwrap();
-            p
-        });
-        Settings::load(&env, path.as_deref())
+        let path = file.map(|text| temp_file("config.json", text));
+        let loaded = Settings::load(&env, path.as_deref());
+        for p in path.iter().chain([&machine_id]) {
+            let _ = std::fs::remove_file(p);
+        }
+        loaded
     }
 
     #[test]
@@ -731,7 +781,8 @@ mod tests {
         assert_eq!(s.local_db_path, "/data/surveillance.db");
         assert_eq!(s.http.backend_url, "http://backend:8000");
         assert_eq!(s.interval, Duration::from_secs(300));
-        assert_eq!(s.device_id, "raspberry-1");
+        assert_eq!(s.device_id, crate::device_id::from_machine_id(MACHINE_ID));
+        assert!(s.device_id_origin.starts_with("derived from "));
         assert_eq!(s.mode, SyncMode::Continuous);
         assert_eq!(s.tables, default_tables());
         assert_eq!(s.config_interval, Duration::from_secs(300));
@@ -748,6 +799,42 @@ mod tests {
         assert_eq!(s.device_id, "pi-7");
         assert_eq!(s.batch_size, 7);
         assert_eq!(s.interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn device_id_is_never_empty_nor_shared_by_default() {
+        for (vars, file) in [
+            (&[("DEVICE_ID", "")][..], None),
+            (&[("DEVICE_ID", "  ")][..], None),
+            (&[][..], Some(r#"{"device_id": ""}"#)),
+        ] {
+            let e = load(vars, file).unwrap_err();
+            assert!(
+                e.setting.contains("DEVICE_ID") || e.setting == "device_id",
+                "{e}"
+            );
+            assert!(e.problem.starts_with("is empty"), "{e}");
+        }
+        let s = load(&[("DEVICE_ID", "pi-7")], None).unwrap();
+        assert_eq!(
+            (s.device_id.as_str(), s.device_id_origin.as_str()),
+            ("pi-7", "DEVICE_ID")
+        );
+        for text in ["uninitialized\n", "", "00000000000000000000000000000000\n"] {
+            let f = temp_file("bad-machine-id", text);
+            let e = load(
+                &[("RELAIS_MACHINE_ID_FILE", &f.display().to_string())],
+                None,
+            );
+            std::fs::remove_file(&f).unwrap();
+            assert_eq!(e.unwrap_err().setting, "DEVICE_ID", "{text:?}");
+        }
+        let e = load(
+            &[("RELAIS_MACHINE_ID_FILE", "/nonexistent/machine-id")],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("set DEVICE_ID"), "{e}");
     }
 
     #[test]

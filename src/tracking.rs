@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
+use crate::atomic_file;
 use crate::clock::{self, RetryClock};
 use crate::source::FileId;
 
@@ -25,6 +26,9 @@ pub const STATE_DB_NAME: &str = "relais.db";
 #[derive(Debug)]
 pub enum TrackingError {
     Open(PathBuf, String),
+    /// A file is there but is no usable state database (`what` it is instead): an
+    /// operator matter, since relais cannot tell which rows were already sent.
+    Bad(PathBuf, &'static str),
     Sql(&'static str, rusqlite::Error),
     /// A table yields an id both as an integer and as text with the same digits (a column
     /// without a declared type): both would have the same idempotency key.
@@ -38,6 +42,14 @@ impl fmt::Display for TrackingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TrackingError::Open(p, e) => write!(f, "state database {}: {e}", p.display()),
+            TrackingError::Bad(p, what) => write!(
+                f,
+                "state database {} {what}: relais cannot tell which rows were sent, so it sends \
+                 none and moves nothing; `relais state reset` sets it aside and starts afresh \
+                 (safe with an idempotent backend; with another, every row still in the \
+                 application's database is sent again)",
+                p.display()
+            ),
             TrackingError::Sql(what, e) => {
                 let hint = match e.sqlite_error_code() {
                     Some(rusqlite::ErrorCode::DiskFull) => " (the disk is full)",
@@ -150,29 +162,39 @@ const WAL_SETUP: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
     PRAGMA wal_autocheckpoint = 256; PRAGMA journal_size_limit = 1048576;";
 
 impl Tracking {
-    /// Opens (creating if needed) the state database in `state_dir`.
+    /// Opens the state database in `state_dir`, creating it when there is none yet. A
+    /// file that is there but empty, not SQLite, corrupt or not relais's is an error
+    /// ([`TrackingError::Bad`]): taking it for fresh state would send every row again.
     pub fn open(state_dir: &Path) -> Result<Tracking, TrackingError> {
         let path = state_dir.join(STATE_DB_NAME);
         let open_err = |e: String| TrackingError::Open(path.clone(), e);
-        if !state_dir.is_dir() {
-            std::fs::create_dir_all(state_dir)
-                .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
-            // The tracking database reveals what the device recorded: keep it private.
-            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        create_state_dir(state_dir)
+            .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.len() == 0 => {
+                return Err(TrackingError::Bad(path, "is empty (0 bytes)"));
+            }
+            Ok(_) => {}
+            // A WAL without its database (removed by hand?) would be replayed into a
+            // fresh one.
+            Err(_) if atomic_file::with_suffix(&path, "-wal").exists() => {
+                return Err(TrackingError::Bad(
+                    path,
+                    "is missing but its -wal file is there",
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path)?,
+            Err(e) => return Err(open_err(e.to_string())),
         }
-        // SQLite's "unable to open database file" alone does not say that a read-only
-        // state directory or a full disk is the usual cause (fault campaign 6).
-        let unwritable = |e: rusqlite::Error| {
-            open_err(format!(
-                "{e} (is the state directory writable and the disk not full?)"
-            ))
-        };
-        let conn = Connection::open(&path).map_err(unwritable)?;
+        // No SQLITE_OPEN_CREATE: a database removed meanwhile must not come back empty.
+        let flags = OpenFlags::default().difference(OpenFlags::SQLITE_OPEN_CREATE);
+        let conn = Connection::open_with_flags(&path, flags).map_err(unwritable(&path))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(|e| open_err(e.to_string()))?;
+        check_is_state(&conn, &path)?;
         conn.execute_batch(WAL_SETUP)
             .and_then(|()| conn.execute_batch(SCHEMA))
-            .map_err(unwritable)?;
+            .map_err(unwritable(&path))?;
         Ok(Tracking { conn })
     }
 
@@ -181,21 +203,44 @@ impl Tracking {
     /// create its shared-memory file, the file is read as immutable.
     pub fn open_read_only(state_dir: &Path) -> Result<Tracking, TrackingError> {
         let path = state_dir.join(STATE_DB_NAME);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(TrackingError::Bad(path, "is empty (0 bytes)"));
+        }
         let open = |target: &str, extra: OpenFlags| {
             let conn = Connection::open_with_flags(
                 target,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | extra,
             )?;
             conn.busy_timeout(Duration::from_secs(10))?;
-            conn.query_row("SELECT 1 FROM sync_tracking LIMIT 1", [], |_| Ok(()))
-                .optional()?;
+            // Reading the schema now, so that a file SQLite cannot read as WAL without
+            // its shared memory falls back to the immutable open.
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
             Ok::<_, rusqlite::Error>(conn)
         };
         let immutable = format!("file:{}?immutable=1", path.display());
-        open(&path.to_string_lossy(), OpenFlags::empty())
+        let conn = open(&path.to_string_lossy(), OpenFlags::empty())
             .or_else(|_| open(&immutable, OpenFlags::SQLITE_OPEN_URI))
-            .map(|conn| Tracking { conn })
-            .map_err(|e| TrackingError::Open(path.clone(), e.to_string()))
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => {
+                    TrackingError::Bad(path.clone(), "is not an SQLite database")
+                }
+                Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
+                    TrackingError::Bad(path.clone(), "is corrupt")
+                }
+                _ => TrackingError::Open(path.clone(), e.to_string()),
+            })?;
+        check_is_state(&conn, &path)?;
+        Ok(Tracking { conn })
+    }
+
+    /// A write transaction taken at once. A deferred one that reads first fails with
+    /// "database is locked" when `relais retry-failed` commits between its read and its
+    /// write (WAL: a reader's snapshot cannot be upgraded), where an immediate one just
+    /// waits for the busy timeout.
+    fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>, TrackingError> {
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin a transaction"))
     }
 
     /// Largest integer `local_id` ever recorded for this table: rows above it are new.
@@ -221,10 +266,7 @@ impl Tracking {
         now: RetryClock,
     ) -> Result<Vec<Value>, TrackingError> {
         let date = clock::iso8601(now.now);
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("begin a transaction"))?;
+        let tx = self.write_tx()?;
         let mut due = Vec::new();
         {
             let mut get = tx
@@ -376,10 +418,7 @@ impl Tracking {
             return Ok(());
         }
         let date = clock::now_iso8601();
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("begin a transaction"))?;
+        let tx = self.write_tx()?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -491,10 +530,7 @@ impl Tracking {
                     .map_err(sql("read the legacy sync_tracking table"))?;
                 let Some(last) = batch.last() else { break };
                 after = last.0;
-                let tx = self
-                    .conn
-                    .transaction()
-                    .map_err(sql("begin a transaction"))?;
+                let tx = self.write_tx()?;
                 for (_, table, local_id, remote_id, date) in &batch {
                     imported += tx
                         .execute(
@@ -527,10 +563,7 @@ impl Tracking {
 
     /// Sets metadata entries, all in one transaction (one SD card write per pass).
     pub fn set_meta(&mut self, entries: &[(&str, &str)]) -> Result<(), TrackingError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("begin a transaction"))?;
+        let tx = self.write_tx()?;
         for (key, value) in entries {
             tx.execute(
                 "INSERT OR REPLACE INTO agent_meta (key, value) VALUES (?1, ?2)",
@@ -709,10 +742,7 @@ impl Tracking {
     /// synced stay, so a file that comes back is not sent twice.
     pub fn forget(&mut self, source: &str) -> Result<u64, TrackingError> {
         let now = clock::now_iso8601();
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("begin a transaction"))?;
+        let tx = self.write_tx()?;
         let moved = tx
             .execute(
                 "INSERT INTO sync_forgotten (source, table_name, local_id, sync_status, error_message, attempts, forgotten_at)
@@ -746,6 +776,106 @@ impl Tracking {
         rows.collect::<Result<_, _>>()
             .map_err(sql("read forgotten rows"))
     }
+}
+
+/// Creates the state directory, private, if it is missing.
+pub(crate) fn create_state_dir(state_dir: &Path) -> std::io::Result<()> {
+    if !state_dir.is_dir() {
+        std::fs::create_dir_all(state_dir)?;
+        // The tracking database reveals what the device recorded: keep it private.
+        let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// SQLite's "unable to open database file" alone does not say that a read-only state
+/// directory or a full disk is the usual cause (fault campaign 6).
+fn unwritable<E: fmt::Display>(path: &Path) -> impl Fn(E) -> TrackingError + '_ {
+    move |e| {
+        TrackingError::Open(
+            path.to_path_buf(),
+            format!("{e} (is the state directory writable and the disk not full?)"),
+        )
+    }
+}
+
+/// Creates the state database whole: schema made under a temporary name, closed,
+/// fsynced, then linked to `path` and the directory fsynced. A power cut during the very
+/// first start leaves no `relais.db` (or a leftover `relais.db.new-*`), never an empty
+/// one that the next start would have to refuse.
+fn create(path: &Path) -> Result<(), TrackingError> {
+    let tmp = atomic_file::create_unique(path, 0o600).map_err(unwritable(path))?;
+    let built = Connection::open(&tmp)
+        .and_then(|conn| {
+            conn.execute_batch(WAL_SETUP)?;
+            conn.execute_batch(SCHEMA)?;
+            conn.close().map_err(|(_, e)| e)
+        })
+        .map_err(unwritable(path))
+        .and_then(|()| atomic_file::install_new(&tmp, path).map_err(unwritable(path)));
+    if built.is_err() {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(atomic_file::with_suffix(&tmp, suffix));
+        }
+    }
+    // `false` (another process created it first) is fine: that one is opened instead.
+    built.map(|_| ())
+}
+
+/// Tells a relais state database from a file that only has its name.
+fn check_is_state(conn: &Connection, path: &Path) -> Result<(), TrackingError> {
+    let found = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'sync_tracking'",
+        [],
+        |r| r.get::<_, i64>(0),
+    );
+    let bad = |what| Err(TrackingError::Bad(path.to_path_buf(), what));
+    match found {
+        Ok(1) => Ok(()),
+        Ok(_) => bad("is not a relais state database (no sync_tracking table)"),
+        Err(e) => match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => bad("is not an SQLite database"),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt) => bad("is corrupt"),
+            _ => Err(TrackingError::Sql("read its schema", e)),
+        },
+    }
+}
+
+/// `relais state reset`: moves the state database and its `-wal` and `-shm` aside, as
+/// `relais.db.bad-<UTC time>` (with the same suffixes, so SQLite still opens them
+/// together); returns each move made. The caller holds the state lock.
+pub fn set_aside(state_dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>, TrackingError> {
+    let db = state_dir.join(STATE_DB_NAME);
+    let stamp = clock::now_iso8601()
+        .replace(['-', ':'], "")
+        .replace("+0000", "Z");
+    let mut base = atomic_file::with_suffix(&db, &format!(".bad-{stamp}"));
+    for n in 2.. {
+        if !base.exists() {
+            break;
+        }
+        base = atomic_file::with_suffix(&db, &format!(".bad-{stamp}-{n}"));
+    }
+    let mut moved = Vec::new();
+    // The -wal first: a fresh database must never meet the old one's WAL.
+    for suffix in ["-wal", "-shm", ""] {
+        let from = atomic_file::with_suffix(&db, suffix);
+        if std::fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        let to = atomic_file::with_suffix(&base, suffix);
+        std::fs::rename(&from, &to).map_err(|e| {
+            TrackingError::Open(
+                from.clone(),
+                format!("cannot move it to {}: {e}", to.display()),
+            )
+        })?;
+        moved.push((from, to));
+    }
+    if !moved.is_empty() {
+        atomic_file::sync_dir(state_dir).map_err(|e| TrackingError::Open(db, e.to_string()))?;
+    }
+    Ok(moved)
 }
 
 /// How a `local_id` is stored. `local_id` is declared INTEGER, as the contract and the

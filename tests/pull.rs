@@ -153,6 +153,7 @@ impl Fixture {
             ("AGENT_CONFIG", self.agent_config().display().to_string()),
             ("RELAIS_STATE_DIR", self.state_dir().display().to_string()),
             ("RELAIS_LOG_DIR", "-".to_string()),
+            ("DEVICE_ID", common::DEVICE.to_string()),
         ];
         let env = move |k: &str| {
             vars.iter()
