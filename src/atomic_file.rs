@@ -1,6 +1,12 @@
 //! Durable file replacement: write a temporary file in the same directory, fsync it,
 //! rename it over the target, fsync the directory. A power cut at any instant leaves
 //! either the old file or the new one, whole.
+//!
+//! Temporary files are created exclusively (`O_EXCL`, `O_NOFOLLOW`) under a name unique
+//! to the process and the call: a symbolic link planted at a predictable name
+//! (`config.json.tmp`) would otherwise have the agent overwrite and chmod its target.
+//! Those a power cut left behind are removed by the next call for the same target, once
+//! the process that made them is gone.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -12,8 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// holding secrets). Errors name the step that failed.
 pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = parent_dir(path);
-    let tmp = temp_path(path);
-    let result = write_synced(&tmp, contents, mode)
+    let (tmp, file) = create_exclusive(path, mode)?;
+    let result = write_synced(file, &tmp, contents, mode)
         .and_then(|()| fs::rename(&tmp, path).map_err(|e| context("rename", &tmp, e)))
         .and_then(|()| sync_dir(&dir));
     if result.is_err() {
@@ -28,16 +34,9 @@ pub fn copy(path: &Path, dest: &Path, mode: u32) -> io::Result<()> {
     replace(dest, &contents, mode)
 }
 
-fn write_synced(tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(tmp)
-        .map_err(|e| context("create", tmp, e))?;
+fn write_synced(mut f: File, tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     // The mode given to open() is filtered by the umask; secrets must not depend on it.
-    fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
         .map_err(|e| context("chmod", tmp, e))?;
     f.write_all(contents)
         .map_err(|e| context("write", tmp, e))?;
@@ -48,20 +47,56 @@ fn write_synced(tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// (`relais.db.new-<pid>-<n>`), exclusively: for a file that must be built whole before
 /// it gets its real name with [`install_new`].
 pub fn create_unique(path: &Path, mode: u32) -> io::Result<PathBuf> {
+    create_exclusive(path, mode).map(|(tmp, _)| tmp)
+}
+
+fn create_exclusive(path: &Path, mode: u32) -> io::Result<(PathBuf, File)> {
     static N: AtomicU32 = AtomicU32::new(0);
+    remove_stale(path);
     loop {
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let tmp = with_suffix(path, &format!(".new-{}-{n}", std::process::id()));
+        let tmp = with_suffix(path, &format!("{TEMP_MARK}{}-{n}", std::process::id()));
         match OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)
         {
-            Ok(_) => return Ok(tmp),
-            // A leftover of an earlier process with the same pid (after a reboot).
+            Ok(f) => return Ok((tmp, f)),
+            // Planted, or a leftover of an earlier process with the same pid.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(context("create", &tmp, e)),
+        }
+    }
+}
+
+/// What a temporary file's name adds to its target's, before `<pid>-<n>`.
+const TEMP_MARK: &str = ".new-";
+
+/// Removes the temporary files of `path` whose process is gone (a power cut, a kill).
+fn remove_stale(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}{TEMP_MARK}", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name();
+        let pid = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = fs::remove_file(entry.path());
         }
     }
 }
@@ -98,12 +133,6 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// A fixed temporary name per target: a leftover from a power cut is simply
-/// overwritten by the next replacement instead of accumulating.
-fn temp_path(path: &Path) -> PathBuf {
-    with_suffix(path, ".tmp")
-}
-
 /// The sibling of `path` whose name is `path`'s name plus `suffix` (`config.json.prev`).
 pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -132,7 +161,45 @@ mod tests {
             fs::metadata(&target).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert!(!temp_path(&target).exists());
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary files left"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_planted_link_is_not_followed_and_stale_temps_go() {
+        let dir = std::env::temp_dir().join(format!("relais-atomic-link-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (target, victim) = (dir.join("config.json"), dir.join("victim"));
+        fs::write(&victim, b"precious").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        for name in [
+            "config.json.tmp",
+            &format!("config.json.new-{}-0", std::process::id()),
+        ] {
+            std::os::unix::fs::symlink(&victim, dir.join(name)).unwrap();
+        }
+        // Left by a process that is gone (pid 0 is never a user process's).
+        let stale = dir.join("config.json.new-0-7");
+        fs::write(&stale, b"half").unwrap();
+        replace(&target, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(
+            fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(
+            !fs::symlink_metadata(&target)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert!(!stale.exists(), "the stale temporary file was removed");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -164,7 +231,7 @@ mod tests {
         let err = replace(Path::new("/nonexistent-dir/x.json"), b"x", 0o600).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("create /nonexistent-dir/x.json.tmp"),
+                .starts_with("create /nonexistent-dir/x.json.new-"),
             "{err}"
         );
     }

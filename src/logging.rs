@@ -3,12 +3,19 @@
 //! line passes through [`crate::redact`] first.
 //!
 //! The file is `relais.log` plus one rotated generation `relais.log.1`; the current file
-//! is rotated when it reaches half the cap, so the two together stay under the cap.
+//! is rotated when it reaches half the cap, so the two together stay under the cap. A
+//! file deleted or moved away (logrotate, an operator) is noticed at the next line and
+//! opened anew, as it is after [`reopen`] (SIGHUP).
+//!
+//! Other crates' trace records are dropped whatever the level: the HTTP library dumps
+//! every byte it sends at trace, 16 per line, which splits a bearer token across lines
+//! where no redaction by substring can find it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -30,6 +37,8 @@ pub struct LogSettings {
 struct FileSink {
     path: PathBuf,
     file: Option<File>,
+    /// The inode `file` has, to notice the path now naming another file or none.
+    inode: u64,
     size: u64,
     half_cap: u64,
     /// Set after a write error (disk full, directory gone): reported once, then the file
@@ -72,9 +81,18 @@ pub fn init(settings: &LogSettings) -> Option<String> {
     warning
 }
 
+/// Set by [`reopen`]: the file is opened anew before the next line.
+static REOPEN: AtomicBool = AtomicBool::new(false);
+
+/// Opens the log file anew before the next line (SIGHUP, after a logrotate).
+pub fn reopen() {
+    REOPEN.store(true, Ordering::Relaxed);
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= self.level
+            && (metadata.level() < Level::Trace || metadata.target().starts_with("relais"))
     }
 
     fn log(&self, record: &Record) {
@@ -115,11 +133,12 @@ impl FileSink {
         fs::create_dir_all(dir)?;
         let path = dir.join(LOG_FILE_NAME);
         let file = open_append(&path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
         Ok(FileSink {
             path,
             file: Some(file),
-            size,
+            inode: meta.ino(),
+            size: meta.len(),
             half_cap: (max_bytes / 2).max(4096),
             failing: false,
         })
@@ -128,6 +147,9 @@ impl FileSink {
     fn write(&mut self, line: &str) {
         if self.size + line.len() as u64 > self.half_cap {
             self.rotate();
+        } else if REOPEN.swap(false, Ordering::Relaxed) || self.file.is_none() || self.moved_away()
+        {
+            self.open_again();
         }
         let Some(file) = self.file.as_mut() else {
             return;
@@ -155,16 +177,31 @@ impl FileSink {
     fn rotate(&mut self) {
         self.file = None;
         let _ = fs::rename(&self.path, atomic_file::with_suffix(&self.path, ".1"));
-        self.size = 0;
+        self.open_again();
+    }
+
+    /// Whether the path no longer names the open file: one `stat` per line, and an idle
+    /// agent writes a few lines an hour.
+    fn moved_away(&self) -> bool {
+        !fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode)
+    }
+
+    fn open_again(&mut self) {
         self.file = open_append(&self.path).ok();
+        let meta = self.file.as_ref().and_then(|f| f.metadata().ok());
+        self.inode = meta.as_ref().map_or(0, |m| m.ino());
+        self.size = meta.map_or(0, |m| m.len());
     }
 }
 
+/// Never through a symbolic link: one planted at `relais.log` would have the agent
+/// append to whatever it points at.
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 

@@ -20,6 +20,51 @@ pub fn register(secret: &str) {
     }
 }
 
+/// Registers the password of a URL's userinfo (`http://user:pass@host`) in every form it
+/// may take in a line: as written, percent-decoded, and inside the `Authorization: Basic`
+/// value the HTTP client derives from it.
+pub fn register_url(url: &str) {
+    use base64::Engine;
+    let Some((user, password)) = userinfo(url) else {
+        return;
+    };
+    let (user, plain) = (percent_decoded(user), percent_decoded(password));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{plain}"));
+    for secret in [password.to_string(), plain, basic] {
+        register(&secret);
+    }
+}
+
+/// `(user, password)` of `scheme://user:password@host...`.
+fn userinfo(url: &str) -> Option<(&str, &str)> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (info, _) = authority.rsplit_once('@')?;
+    info.split_once(':')
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(b) if bytes[i] == b'%' => {
+                out.push(b);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Returns `text` with every registered secret replaced by `***`.
 pub fn redact(text: &str) -> String {
     let secrets = SECRETS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -44,5 +89,17 @@ mod tests {
             redact("GET http://h/config/s3cr3t-token failed: ab"),
             "GET http://h/config/*** failed: ab"
         );
+    }
+
+    #[test]
+    fn masks_a_urls_password_in_every_form() {
+        register_url("https://relais:p%40ss-w0rd-xyz@backend.example:8443/sync");
+        assert_eq!(
+            redact("https://relais:p%40ss-w0rd-xyz@backend.example p@ss-w0rd-xyz"),
+            "https://relais:***@backend.example ***"
+        );
+        // base64("relais:p@ss-w0rd-xyz"), as in `Authorization: Basic ...`.
+        assert_eq!(redact("Basic cmVsYWlzOnBAc3MtdzByZC14eXo="), "Basic ***");
+        assert_eq!(userinfo("http://host/a@b"), None);
     }
 }

@@ -434,6 +434,20 @@ impl Settings {
         {
             crate::redact::register(s);
         }
+        crate::redact::register_url(&self.http.backend_url);
+        // The HTTP client takes a proxy, with its credentials, from these.
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            if let Ok(proxy) = std::env::var(var) {
+                crate::redact::register_url(&proxy);
+            }
+        }
     }
 }
 
