@@ -97,7 +97,7 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 return EXIT_FAILED_ROWS;
             }
         };
-        let interrupted = match built {
+        let (interrupted, wrong_url) = match built {
             Ok(active) => {
                 let report = active.sync_once();
                 log_report(&report);
@@ -108,7 +108,7 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                     notify::stopping();
                     return once_exit_code(settings, &report, active).max(pulled);
                 }
-                report.interrupted
+                (report.interrupted, !report.wrong_url.is_empty())
             }
             Err(e) => {
                 log::error!("{e}; nothing is pushed until this is fixed");
@@ -116,7 +116,7 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 if once {
                     return EXIT_FAILED_ROWS;
                 }
-                Some(Interruption::State(e))
+                (Some(Interruption::State(e)), false)
             }
         };
         let delay = match &interrupted {
@@ -128,12 +128,15 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 pusher = None;
                 backoff.next_delay(None)
             }
+            // A backend that looks misconfigured may be fixed on its side: try again
+            // sooner than the interval, and less and less often.
+            None if wrong_url => backoff.next_delay(None),
             None => {
                 backoff.reset();
                 settings.interval
             }
         };
-        if interrupted.is_some() {
+        if interrupted.is_some() || wrong_url {
             log::info!("next attempt in {}", clock::human_duration(delay));
         }
         if wait(&rx, delay) == Wake::Stop {

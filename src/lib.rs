@@ -31,6 +31,7 @@ pub mod pull;
 pub mod push;
 pub mod reconcile;
 pub mod redact;
+pub mod rejections;
 pub mod settings;
 pub mod source;
 pub mod source_registry;

@@ -6,7 +6,8 @@
 //! short batches. Each batch is recorded `pending` in one transaction before anything
 //! is sent; acknowledgements are recorded in small groups (the idempotency key makes a
 //! group lost in a power cut harmless). The first transient failure ends the pass:
-//! failing every remaining row against a dead server helps nobody.
+//! failing every remaining row against a dead server helps nobody. Likewise a table
+//! whose endpoint looks wrong ([`crate::rejections`]) stops at the evidence.
 
 use std::fmt;
 use std::io::Read;
@@ -22,12 +23,13 @@ use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
 use crate::payload::RowPayload;
 use crate::reconcile::{self, SweepError, SweptTable};
+use crate::rejections::{Held, Rejections, Verdict};
 use crate::settings::{Settings, TableSpec};
 use crate::source::{self, SourceError};
 use crate::source_registry::{self, Resolved};
 use crate::tracking::{Acked, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
-use crate::{backoff, clock, json, notify};
+use crate::{backoff, clock, config_hash, json, notify};
 
 /// Acknowledgements are committed when this many are waiting...
 const ACK_GROUP: usize = 256;
@@ -44,6 +46,10 @@ pub struct TableReport {
     pub bytes: u64,
     /// Longest time one BLOB read held the application database's read lock.
     pub max_lock_hold: Duration,
+    /// Rows stored with an HTML page for an answer.
+    pub html: u64,
+    /// The first row the backend rejected, and why (`relais status`'s last error).
+    pub rejection: Option<String>,
 }
 
 /// Why a pass ended before it was done.
@@ -72,6 +78,9 @@ pub struct CycleReport {
     pub vanished: Vec<(String, u64)>,
     /// Untracked rows the reconciliation sweep found and queued.
     pub queued: u64,
+    /// Tables whose endpoint looked wrong (see [`crate::rejections`]): their rows are
+    /// tried again after the backoff, not the interval.
+    pub wrong_url: Vec<String>,
 }
 
 impl CycleReport {
@@ -85,6 +94,10 @@ impl CycleReport {
 
     pub fn bytes(&self) -> u64 {
         self.tables.iter().map(|t| t.bytes).sum()
+    }
+
+    pub fn html_answers(&self) -> u64 {
+        self.tables.iter().map(|t| t.html).sum()
     }
 
     /// Whether everything due was pushed.
@@ -137,6 +150,8 @@ fn file_name(path: &str) -> &str {
 enum Halt {
     Pass(Interruption),
     Table(String),
+    /// The table's endpoint looks wrong; the line says why.
+    WrongUrl(String),
 }
 
 impl From<TrackingError> for Halt {
@@ -224,6 +239,13 @@ impl Pusher {
             }
             (Err(e), _) | (_, Err(e)) => Some(Interruption::State(e.to_string())),
         };
+        let html = report.html_answers();
+        if html > 0 {
+            // Success by the contract, but a captive portal answers so too.
+            log::warn!(
+                "the backend answered 2xx with an HTML page for {html} rows: a captive portal or a proxy may be swallowing them"
+            );
+        }
         report.duration = began.elapsed();
         report
     }
@@ -301,7 +323,10 @@ impl Pusher {
         multi: bool,
         report: &mut CycleReport,
     ) -> Option<Interruption> {
-        if let Err(e) = self.find_vanished(sources, report) {
+        if let Err(e) = self
+            .check_backend_settings()
+            .and_then(|()| self.find_vanished(sources, report))
+        {
             return Some(Interruption::State(e.to_string()));
         }
         for s in sources {
@@ -310,6 +335,23 @@ impl Pusher {
             }
         }
         None
+    }
+
+    /// Rows failed against other backend settings (`BACKEND_URL`, the table's endpoint)
+    /// are due now: a wrong URL fixed must not leave its rows waiting for the slow clock.
+    fn check_backend_settings(&mut self) -> Result<(), TrackingError> {
+        for table in &self.settings.tables {
+            let url = format!("{}{}", self.settings.http.backend_url, table.endpoint);
+            let fingerprint = config_hash::md5_hex(url.as_bytes());
+            let due = self.tracking.backend_settings(&table.name, &fingerprint)?;
+            if due > 0 {
+                log::info!(
+                    "table {}: the backend settings changed: {due} failed rows are due now",
+                    table.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Sources with unsynced rows whose file is gone: said at every pass until the file
@@ -360,18 +402,31 @@ impl Pusher {
             Err(e) => return Some(Interruption::State(e.to_string())),
         }
         for table in self.settings.tables.clone() {
+            // Found wrong with another source already: more rows to it help nobody.
+            if report.wrong_url.contains(&table.name) {
+                continue;
+            }
             let mut tr = TableReport {
                 source: ctx.key.clone(),
                 table: table.name.clone(),
                 ..TableReport::default()
             };
             let mut group = AckGroup::default();
-            let result = self.push_table(&ctx, &table, &mut tr, &mut group);
+            let mut rejections = Rejections::default();
+            let result = self.push_table(&ctx, &table, &mut tr, &mut group, &mut rejections);
+            let settled = rejections
+                .finish()
+                .into_iter()
+                .try_for_each(|held| self.reject(&ctx, &table, held, &mut tr));
             let flushed = self.flush(&ctx.key, &mut group);
             report.tables.push(tr);
-            match result.and(flushed) {
+            match result.and(settled).and(flushed) {
                 Ok(()) => {}
                 Err(Halt::Table(e)) => report.errors.push(e),
+                Err(Halt::WrongUrl(e)) => {
+                    report.errors.push(e);
+                    report.wrong_url.push(table.name.clone());
+                }
                 Err(Halt::Pass(stop)) => return Some(stop),
             }
         }
@@ -384,6 +439,7 @@ impl Pusher {
         table: &TableSpec,
         tr: &mut TableReport,
         group: &mut AckGroup,
+        rejections: &mut Rejections,
     ) -> Result<(), Halt> {
         let batch = self.settings.batch_size;
         // Due retries first: they are older than anything new.
@@ -398,7 +454,7 @@ impl Pusher {
             )?;
             for id in &ids {
                 match source::read_one(ctx.conn, ctx.path, table, id)? {
-                    Some(row) => self.send_row(ctx, table, row, tr, group)?,
+                    Some(row) => self.send_row(ctx, table, row, tr, group, rejections)?,
                     None => {
                         let delay = self.settings.retry.permanent_retry;
                         let message = "the row no longer exists in the source database";
@@ -448,7 +504,7 @@ impl Pusher {
                 self.tracking
                     .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
             for row in rows.into_iter().filter(|r| due.contains(&r.local_id)) {
-                self.send_row(ctx, table, row, tr, group)?;
+                self.send_row(ctx, table, row, tr, group, rejections)?;
             }
             if !full {
                 break;
@@ -470,6 +526,7 @@ impl Pusher {
         row: RowPayload,
         tr: &mut TableReport,
         group: &mut AckGroup,
+        rejections: &mut Rejections,
     ) -> Result<(), Halt> {
         crate::notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {
@@ -491,7 +548,11 @@ impl Pusher {
             Some(_) => self.send_media(ctx, table, &row, &key, tr),
         };
         match sent {
-            Ok((Outcome::Stored { remote_id }, bytes)) => {
+            Ok((Outcome::Stored { remote_id, html }, bytes)) => {
+                for held in rejections.stored() {
+                    self.reject(ctx, table, held, tr)?;
+                }
+                tr.html += u64::from(html);
                 match &remote_id {
                     Some(r) => {
                         log::debug!("{} {row_id} -> backend (id {})", table.name, id_text(r))
@@ -516,14 +577,41 @@ impl Pusher {
                 }
                 Ok(())
             }
-            Ok((Outcome::Rejected { reason, .. }, _)) => {
-                log::warn!(
-                    "{} {row_id}: {reason}; next attempt in {}",
-                    table.name,
-                    clock::human_duration(self.settings.retry.permanent_retry)
-                );
-                let delay = self.settings.retry.permanent_retry;
-                self.fail(ctx, table, &row.local_id, &reason, delay, tr)
+            Ok((
+                Outcome::Rejected {
+                    status,
+                    reason,
+                    location,
+                },
+                _,
+            )) => {
+                let attempts = self
+                    .tracking
+                    .attempts(&ctx.key, &table.name, &row.local_id)?;
+                let held = Held {
+                    local_id: row.local_id,
+                    reason,
+                };
+                match rejections.rejected(held, status, location, attempts) {
+                    Verdict::Hold => Ok(()),
+                    Verdict::Rows(rows) => rows
+                        .into_iter()
+                        .try_for_each(|held| self.reject(ctx, table, held, tr)),
+                    Verdict::WrongUrl(wrong) => {
+                        // Due again after the backoff, not the slow clock: the rows were
+                        // never looked at.
+                        for held in &wrong.rows {
+                            let (id, reason) = (&held.local_id, &held.reason);
+                            self.fail(ctx, table, id, reason, Duration::ZERO, tr)?;
+                        }
+                        let url = format!("{}{}", self.settings.http.backend_url, table.endpoint);
+                        Err(Halt::WrongUrl(wrong.explain(
+                            &table.name,
+                            &table.endpoint,
+                            &url,
+                        )))
+                    }
+                }
             }
             Ok((
                 Outcome::Transient {
@@ -627,6 +715,26 @@ impl Pusher {
     /// The wall clock retry times are judged by (see [`RetryClock`]).
     fn retry_clock(&self) -> RetryClock {
         RetryClock::read(backoff::longest_delay(&self.settings.retry))
+    }
+
+    /// A row the backend rejected for its own reasons: a warning, and the slow clock.
+    fn reject(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        held: Held,
+        tr: &mut TableReport,
+    ) -> Result<(), Halt> {
+        let delay = self.settings.retry.permanent_retry;
+        let line = format!(
+            "{} {}: {}",
+            table.name,
+            id_text(&held.local_id),
+            held.reason
+        );
+        log::warn!("{line}; next attempt in {}", clock::human_duration(delay));
+        tr.rejection.get_or_insert(line);
+        self.fail(ctx, table, &held.local_id, &held.reason, delay, tr)
     }
 
     /// Records a failed row, to be tried again after `delay`.

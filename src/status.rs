@@ -3,11 +3,13 @@
 
 use std::fmt::Write;
 
+use rusqlite::types::Value;
+
 use crate::backlog::Backlog;
 use crate::pull::SyncStatus;
 use crate::push::CycleReport;
 use crate::settings::Settings;
-use crate::tracking::{STATE_DB_NAME, Tracking};
+use crate::tracking::{Failure, STATE_DB_NAME, Tracking};
 use crate::{clock, json};
 
 const LAST_CYCLE_AT: &str = "last_cycle_at";
@@ -16,6 +18,9 @@ const LAST_ERROR: &str = "last_error";
 const LAST_ERROR_AT: &str = "last_error_at";
 /// Sources gone with unsynced rows at the last pass: `key<TAB>rows` lines.
 const VANISHED: &str = "vanished";
+/// Failed rows listed in the text, and in `--json` (newest first; SQL has them all).
+const TEXT_FAILURES: usize = 10;
+const JSON_FAILURES: usize = 100;
 
 /// Remembers the pass's outcome for `relais status`. A failure to write it is logged:
 /// it is diagnostics, not state.
@@ -31,6 +36,7 @@ pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
             Some(crate::push::Interruption::State(e)) => Some(e.clone()),
             _ => None,
         })
+        .or_else(|| report.tables.iter().find_map(|t| t.rejection.clone()))
         .map(|e| crate::redact::redact(&e));
     let vanished: String = report
         .vanished
@@ -94,7 +100,16 @@ fn render(
     as_json: bool,
 ) -> Result<String, crate::tracking::TrackingError> {
     let counts = tracking.counts()?;
-    let failures = tracking.recent_failures(5)?;
+    let failed_total: u64 = counts
+        .iter()
+        .filter(|c| c.status == "failed")
+        .map(|c| c.rows)
+        .sum();
+    let failures = tracking.recent_failures(if as_json {
+        JSON_FAILURES
+    } else {
+        TEXT_FAILURES
+    })?;
     let forgotten = tracking.forgotten()?;
     let vanished: Vec<(String, String)> = tracking
         .meta(VANISHED)?
@@ -143,6 +158,11 @@ fn render(
             json::push_key(&mut out, "source", true);
             json::push_str(&mut out, source);
             let _ = write!(out, ", \"unsynced_rows\": {rows}}}");
+        }
+        let _ = write!(out, "], \"failed_total\": {failed_total}, \"failed\": [");
+        for (i, f) in failures.iter().enumerate() {
+            out.push_str(if i > 0 { ", " } else { "" });
+            push_failure(&mut out, f);
         }
         out.push_str("], \"backlog\": [");
         for (i, t) in backlog.tables.iter().enumerate() {
@@ -196,13 +216,32 @@ fn render(
     if let Some(e) = error {
         let _ = writeln!(out, "last error: {} {e}", error_at.as_deref().unwrap_or(""));
     }
-    for (source, table, id, message) in failures {
-        let id = match id {
-            rusqlite::types::Value::Integer(i) => i.to_string(),
-            rusqlite::types::Value::Text(t) => t,
+    for f in &failures {
+        let id = match &f.local_id {
+            Value::Integer(i) => i.to_string(),
+            Value::Text(t) => t.clone(),
             _ => "?".into(),
         };
-        let _ = writeln!(out, "failed: {source} {table} {id}: {message}");
+        let next = match f.next_attempt_at {
+            Some(t) if t > clock::unix_now() => clock::iso8601(t),
+            _ => "at the next pass".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "failed: {} {} {id}: {} ({} attempt{}; next attempt {next})",
+            f.source,
+            f.table,
+            crate::redact::redact(&f.message),
+            f.attempts,
+            if f.attempts == 1 { "" } else { "s" }
+        );
+    }
+    let more = failed_total.saturating_sub(failures.len() as u64);
+    if more > 0 {
+        let _ = writeln!(
+            out,
+            "... and {more} more failed rows (relais status --json lists the newest {JSON_FAILURES}; SQL all of them: SELECT * FROM sync_tracking WHERE sync_status = 'failed')"
+        );
     }
     for t in backlog
         .tables
@@ -234,4 +273,27 @@ fn render(
         let _ = write!(out, "{p}");
     }
     Ok(out)
+}
+
+/// One failed row as a JSON object; the message is redacted again, as everything shown.
+fn push_failure(out: &mut String, f: &Failure) {
+    out.push('{');
+    json::push_key(out, "source", true);
+    json::push_str(out, &f.source);
+    json::push_key(out, "table", false);
+    json::push_str(out, &f.table);
+    json::push_key(out, "local_id", false);
+    match &f.local_id {
+        Value::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Text(t) => json::push_str(out, t),
+        _ => out.push_str("null"),
+    }
+    json::push_key(out, "error_message", false);
+    json::push_str(out, &crate::redact::redact(&f.message));
+    let _ = write!(out, ", \"attempts\": {}", f.attempts);
+    json::push_key(out, "next_attempt_at", false);
+    json::push_opt_str(out, f.next_attempt_at.map(clock::iso8601).as_deref());
+    out.push('}');
 }

@@ -92,6 +92,18 @@ pub struct Count {
     pub rows: u64,
 }
 
+/// A failed row, for `relais status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub source: String,
+    pub table: String,
+    pub local_id: Value,
+    pub message: String,
+    pub attempts: i64,
+    /// Unix seconds; `None`: due at the next pass.
+    pub next_attempt_at: Option<i64>,
+}
+
 /// An application database file the state knows, and the key its rows are tracked by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownSource {
@@ -620,30 +632,77 @@ impl Tracking {
         rows.collect::<Result<_, _>>().map_err(sql("count rows"))
     }
 
-    /// The most recent error messages of failed rows, newest first.
-    pub fn recent_failures(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Value, String)>, TrackingError> {
+    /// The most recently failed rows, newest first.
+    pub fn recent_failures(&self, limit: usize) -> Result<Vec<Failure>, TrackingError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT source, table_name, local_id, coalesce(error_message, '') FROM sync_tracking
+                "SELECT source, table_name, local_id, coalesce(error_message, ''), attempts, next_attempt_at
+                 FROM sync_tracking
                  WHERE sync_status = 'failed' AND sync_status != 'success' -- lets SQLite use the partial index
                  ORDER BY sync_date DESC, id DESC LIMIT ?1",
             )
             .map_err(sql("read failures"))?;
         let rows = stmt
             .query_map([limit as i64], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get::<_, Value>(2).map(loaded)?,
-                    r.get(3)?,
-                ))
+                Ok(Failure {
+                    source: r.get(0)?,
+                    table: r.get(1)?,
+                    local_id: r.get::<_, Value>(2).map(loaded)?,
+                    message: r.get(3)?,
+                    attempts: r.get(4)?,
+                    next_attempt_at: r.get(5)?,
+                })
             })
             .map_err(sql("read failures"))?;
         rows.collect::<Result<_, _>>().map_err(sql("read failures"))
+    }
+
+    /// How many times this row was tried (0 when it is not tracked).
+    pub fn attempts(
+        &self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+    ) -> Result<i64, TrackingError> {
+        self.conn
+            .query_row(
+                "SELECT attempts FROM sync_tracking WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                params![source, table, stored(local_id)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(sql("read tracking"))
+    }
+
+    /// Records `fingerprint` as the backend settings of `table`; when it differs from
+    /// the one recorded, makes the table's failed rows due now (they failed against
+    /// other settings) and returns how many, in the same transaction.
+    pub fn backend_settings(
+        &mut self,
+        table: &str,
+        fingerprint: &str,
+    ) -> Result<usize, TrackingError> {
+        let key = format!("backend:{table}");
+        if self.meta(&key)?.as_deref() == Some(fingerprint) {
+            return Ok(0);
+        }
+        let tx = self.write_tx()?;
+        let due = tx
+            .execute(
+                "UPDATE sync_tracking SET next_attempt_at = NULL
+                 WHERE table_name = ?1 AND sync_status = 'failed' AND sync_status != 'success'",
+                [table],
+            )
+            .map_err(sql("make failed rows due"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO agent_meta (key, value) VALUES (?1, ?2)",
+            params![key, fingerprint],
+        )
+        .map_err(sql("write agent metadata"))?;
+        tx.commit().map_err(sql("make failed rows due"))?;
+        Ok(due)
     }
 }
 

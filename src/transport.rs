@@ -25,16 +25,26 @@ pub const USER_AGENT: &str = concat!("relais/", env!("CARGO_PKG_VERSION"));
 /// What became of one upload.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Any 2xx: the backend has the row. `remote_id` is the answer's `id`, when there is one.
-    Stored { remote_id: Option<Value> },
+    /// Any 2xx: the backend has the row. `remote_id` is the answer's `id`, when there is one;
+    /// `html` says the answer was an HTML page (a captive portal or a proxy may answer so).
+    Stored {
+        remote_id: Option<Value>,
+        html: bool,
+    },
     /// Worth retrying soon: network failure, timeout, 408, 429, 5xx, or credentials the
     /// backend refused (fixing the token must not wait for the hourly retry).
     Transient {
         reason: String,
         retry_after: Option<Duration>,
     },
-    /// The backend refused this row (other 4xx): retried only on the slow clock.
-    Rejected { status: u16, reason: String },
+    /// The backend refused this row (other 4xx, and redirects, which are not followed):
+    /// retried on the slow clock, unless [`crate::rejections`] finds the URL at fault.
+    /// `location` is a redirect's `Location`, shortened and redacted.
+    Rejected {
+        status: u16,
+        reason: String,
+        location: Option<String>,
+    },
 }
 
 /// The backend cannot be used at all (bad CA file).
@@ -206,6 +216,7 @@ fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
     match status {
         200..=299 => Outcome::Stored {
             remote_id: answer_id(&String::from_utf8_lossy(&body)),
+            html: is_html(header(&resp, "content-type"), &body),
         },
         401 | 403 => Outcome::Transient {
             reason: format!(
@@ -217,14 +228,35 @@ fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
             reason: format!("the backend answered {status}{}", server_detail(&body)),
             retry_after: retry,
         },
+        300..=399 => {
+            let location = header(&resp, "location")
+                .map(|l| crate::redact::redact(&l.chars().take(300).collect::<String>()));
+            Outcome::Rejected {
+                status,
+                reason: format!(
+                    "the backend answered {status}, a redirect to {}, which relais does not follow",
+                    location
+                        .as_deref()
+                        .unwrap_or("nowhere (no Location header)")
+                ),
+                location,
+            }
+        }
         _ => Outcome::Rejected {
             status,
             reason: format!(
                 "the backend rejected the row with {status}{}",
                 server_detail(&body)
             ),
+            location: None,
         },
     }
+}
+
+/// An HTML page rather than an API's answer: `text/html`, or a body that opens a tag.
+fn is_html(content_type: Option<&str>, body: &[u8]) -> bool {
+    content_type.is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("text/html"))
+        || body.trim_ascii_start().starts_with(b"<")
 }
 
 /// The `id` of a JSON answer, when the answer is a JSON object that has one.
@@ -334,5 +366,14 @@ mod tests {
             ": video too large"
         );
         assert_eq!(server_detail(b""), "");
+    }
+
+    #[test]
+    fn tells_html_pages_from_api_answers() {
+        assert!(is_html(Some("text/html; charset=utf-8"), b"ok"));
+        assert!(is_html(Some("application/json"), b"\n  <!DOCTYPE html>"));
+        assert!(is_html(None, b"<html>ok</html>"));
+        assert!(!is_html(Some("application/json"), br#"{"id": 1}"#));
+        assert!(!is_html(None, b""));
     }
 }

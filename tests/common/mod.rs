@@ -433,6 +433,9 @@ pub enum ProxyFault {
     NeverAnswer,
     /// Answer this status (with `Retry-After: N` when given) without forwarding.
     Status(u16, Option<u64>),
+    /// Answer `301 Moved Permanently` to this `Location` without forwarding (a backend
+    /// that redirects http to https).
+    Redirect(String),
     /// Forward the request (the row is stored), answer `201` with an HTML body.
     HtmlCreated,
     /// Reset the connection as soon as the request head has arrived (a backend going
@@ -451,6 +454,7 @@ impl ProxyFault {
             ProxyFault::NeverAnswer => "never answers".into(),
             ProxyFault::Status(s, Some(r)) => format!("{s} Retry-After {r}"),
             ProxyFault::Status(s, None) => format!("{s}"),
+            ProxyFault::Redirect(to) => format!("301 to {to}"),
             ProxyFault::HtmlCreated => "201 with HTML".into(),
             ProxyFault::Refuse => "connection reset".into(),
         }
@@ -711,6 +715,27 @@ fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, bool)> {
     Some((bytes, head.close))
 }
 
+/// Drains the request's body and answers `code` with `extra` header lines, without
+/// forwarding; `false` when the agent's connection is gone.
+fn answer_here(
+    from_client: &mut impl Read,
+    client: &mut TcpStream,
+    len: u64,
+    code: u16,
+    extra: &str,
+    stop: &AtomicBool,
+) -> bool {
+    if copy_n(from_client, None, len, 0, stop).is_err() {
+        return false;
+    }
+    let body = format!("{{\"detail\": \"injected {code}\"}}");
+    let answer = format!(
+        "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    client.write_all(answer.as_bytes()).is_ok()
+}
+
 fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
     // Head and body go in separate writes: without NODELAY, Nagle's algorithm and the
     // peer's delayed ACK would add 40 ms to every request.
@@ -764,20 +789,29 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
                 return;
             }
             ProxyFault::Status(code, retry_after) => {
-                if copy_n(&mut from_client, None, len, 0, &sh.stopping).is_err() {
+                let extra = retry_after.map_or(String::new(), |r| format!("Retry-After: {r}\r\n"));
+                if !answer_here(
+                    &mut from_client,
+                    &mut client,
+                    len,
+                    code,
+                    &extra,
+                    &sh.stopping,
+                ) {
                     return;
                 }
-                let body = format!("{{\"detail\": \"injected {code}\"}}");
-                let mut answer = format!(
-                    "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-                    body.len()
-                );
-                if let Some(r) = retry_after {
-                    answer.push_str(&format!("Retry-After: {r}\r\n"));
-                }
-                answer.push_str("\r\n");
-                answer.push_str(&body);
-                if client.write_all(answer.as_bytes()).is_err() {
+                continue;
+            }
+            ProxyFault::Redirect(to) => {
+                let extra = format!("Location: {to}\r\n");
+                if !answer_here(
+                    &mut from_client,
+                    &mut client,
+                    len,
+                    301,
+                    &extra,
+                    &sh.stopping,
+                ) {
                     return;
                 }
                 continue;
