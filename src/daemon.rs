@@ -16,7 +16,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::backoff::Backoff;
-use crate::pull::{self, PullOutcome, PullWake};
+use crate::pull::{self, PullActivity, PullWake};
 use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::Settings;
 use crate::state_lock::{self, LockError, StateLock};
@@ -155,15 +155,17 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
 /// hanging config endpoint never holds up the push and a long upload never delays a
 /// due pull. The thread is not joined on stop: a pull in flight may take as long as the
 /// HTTP timeouts, and abandoning it is safe (the file is replaced atomically).
-fn start_pull(settings: &Settings) -> Option<Sender<PullWake>> {
+fn start_pull(settings: &Settings) -> Option<(Sender<PullWake>, PullActivity)> {
     settings.site_token.as_ref()?;
     let (tx, rx) = mpsc::channel();
     let s = settings.clone();
+    let activity = PullActivity::default();
+    let busy = activity.clone();
     match std::thread::Builder::new()
         .name("config-pull".into())
-        .spawn(move || pull::run_loop(s, rx))
+        .spawn(move || pull::run_loop(s, rx, busy))
     {
-        Ok(_) => Some(tx),
+        Ok(_) => Some((tx, activity)),
         Err(e) => {
             log::error!("config pull: cannot start its thread: {e}; configuration pull disabled");
             None
@@ -171,14 +173,21 @@ fn start_pull(settings: &Settings) -> Option<Sender<PullWake>> {
     }
 }
 
-/// `relais once` pulls the configuration once, after its push pass; returns the exit code.
+/// `relais once` pulls the configuration once, after its push pass; returns the exit code:
+/// a failed fetch and a hook still due both fail it.
 fn pull_once(settings: &Settings) -> i32 {
     if settings.site_token.is_none() {
         return EXIT_OK;
     }
-    match pull::Puller::new(settings).map(|mut p| p.pull_once()) {
-        Ok(PullOutcome::Failed(_)) => EXIT_FAILED_ROWS,
-        Ok(_) => EXIT_OK,
+    match pull::Puller::for_once(settings) {
+        Ok(mut p) => {
+            p.pull_once();
+            if p.status().last_sync_ok {
+                EXIT_OK
+            } else {
+                EXIT_FAILED_ROWS
+            }
+        }
         Err(e) => {
             log::error!("{e}");
             EXIT_FAILED_ROWS
@@ -270,19 +279,24 @@ fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
 /// agent has no timer ticking while idle.
 fn watch_signals(
     tx: Sender<Wake>,
-    pull: Option<Sender<PullWake>>,
+    pull: Option<(Sender<PullWake>, PullActivity)>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    let activity = pull.as_ref().map(|(_, activity)| activity.clone());
     let pull_wake = move |w: PullWake| {
-        if let Some(p) = &pull {
+        if let Some((p, _)) = &pull {
             let _ = p.send(w);
         }
     };
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for sig in signals.forever() {
             if sig == SIGUSR1 {
-                log::info!("SIGUSR1: starting a pass and a configuration pull now");
+                let pulled = activity.as_ref().map_or_else(
+                    || "and a configuration pull now".to_string(),
+                    PullActivity::on_request,
+                );
+                log::info!("SIGUSR1: starting a pass {pulled}");
                 let _ = tx.send(Wake::SyncNow);
                 pull_wake(PullWake::Now);
                 continue;

@@ -3,7 +3,17 @@
 //! from the hash of the file on disk, validates the body and replaces `AGENT_CONFIG`
 //! atomically (mode 0600, previous version kept as `<name>.prev`), then runs the
 //! optional `on_config_change` hook. Every pull ends with the contract's sync status
-//! written atomically to `state_dir/config_status.json`.
+//! written atomically to `state_dir/config_status.json`. The whole exchange with the
+//! backend is cut after `config_pull_timeout_s`, so a server that trickles its answer
+//! cannot hold a pull (or `relais once`) for longer.
+//!
+//! The hook is owed until it succeeds: "hook due" is recorded in the status file before
+//! the file is replaced, so a failed hook or a power cut before it leaves it due, and it
+//! runs again at every pull (the configuration unchanged or not) and, in `run`, with
+//! backoff in between. While it is due, `last_sync_ok` is false and `last_sync_error`
+//! says why: the sync is the device running the backend's configuration, and a consumer
+//! of the contract's fields alone must not read "OK" while the collector still runs the
+//! old one. `hook_due` and `hook_error` tell a hook failure from a failed fetch.
 //!
 //! This module owns the puller, its loop ([`run_loop`], on its own thread with its own
 //! [`Transport`], so a hanging config endpoint never holds up the push), the status
@@ -25,11 +35,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use miniserde::json::{Object, Value};
 
+use crate::backoff::Backoff;
 use crate::config_hash::{self, HASH_MEMBER, md5_hex};
 use crate::settings::{HookSpec, Settings};
 use crate::transport::{Transport, server_detail};
@@ -63,6 +75,10 @@ pub enum PullError {
         max_bytes: u64,
     },
     NotJson,
+    /// `offset`: where the first invalid byte is.
+    NotUtf8 {
+        offset: usize,
+    },
     /// JSON, but not a configuration (the message names the member, never a value).
     Shape(String),
     /// The answer was fine but the file could not be replaced.
@@ -91,6 +107,10 @@ impl fmt::Display for PullError {
                 "config pull: the configuration is larger than config_max_bytes ({max_bytes} bytes)"
             ),
             PullError::NotJson => write!(f, "config pull: the answer is not JSON"),
+            PullError::NotUtf8 { offset } => write!(
+                f,
+                "config pull: the answer is not UTF-8 (invalid byte at offset {offset})"
+            ),
             PullError::Shape(why) => write!(f, "config pull: invalid configuration: {why}"),
             PullError::Write(why) => {
                 write!(
@@ -137,6 +157,10 @@ pub struct SyncStatus {
     pub config_updated_at: Option<String>,
     /// MD5 of the bytes this agent last wrote (relais's addition, see the module doc).
     pub file_md5: Option<String>,
+    /// The hash of the configuration whose `on_config_change` hook has not succeeded yet.
+    pub hook_due: Option<String>,
+    /// Why the due hook's last run failed; `None` when it has not run yet.
+    pub hook_error: Option<String>,
 }
 
 impl SyncStatus {
@@ -153,6 +177,8 @@ impl SyncStatus {
             ("backend_hash", &self.backend_hash),
             ("config_updated_at", &self.config_updated_at),
             ("file_md5", &self.file_md5),
+            ("hook_due", &self.hook_due),
+            ("hook_error", &self.hook_error),
         ];
         for (key, value) in strings {
             json::push_key(&mut out, key, false);
@@ -179,6 +205,8 @@ impl SyncStatus {
             backend_hash: string("backend_hash"),
             config_updated_at: string("config_updated_at"),
             file_md5: string("file_md5"),
+            hook_due: string("hook_due"),
+            hook_error: string("hook_error"),
         })
     }
 }
@@ -203,7 +231,20 @@ impl fmt::Display for SyncStatus {
             f,
             "  config updated at: {}",
             or_none(&self.config_updated_at)
-        )
+        )?;
+        match (&self.hook_due, &self.hook_error) {
+            (None, _) => Ok(()),
+            (Some(hash), Some(e)) => writeln!(
+                f,
+                "  on_config_change:  due for hash {}, last run failed: {e}",
+                short(Some(hash))
+            ),
+            (Some(hash), None) => writeln!(
+                f,
+                "  on_config_change:  due for hash {}, not run yet (the agent stopped first)",
+                short(Some(hash))
+            ),
+        }
     }
 }
 
@@ -247,6 +288,9 @@ fn inspect(path: &Path, written_md5: Option<&str>) -> LocalFile {
     let (obj, hash) = match parse_served(&bytes) {
         Ok(parsed) => parsed,
         Err(PullError::NotJson) => return LocalFile::Unusable("is not JSON".into()),
+        Err(PullError::NotUtf8 { offset }) => {
+            return LocalFile::Unusable(format!("is not UTF-8 (invalid byte at offset {offset})"));
+        }
         Err(e) => return LocalFile::Unusable(format!("is not a configuration ({e})")),
     };
     let devices = match obj.get("devices") {
@@ -265,7 +309,9 @@ fn inspect(path: &Path, written_md5: Option<&str>) -> LocalFile {
 
 /// Parses a served body (or the file) into its object and `config_hash`.
 fn parse_served(body: &[u8]) -> Result<(Object, String), PullError> {
-    let text = std::str::from_utf8(body).map_err(|_| PullError::NotJson)?;
+    let text = std::str::from_utf8(body).map_err(|e| PullError::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
     let obj = match miniserde::json::from_str::<Value>(text) {
         Ok(Value::Object(obj)) => obj,
         Ok(_) => return Err(PullError::Shape("the body is not a JSON object".into())),
@@ -336,19 +382,32 @@ pub struct Puller {
     prev: PathBuf,
     status_path: PathBuf,
     max_bytes: u64,
+    timeout: Duration,
     interval: Duration,
+    /// `relais once`: nothing is retried, the exit code says it failed.
+    once: bool,
     hook: Option<HookSpec>,
+    /// Spaces the retries of a failing hook between pulls.
+    hook_backoff: Backoff,
+    hook_retry_at: Option<Instant>,
+    /// The last fetch's error: `last_sync_error` when the hook is not to blame.
+    fetch_error: Option<String>,
     status: SyncStatus,
 }
 
 impl Puller {
-    /// Builds the puller and reports (one log line) the state of the file on disk.
-    /// Fails only when `SITE_TOKEN` is unset or the transport cannot be built.
+    /// Builds the puller for `relais run` and reports (one log line) the state of the
+    /// file on disk. Fails only when `SITE_TOKEN` is unset or the transport cannot be built.
     pub fn new(settings: &Settings) -> Result<Puller, String> {
-        Puller::build(settings).map_err(|e| e.to_string())
+        Puller::build(settings, false).map_err(|e| e.to_string())
     }
 
-    fn build(settings: &Settings) -> Result<Puller, PullError> {
+    /// The puller of `relais once`, which pulls once and never retries.
+    pub fn for_once(settings: &Settings) -> Result<Puller, String> {
+        Puller::build(settings, true).map_err(|e| e.to_string())
+    }
+
+    fn build(settings: &Settings, once: bool) -> Result<Puller, PullError> {
         let Some(token) = settings.site_token.as_deref() else {
             return Err(PullError::Setup("SITE_TOKEN is not set".into()));
         };
@@ -376,8 +435,13 @@ impl Puller {
             target,
             status_path,
             max_bytes: settings.config_max_bytes,
+            timeout: settings.config_pull_timeout,
             interval: settings.config_interval,
+            once,
             hook: settings.on_config_change.clone(),
+            hook_backoff: Backoff::new(&settings.retry),
+            hook_retry_at: None,
+            fetch_error: None,
             status,
         };
         puller.report_local_file();
@@ -402,10 +466,28 @@ impl Puller {
                 short(Some(&hash))
             ),
         }
+        if let Some(hash) = &self.status.hook_due {
+            log::warn!(
+                "config hook: due for hash {} since an earlier run (failed or cut short); the next pull runs it",
+                short(Some(hash))
+            );
+        }
     }
 
-    /// Pulls once: fetch, compare, maybe replace and run the hook, record the status.
-    /// Never panics, never leaves the file half-written.
+    /// The sync status as last recorded: `last_sync_ok` is false after a failed fetch
+    /// and while the hook is due.
+    pub fn status(&self) -> &SyncStatus {
+        &self.status
+    }
+
+    /// When the loop should run the failing hook again between pulls, if it should.
+    pub fn hook_retry_at(&self) -> Option<Instant> {
+        self.hook_retry_at
+    }
+
+    /// Pulls once: fetch, compare, maybe replace, run the hook if it is due (replaced
+    /// now or owed from before), record the status. Never panics, never leaves the
+    /// file half-written.
     pub fn pull_once(&mut self) -> PullOutcome {
         let held = inspect(&self.target, self.status.file_md5.as_deref()).hash();
         log::debug!(
@@ -419,19 +501,21 @@ impl Puller {
         };
         self.record(&outcome, held);
         self.log_outcome(&outcome);
+        self.run_due_hook();
         self.save_status();
-        if let PullOutcome::Updated { new_hash, .. } = &outcome {
-            if let Some(hook) = &self.hook {
-                run_hook(hook, &self.target, new_hash);
-            }
-        }
         outcome
+    }
+
+    /// Runs the due hook again, without a pull (the loop's backoff wake-up).
+    pub fn retry_hook(&mut self) {
+        self.run_due_hook();
+        self.save_status();
     }
 
     fn fetch_and_apply(&mut self, held: Option<String>) -> Result<PullOutcome, PullError> {
         let fetched = self
             .transport
-            .get(&self.path, held.as_deref(), self.max_bytes)
+            .get(&self.path, held.as_deref(), self.max_bytes, self.timeout)
             .map_err(|e| PullError::Network(redact::redact(&e)))?;
         match (fetched.status, &held) {
             (200, _) => {}
@@ -457,7 +541,7 @@ impl Puller {
             return Ok(PullOutcome::Unchanged { hash: served });
         }
         let devices = validate_devices(&obj)?;
-        self.replace(&body)?;
+        self.replace(&body, &served)?;
         Ok(PullOutcome::Updated {
             old_hash: held,
             new_hash: served,
@@ -466,15 +550,32 @@ impl Puller {
     }
 
     /// Keeps the current file as `.prev`, then replaces it; both durably, mode 0600.
-    fn replace(&mut self, body: &[u8]) -> Result<(), PullError> {
+    /// With a hook, "hook due" is saved first: a power cut after the replacement then
+    /// leaves it due, and the next start runs it.
+    fn replace(&mut self, body: &[u8], hash: &str) -> Result<(), PullError> {
         let write_err = |e: std::io::Error| PullError::Write(e.to_string());
         if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(write_err)?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                PullError::Write(format!(
+                    "cannot create {}, the directory of AGENT_CONFIG: {e}",
+                    dir.display()
+                ))
+            })?;
         }
         if self.target.is_file() {
             atomic_file::copy(&self.target, &self.prev, CONFIG_MODE).map_err(write_err)?;
         }
-        atomic_file::replace(&self.target, body, CONFIG_MODE).map_err(write_err)?;
+        let owed = (self.status.hook_due.clone(), self.status.hook_error.clone());
+        if self.hook.is_some() {
+            self.status.hook_due = Some(hash.to_string());
+            self.status.hook_error = None;
+            self.save_status();
+        }
+        if let Err(e) = atomic_file::replace(&self.target, body, CONFIG_MODE) {
+            // The file on disk is the old one: only what was owed before is owed.
+            (self.status.hook_due, self.status.hook_error) = owed;
+            return Err(write_err(e));
+        }
         self.status.file_md5 = Some(md5_hex(body));
         self.status.config_updated_at = Some(clock::now_iso8601());
         Ok(())
@@ -484,18 +585,31 @@ impl Puller {
         self.status.last_sync_at = Some(clock::now_iso8601());
         match outcome {
             PullOutcome::Failed(e) => {
-                self.status.last_sync_ok = false;
-                self.status.last_sync_error = Some(redact::redact(&e.to_string()));
+                self.fetch_error = Some(redact::redact(&e.to_string()));
                 self.status.current_hash = held;
             }
             PullOutcome::Unchanged { .. } | PullOutcome::Updated { .. } => {
-                self.status.last_sync_ok = true;
-                self.status.last_sync_error = None;
+                self.fetch_error = None;
                 // Read back: the hash held is the one of the file actually on disk.
                 self.status.current_hash =
                     inspect(&self.target, self.status.file_md5.as_deref()).hash();
             }
         }
+        self.settle();
+    }
+
+    /// `last_sync_ok` and `last_sync_error` from the fetch and the hook (module doc).
+    fn settle(&mut self) {
+        let hook = self.status.hook_due.as_ref().map(|hash| {
+            self.status.hook_error.clone().unwrap_or_else(|| {
+                format!(
+                    "config hook: due for hash {}, not run yet",
+                    short(Some(hash))
+                )
+            })
+        });
+        self.status.last_sync_error = self.fetch_error.clone().or(hook);
+        self.status.last_sync_ok = self.status.last_sync_error.is_none();
     }
 
     fn log_outcome(&self, outcome: &PullOutcome) {
@@ -513,11 +627,54 @@ impl Puller {
                 short(Some(new_hash)),
                 self.target.display()
             ),
+            PullOutcome::Failed(e) if self.once => log::warn!(
+                "{e}; keeping the current configuration (relais once does not retry: it exits 1)"
+            ),
             PullOutcome::Failed(e) => log::warn!(
                 "{e}; keeping the current configuration, next try in {}",
                 clock::human_duration(self.interval)
             ),
         }
+    }
+
+    /// Runs the hook if it is due; records the result and, on failure, when to retry.
+    fn run_due_hook(&mut self) {
+        self.hook_retry_at = None;
+        let Some(due) = self.status.hook_due.clone() else {
+            return;
+        };
+        // The hook is owed for the file on disk, which a power cut may have left older.
+        let hash = self.status.current_hash.clone().unwrap_or(due);
+        let Some(hook) = &self.hook else {
+            log::info!("config hook: no longer configured; the run owed is dropped");
+            self.status.hook_due = None;
+            self.status.hook_error = None;
+            return self.settle();
+        };
+        match run_hook(hook, &self.target, &hash) {
+            Ok(()) => {
+                self.status.hook_due = None;
+                self.status.hook_error = None;
+                self.hook_backoff.reset();
+            }
+            Err(e) => {
+                let e = redact::redact(&e);
+                if self.once {
+                    log::warn!(
+                        "{e}; it stays due: the next relais once or relais run runs it again (exit 1)"
+                    );
+                } else {
+                    let delay = self.hook_backoff.next_delay(None);
+                    self.hook_retry_at = Some(Instant::now() + delay);
+                    log::warn!(
+                        "{e}; it stays due: next try in {}",
+                        clock::human_duration(delay)
+                    );
+                }
+                self.status.hook_error = Some(e);
+            }
+        }
+        self.settle();
     }
 
     fn save_status(&self) {
@@ -530,9 +687,10 @@ impl Puller {
 
 /// Runs the hook (argv, no shell) and waits for it at most its timeout, then kills it.
 /// The new hash and the file path are passed as `RELAIS_CONFIG_HASH` and `AGENT_CONFIG`.
-fn run_hook(hook: &HookSpec, target: &Path, hash: &str) {
+/// The error is the line saying why it failed.
+fn run_hook(hook: &HookSpec, target: &Path, hash: &str) -> Result<(), String> {
     let Some((program, args)) = hook.command.split_first() else {
-        return;
+        return Ok(());
     };
     let spawned = Command::new(program)
         .args(args)
@@ -542,7 +700,7 @@ fn run_hook(hook: &HookSpec, target: &Path, hash: &str) {
         .spawn();
     let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => return log::warn!("config hook {program}: cannot start: {e}"),
+        Err(e) => return Err(format!("config hook {program}: cannot start: {e}")),
     };
     let deadline = Instant::now() + hook.timeout;
     // std has no wait-with-timeout: poll, starting fast so a quick hook costs little.
@@ -550,17 +708,18 @@ fn run_hook(hook: &HookSpec, target: &Path, hash: &str) {
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => {
-                return log::info!("config hook {program} finished: {status}");
+                log::info!("config hook {program} finished: {status}");
+                return Ok(());
             }
-            Ok(Some(status)) => return log::warn!("config hook {program} failed: {status}"),
+            Ok(Some(status)) => return Err(format!("config hook {program} failed: {status}")),
             Ok(None) if Instant::now() >= deadline => {
                 // Only the hook itself is killed; a hook that forks should exec its last step.
                 let _ = child.kill();
                 let _ = child.wait();
-                return log::warn!(
+                return Err(format!(
                     "config hook {program} killed after its {} timeout",
                     clock::human_duration(hook.timeout)
-                );
+                ));
             }
             Ok(None) => {
                 std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
@@ -569,7 +728,7 @@ fn run_hook(hook: &HookSpec, target: &Path, hash: &str) {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return log::warn!("config hook {program}: cannot wait for it: {e}");
+                return Err(format!("config hook {program}: cannot wait for it: {e}"));
             }
         }
     }
@@ -583,11 +742,42 @@ pub enum PullWake {
     Stop,
 }
 
+/// Whether the pull loop is busy, and since when: shared with whoever asks it for a
+/// pull, so that a request while a pull runs says so instead of promising a pull now.
+#[derive(Debug, Clone, Default)]
+pub struct PullActivity(Arc<Mutex<Option<(Instant, String)>>>);
+
+impl PullActivity {
+    fn run<T>(&self, work: impl FnOnce() -> T) -> T {
+        self.set(Some((Instant::now(), clock::now_iso8601())));
+        let done = work();
+        self.set(None);
+        done
+    }
+
+    fn set(&self, value: Option<(Instant, String)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+
+    /// What becomes of a pull requested now, to end the requester's log line.
+    pub fn on_request(&self) -> String {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => "and a configuration pull now".to_string(),
+            Some((started, at)) => format!(
+                "now; config pull skipped: the previous pull is still running (since {at}, {}); \
+                 one pull follows when it ends, however many requests come meanwhile",
+                clock::human_duration(started.elapsed())
+            ),
+        }
+    }
+}
+
 /// The pull loop, for its own thread: first pull [`FIRST_PULL_DELAY`] after start,
-/// then every `settings.config_interval`, or at once on [`PullWake::Now`]. Returns on
-/// [`PullWake::Stop`] or when every sender is gone. It sleeps in `recv_timeout`, so it
-/// never wakes while idle. Returns at once (one log line) without `SITE_TOKEN`.
-pub fn run_loop(settings: Settings, wake: Receiver<PullWake>) {
+/// then every `settings.config_interval`, or at once on [`PullWake::Now`]; a failing
+/// hook is run again in between, with backoff. Returns on [`PullWake::Stop`] or when
+/// every sender is gone. It sleeps in `recv_timeout`, so it never wakes while idle.
+/// Returns at once (one log line) without `SITE_TOKEN`. `activity` says when it is busy.
+pub fn run_loop(settings: Settings, wake: Receiver<PullWake>, activity: PullActivity) {
     if settings.site_token.is_none() {
         return log::info!("config pull off: SITE_TOKEN is not set");
     }
@@ -600,16 +790,39 @@ pub fn run_loop(settings: Settings, wake: Receiver<PullWake>) {
         clock::human_duration(settings.config_interval),
         clock::human_duration(FIRST_PULL_DELAY)
     );
-    let mut delay = FIRST_PULL_DELAY;
+    // Counted from the end of the previous pull, so scheduled pulls never pile up.
+    let mut next_pull = Instant::now() + FIRST_PULL_DELAY;
     loop {
-        match wake.recv_timeout(delay) {
+        let wake_at = puller
+            .hook_retry_at()
+            .map_or(next_pull, |at| at.min(next_pull));
+        match wake.recv_timeout(wake_at.saturating_duration_since(Instant::now())) {
             Ok(PullWake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < next_pull => {
+                activity.run(|| puller.retry_hook());
+                continue;
+            }
             Ok(PullWake::Now) | Err(RecvTimeoutError::Timeout) => {}
         }
-        puller.pull_once();
-        delay = settings.config_interval;
+        if take_queued(&wake) {
+            break;
+        }
+        activity.run(|| puller.pull_once());
+        next_pull = Instant::now() + settings.config_interval;
     }
     log::info!("config sync loop stopped");
+}
+
+/// Takes the requests that arrived while the previous pull ran: the pull about to start
+/// answers them all. True when a stop was among them (or every sender is gone).
+fn take_queued(wake: &Receiver<PullWake>) -> bool {
+    loop {
+        match wake.try_recv() {
+            Ok(PullWake::Now) => {}
+            Ok(PullWake::Stop) | Err(TryRecvError::Disconnected) => return true,
+            Err(TryRecvError::Empty) => return false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -646,6 +859,10 @@ mod tests {
             );
         }
         assert_eq!(parse_served(b"nope").unwrap_err(), PullError::NotJson);
+        assert_eq!(
+            parse_served(b"{\"a\": \"\xff\"}").unwrap_err(),
+            PullError::NotUtf8 { offset: 7 }
+        );
         assert!(matches!(
             parse_served(br#"{"config_hash": "a\"b"}"#),
             Err(PullError::Shape(_))
@@ -663,6 +880,8 @@ mod tests {
             backend_hash: None,
             config_updated_at: None,
             file_md5: Some("d41d8cd98f00b204e9800998ecf8427e".into()),
+            hook_due: Some("abc".into()),
+            hook_error: Some("config hook sh failed: exit status: 3".into()),
         };
         assert_eq!(SyncStatus::from_json(&status.to_json()), Some(status));
         assert!(SyncStatus::from_json("[]").is_none());

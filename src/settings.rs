@@ -125,6 +125,8 @@ pub struct Settings {
     pub agent_config: PathBuf,
     /// Largest configuration body accepted from the backend.
     pub config_max_bytes: u64,
+    /// Longest configuration exchange, connection to last byte (`config_pull_timeout_s`).
+    pub config_pull_timeout: Duration,
     pub on_config_change: Option<HookSpec>,
     /// How long `relais once` (and `run`, `state reset`) waits for another process to
     /// release the state directory (`state_lock_wait_s`).
@@ -398,6 +400,7 @@ impl Settings {
                 .map_or(Ok(4.0 * 1024.0 * 1024.0), |n| {
                     whole(n, 2.0, 1e9, "config_max_bytes")
                 })? as u64,
+            config_pull_timeout: src.file.seconds("config_pull_timeout_s", 60.0)?,
             on_config_change: parse_hook(&src.file)?,
             state_lock_wait: src.file.seconds("state_lock_wait_s", 30.0)?,
         };
@@ -800,6 +803,7 @@ mod tests {
         assert_eq!(s.mode, SyncMode::Continuous);
         assert_eq!(s.tables, default_tables());
         assert_eq!(s.config_interval, Duration::from_secs(300));
+        assert_eq!(s.config_pull_timeout, Duration::from_secs(60));
         assert!(s.site_token.is_none());
     }
 

@@ -16,6 +16,9 @@
 //! rather than as "the first read after a write" because TLS 1.3 session tickets can
 //! be the first bytes read after the request. For the phase to carry that name, ureq's
 //! own `RecvResponse` budget is set, to [`NEVER`], and no global or per-call budget.
+//! A total limit on one exchange (the configuration pull's) is therefore not one of
+//! ureq's budgets but a [`Deadline`] the connector shares with its connections: it caps
+//! every phase's budget, and its expiry is reported as [`Timeout::Global`].
 //!
 //! Built on `ureq::unversioned::transport`, which is exempt from semver: Cargo.lock pins
 //! ureq 3.5.1, and a ureq upgrade must be checked against this module.
@@ -23,7 +26,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ureq::unversioned::transport::{
@@ -50,9 +53,25 @@ pub struct Limits {
     pub response: Duration,
 }
 
+/// When the exchange in progress on one agent must be over, if it has such a limit.
+/// Set and cleared around a call by its one user thread; shared with every connection
+/// the agent opens, pooled ones included.
+#[derive(Debug, Clone, Default)]
+pub struct Deadline(Arc<Mutex<Option<Instant>>>);
+
+impl Deadline {
+    pub fn set(&self, at: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Opens the TCP connections of the agent (the TLS connector wraps them for https).
 #[derive(Debug)]
-pub struct TcpConnector(pub Limits);
+pub struct TcpConnector(pub Limits, pub Deadline);
 
 impl<In: Transport> Connector<In> for TcpConnector {
     type Out = Either<In, TcpTransport>;
@@ -66,7 +85,8 @@ impl<In: Transport> Connector<In> for TcpConnector {
         if let Some(tunnel) = chained {
             return Ok(Some(Either::A(tunnel)));
         }
-        let stream = Arc::new(connect(&details.addrs, Budget::of(details.timeout))?);
+        let budget = Budget::of(details.timeout, &self.1);
+        let stream = Arc::new(connect(&details.addrs, budget)?);
         stream.set_nodelay(details.config.no_delay())?;
         (details.register_shutdown)(Arc::downgrade(&stream) as Weak<dyn ShutdownHandle>)?;
         Ok(Some(Either::B(TcpTransport {
@@ -76,6 +96,7 @@ impl<In: Transport> Connector<In> for TcpConnector {
                 details.config.output_buffer_size(),
             ),
             limits: self.0,
+            deadline: self.1.clone(),
             answer_by: None,
         })))
     }
@@ -106,6 +127,7 @@ pub struct TcpTransport {
     stream: Arc<TcpStream>,
     buffers: LazyBuffers,
     limits: Limits,
+    deadline: Deadline,
     /// When the answer's headers are due, once the request has left the socket.
     answer_by: Option<Instant>,
 }
@@ -128,7 +150,7 @@ impl Transport for TcpTransport {
         if timeout.reason != Timeout::RecvResponse {
             self.answer_by = None;
         }
-        let budget = Budget::of(timeout);
+        let budget = Budget::of(timeout, &self.deadline);
         let mut watch = SendWatch::new(&self.stream, self.limits.io);
         let mut rest = &self.buffers.output()[..amount];
         self.stream.set_write_timeout(Some(SLICE))?;
@@ -150,7 +172,7 @@ impl Transport for TcpTransport {
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
-        let budget = Budget::of(timeout);
+        let budget = Budget::of(timeout, &self.deadline);
         let (limit, reason) = if timeout.reason == Timeout::RecvResponse {
             let by = match self.answer_by {
                 Some(by) => by,
@@ -240,18 +262,31 @@ impl SendWatch {
     }
 }
 
-/// What ureq's own timeouts leave of the current phase: the connect timeout while the
-/// TLS handshake runs over this transport, no limit otherwise.
+/// What ureq's own timeouts leave of the current phase (the connect timeout while the
+/// TLS handshake runs over this transport, no limit otherwise), or what is left before
+/// the exchange's [`Deadline`] when that comes first.
 struct Budget {
     end: Option<Instant>,
     reason: Timeout,
 }
 
 impl Budget {
-    fn of(timeout: NextTimeout) -> Budget {
-        Budget {
-            end: (!timeout.after.is_not_happening()).then(|| Instant::now() + *timeout.after),
-            reason: timeout.reason,
+    fn of(timeout: NextTimeout, deadline: &Deadline) -> Budget {
+        let phase = (!timeout.after.is_not_happening()).then(|| Instant::now() + *timeout.after);
+        match (phase, deadline.get()) {
+            (Some(end), Some(by)) if end <= by => Budget {
+                end: Some(end),
+                reason: timeout.reason,
+            },
+            // ureq's own global budget is never set, so the name is free for the deadline.
+            (_, Some(by)) => Budget {
+                end: Some(by),
+                reason: Timeout::Global,
+            },
+            (end, None) => Budget {
+                end,
+                reason: timeout.reason,
+            },
         }
     }
 

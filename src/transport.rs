@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io::Read;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use miniserde::json::{Number, Value as Json};
 use rusqlite::types::Value;
@@ -15,7 +15,7 @@ use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConne
 
 use crate::clock::human_duration;
 use crate::settings::HttpSettings;
-use crate::tcp_transport::{Limits, NEVER, TcpConnector};
+use crate::tcp_transport::{Deadline, Limits, NEVER, TcpConnector};
 
 /// Largest response body relais reads from a push answer; the `id` is near the start.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
@@ -65,6 +65,8 @@ pub struct Transport {
     bearer: Option<String>,
     connect_timeout: Duration,
     limits: Limits,
+    /// The end of the [`Transport::get`] in progress.
+    deadline: Deadline,
 }
 
 /// A GET answer, for the configuration pull.
@@ -96,8 +98,9 @@ impl Transport {
         };
         // ureq's default chain with its TCP connector replaced: a CONNECT proxy from the
         // environment, then TCP, then rustls for https (with the CA file's roots).
+        let deadline = Deadline::default();
         let connector = ConnectProxyConnector::default()
-            .chain(TcpConnector(limits))
+            .chain(TcpConnector(limits, deadline.clone()))
             .chain(RustlsConnector::default());
         Ok(Transport {
             agent: ureq::Agent::with_parts(config.build(), connector, DefaultResolver::default()),
@@ -105,6 +108,7 @@ impl Transport {
             bearer: http.bearer_token.clone(),
             connect_timeout: http.connect_timeout,
             limits,
+            deadline,
         })
     }
 
@@ -135,17 +139,48 @@ impl Transport {
         }
     }
 
-    /// GETs `path`, reading at most `max_bytes` of body.
+    /// GETs `path`, reading at most `max_bytes` of body. The whole exchange (name
+    /// lookup, connection, request, answer and body) is cut after `within`, however
+    /// the bytes trickle in.
     pub fn get(
         &self,
         path: &str,
         if_none_match: Option<&str>,
         max_bytes: u64,
+        within: Duration,
+    ) -> Result<Fetched, String> {
+        let deadline = Instant::now() + within;
+        self.deadline.set(Some(deadline));
+        let fetched = self.get_by(path, if_none_match, max_bytes, within);
+        self.deadline.set(None);
+        // Whatever phase was cut, the cause is the deadline.
+        fetched.map_err(|e| {
+            if Instant::now() >= deadline {
+                format!(
+                    "the exchange with the backend did not end within {} (config_pull_timeout_s): cut",
+                    human_duration(within)
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    fn get_by(
+        &self,
+        path: &str,
+        if_none_match: Option<&str>,
+        max_bytes: u64,
+        within: Duration,
     ) -> Result<Fetched, String> {
         let mut req = self
             .agent
             .get(format!("{}{path}", self.base_url))
-            .header("Accept", "application/json");
+            .header("Accept", "application/json")
+            // The name lookup is not the transport's: ureq's own budget for that phase.
+            .config()
+            .timeout_resolve(Some(within))
+            .build();
         if let Some(tag) = if_none_match {
             req = req.header("If-None-Match", format!("\"{tag}\""));
         }

@@ -490,6 +490,32 @@ fn timeout_keeps_the_file() {
     );
 }
 
+/// The total deadline caps the wait for the answer's headers too, whatever
+/// `response_timeout_s` allows.
+#[test]
+fn the_pull_deadline_cuts_a_slow_answer() {
+    let fx = Fixture::new();
+    let mut settings = fx.settings();
+    settings.http.response_timeout = Duration::from_secs(30);
+    settings.config_pull_timeout = Duration::from_secs(1);
+    let mut puller = Puller::new(&settings).expect("puller");
+    let started = Instant::now();
+    assert_failure_keeps_file(
+        &fx,
+        &mut puller,
+        |fx| {
+            fx.rx
+                .push_config_fault(ConfigFault::Delay(Duration::from_secs(4)))
+        },
+        |e| matches!(e, PullError::Network(m) if m.contains("did not end within 1.0 s (config_pull_timeout_s)")),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "deadline not honoured: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn server_down_keeps_the_file() {
     let fx = Fixture::new();
@@ -618,7 +644,7 @@ fn run_loop_pulls_on_wake_and_stops() {
     let hash = fx.set(&site("A", 1));
     let (tx, rx) = mpsc::channel();
     let settings = fx.settings();
-    let handle = std::thread::spawn(move || pull::run_loop(settings, rx));
+    let handle = std::thread::spawn(move || pull::run_loop(settings, rx, Default::default()));
     // The first timed pull is 10 s away: only the wake-up can make this one happen.
     tx.send(PullWake::Now).expect("send");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -736,5 +762,119 @@ fn sigkill_during_replacement_never_tears_the_file() {
     assert!(
         mid_write > 0,
         "no kill landed during a write: the test proved nothing"
+    );
+}
+
+// ---------------------------------------------------------------- hook retries, errors
+
+#[test]
+fn run_loop_retries_a_failed_hook_with_backoff_without_a_pull() {
+    let fx = Fixture::new();
+    let hash = fx.set(&site("A", 1));
+    let fixed = fx.dir.0.join("fixed");
+    let mut settings = fx.settings_for(
+        &fx.rx.url(),
+        r#""retry": {"initial_backoff_s": 0.2, "max_backoff_s": 0.4}"#,
+    );
+    settings.on_config_change = Some(relais::settings::HookSpec {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$RELAIS_CONFIG_HASH\" >> '{}'; test -e '{}'",
+                fx.hook_log().display(),
+                fixed.display()
+            ),
+        ],
+        timeout: Duration::from_secs(10),
+    });
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || pull::run_loop(settings, rx, Default::default()));
+    tx.send(PullWake::Now).expect("send");
+    assert!(
+        common::wait_for(Duration::from_secs(5), || fx.hook_runs().len() >= 2),
+        "the failed hook was not retried: {:?}",
+        fx.hook_runs()
+    );
+    let status = fx.status();
+    assert!(!status.last_sync_ok);
+    assert_eq!(status.hook_due.as_deref(), Some(hash.as_str()));
+    assert_logged("config hook sh failed: exit status: 1; it stays due: next try in");
+    // A pull from now on would fail and say so in the status.
+    fx.rx.push_config_fault(ConfigFault::Status(500));
+    std::fs::write(&fixed, b"").expect("fix the hook");
+    // Only the retry timer can run it now: the next pull is 5 min away.
+    assert!(
+        common::wait_for(Duration::from_secs(5), || fx.status().hook_due.is_none()),
+        "the fixed hook never ran"
+    );
+    let status = fx.status();
+    assert!(status.last_sync_ok, "{status:?}");
+    assert_eq!(status.last_sync_error, None);
+    assert!(fx.hook_runs().iter().all(|h| *h == hash));
+    tx.send(PullWake::Stop).expect("send");
+    handle.join().expect("loop thread");
+}
+
+#[test]
+fn a_missing_config_directory_that_cannot_be_made_is_named() {
+    let fx = Fixture::new();
+    let not_a_dir = fx.dir.0.join("plain-file");
+    std::fs::write(&not_a_dir, b"").expect("file");
+    let mut settings = fx.settings();
+    settings.agent_config = not_a_dir.join("agent").join("config.json");
+    fx.set(&site("A", 1));
+    let err = match Puller::new(&settings).expect("puller").pull_once() {
+        PullOutcome::Failed(e) => e.to_string(),
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    let dir = not_a_dir.join("agent");
+    assert!(
+        err.contains(&format!(
+            "cannot create {}, the directory of AGENT_CONFIG: Not a directory",
+            dir.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(fx.status().last_sync_error.as_deref(), Some(err.as_str()));
+    assert!(
+        fx.status().hook_due.is_none(),
+        "a hook is due for a file never written"
+    );
+}
+
+#[test]
+fn a_body_that_is_not_utf8_is_reported_as_such() {
+    let fx = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let body = b"{\"config_hash\": \"x\xe9\", \"devices\": []}";
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).expect("head");
+        conn.write_all(body).expect("body");
+    });
+    let err = match Puller::new(&fx.settings_for(&url, ""))
+        .expect("puller")
+        .pull_once()
+    {
+        PullOutcome::Failed(e) => e,
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    server.join().expect("server");
+    assert_eq!(err, PullError::NotUtf8 { offset: 18 });
+    assert_eq!(
+        err.to_string(),
+        "config pull: the answer is not UTF-8 (invalid byte at offset 18)"
     );
 }
