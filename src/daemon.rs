@@ -6,19 +6,21 @@
 //! (the row stays pending and is sent again, under the same idempotency key). Should
 //! the network hold the agent up, it exits anyway after [`STOP_GRACE`]: its state is
 //! consistent at every instant, so a forced exit loses nothing. SIGUSR1 starts a pass now.
+//! SIGHUP reads the settings again and starts a pass with them ([`reload`]); `relais once`
+//! takes it as a stop request.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::backoff::Backoff;
 use crate::pull::{self, PullActivity, PullWake};
 use crate::push::{CycleReport, Interruption, Pusher};
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsError};
 use crate::state_lock::{self, LockError, StateLock};
 use crate::tracking::Tracking;
 use crate::transport::Transport;
@@ -37,7 +39,16 @@ pub const EXIT_CONFIG: i32 = 2;
 pub enum Wake {
     Stop,
     SyncNow,
+    /// SIGHUP: read the settings again, then a pass.
+    Reload,
 }
+
+/// Reads the settings again, as at start-up (SIGHUP).
+pub type Load<'a> = &'a dyn Fn() -> Result<Settings, SettingsError>;
+
+/// The running configuration pull's channel: shared with the signal thread, so that
+/// SIGUSR1 reaches the pull while a pass runs, and replaced when a reload restarts it.
+type PullHandle = Arc<Mutex<Option<(Sender<PullWake>, PullActivity)>>>;
 
 /// Sets up the pusher from the settings; errors are one operator-readable line.
 pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher, String> {
@@ -47,20 +58,21 @@ pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher
 }
 
 /// Runs one pass (`once`) or the loop until a stop signal; returns the exit code.
-pub fn run(settings: &Settings, once: bool) -> i32 {
+pub fn run(settings: &Settings, once: bool, load: Load) -> i32 {
+    let mut settings = settings.clone();
     let command = if once { "relais once" } else { "relais run" };
     // Taken before anything else (the configuration pull included), held for the
     // process's life. A state directory that cannot be locked yet (not writable) is
     // retried with the state database below: it must not stop the agent.
     let mut lock = None;
-    if let Err(line) = hold_lock(&mut lock, settings, command, settings.state_lock_wait) {
+    if let Err(line) = hold_lock(&mut lock, &settings, command, settings.state_lock_wait) {
         log::error!("{line}");
         return EXIT_FAILED_ROWS;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    let pull = if once { None } else { start_pull(settings) };
-    if let Err(e) = watch_signals(tx, pull, stop.clone()) {
+    let pull: PullHandle = Arc::new(Mutex::new(if once { None } else { start_pull(&settings) }));
+    if let Err(e) = watch_signals(tx, pull.clone(), stop.clone(), once) {
         log::error!("signals: cannot install handlers: {e}");
         return EXIT_FAILED_ROWS;
     }
@@ -88,8 +100,8 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         if let Some(jump) = clock_watch.jumped() {
             log_clock_jump(jump);
         }
-        let built = match hold_lock(&mut lock, settings, command, Duration::ZERO) {
-            Ok(None) => pusher_or_build(&mut pusher, settings, &stop),
+        let built = match hold_lock(&mut lock, &settings, command, Duration::ZERO) {
+            Ok(None) => pusher_or_build(&mut pusher, &settings, &stop),
             Ok(Some(unlockable)) => Err(unlockable),
             Err(line) => {
                 log::error!("{line}");
@@ -104,9 +116,9 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
                 status::record_cycle(active.tracking(), &report);
                 notify::status(&report.to_string());
                 if once {
-                    let pulled = pull_once(settings);
+                    let pulled = pull_once(&settings);
                     notify::stopping();
-                    return once_exit_code(settings, &report, active).max(pulled);
+                    return once_exit_code(&settings, &report, active).max(pulled);
                 }
                 (report.interrupted, !report.wrong_url.is_empty())
             }
@@ -139,8 +151,18 @@ pub fn run(settings: &Settings, once: bool) -> i32 {
         if interrupted.is_some() || wrong_url {
             log::info!("next attempt in {}", clock::human_duration(delay));
         }
-        if wait(&rx, delay) == Wake::Stop {
-            break;
+        match wait(&rx, delay) {
+            Wake::Stop => break,
+            Wake::SyncNow => {}
+            Wake::Reload => {
+                if let Some(new) = reload(&settings, load, &pull) {
+                    settings = new;
+                    // Rebuilt at the next pass from the new tables, batch size and HTTP
+                    // settings; what is recorded lives in the state database.
+                    pusher = None;
+                    backoff = Backoff::new(&settings.retry);
+                }
+            }
         }
     }
     notify::stopping();
@@ -171,6 +193,67 @@ fn start_pull(settings: &Settings) -> Option<(Sender<PullWake>, PullActivity)> {
             None
         }
     }
+}
+
+/// SIGHUP: the settings read again. The environment is the process's own and cannot have
+/// changed, so what can is the `RELAIS_CONFIG` file. Invalid new settings leave the ones in
+/// use in place, with one error line. Valid ones apply from the next pass, which starts
+/// at once; the configuration pull is restarted when its settings changed. The state
+/// directory (its lock is held for the process's life) and the log settings (the logger
+/// is installed once) change only at a restart and are kept, with a warning.
+fn reload(current: &Settings, load: Load, pull: &PullHandle) -> Option<Settings> {
+    let mut new = match load() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("reload: the settings in use are kept: {e}");
+            return None;
+        }
+    };
+    new.register_secrets();
+    let mut kept = Vec::new();
+    if new.state_dir != current.state_dir {
+        kept.push("the state directory");
+        new.state_dir = current.state_dir.clone();
+    }
+    if new.log != current.log {
+        kept.push("the log settings");
+        new.log = current.log.clone();
+    }
+    if !kept.is_empty() {
+        log::warn!(
+            "reload: {} change only at a restart; kept as they were",
+            kept.join(" and ")
+        );
+    }
+    if pull_settings_changed(current, &new) {
+        let mut slot = pull.lock().unwrap_or_else(PoisonError::into_inner);
+        // A pull in flight finishes first (bounded by its timeouts), then its thread ends.
+        if let Some((old, _)) = slot.take() {
+            let _ = old.send(PullWake::Stop);
+        }
+        *slot = start_pull(&new);
+        if slot.is_none() {
+            log::info!("reload: configuration pull off");
+        }
+    }
+    log::info!(
+        "reload: settings read again: {} tables, batch size {}, a pass every {}; a pass with them starts now",
+        new.tables.len(),
+        new.batch_size,
+        clock::human_duration(new.interval)
+    );
+    Some(new)
+}
+
+/// Whether the configuration pull must start again: it reads these when it starts.
+fn pull_settings_changed(a: &Settings, b: &Settings) -> bool {
+    a.site_token != b.site_token
+        || a.http != b.http
+        || a.agent_config != b.agent_config
+        || a.config_interval != b.config_interval
+        || a.config_max_bytes != b.config_max_bytes
+        || a.config_pull_timeout != b.config_pull_timeout
+        || a.on_config_change != b.on_config_change
 }
 
 /// `relais once` pulls the configuration once, after its push pass; returns the exit code:
@@ -279,19 +362,27 @@ fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
 /// agent has no timer ticking while idle.
 fn watch_signals(
     tx: Sender<Wake>,
-    pull: Option<(Sender<PullWake>, PullActivity)>,
+    pull: PullHandle,
     stop: Arc<AtomicBool>,
+    once: bool,
 ) -> std::io::Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
-    let activity = pull.as_ref().map(|(_, activity)| activity.clone());
-    let pull_wake = move |w: PullWake| {
-        if let Some((p, _)) = &pull {
-            let _ = p.send(w);
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
+    let pull_wake = {
+        let pull = pull.clone();
+        move |w: PullWake| {
+            if let Some((p, _)) = pull.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+                let _ = p.send(w);
+            }
         }
     };
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         for sig in signals.forever() {
             if sig == SIGUSR1 {
+                let activity = pull
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .map(|(_, activity)| activity.clone());
                 let pulled = activity.as_ref().map_or_else(
                     || "and a configuration pull now".to_string(),
                     PullActivity::on_request,
@@ -299,6 +390,12 @@ fn watch_signals(
                 log::info!("SIGUSR1: starting a pass {pulled}");
                 let _ = tx.send(Wake::SyncNow);
                 pull_wake(PullWake::Now);
+                continue;
+            }
+            if sig == SIGHUP && !once {
+                log::info!("SIGHUP: reading the settings again, opening the log file anew");
+                crate::logging::reopen();
+                let _ = tx.send(Wake::Reload);
                 continue;
             }
             log::info!("stop requested (signal {sig}); finishing the current step");

@@ -4,7 +4,7 @@
 //! The binary in `main.rs` is a thin command-line layer over these modules:
 //!
 //! - [`settings`]: environment variables and the optional JSON configuration file;
-//!   [`device_id`]: the default device id;
+//!   [`device_id`]: the default device id; [`backend_url`]: `BACKEND_URL` checked whole;
 //! - [`source`], [`payload`], [`blob_stream`]: reading the application's database;
 //!   [`source_registry`]: which file is which source; [`reconcile`]: the sweep below the
 //!   high-water mark; [`backlog`]: what is left to push;
@@ -16,6 +16,7 @@
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
 
 pub mod atomic_file;
+pub mod backend_url;
 pub mod backlog;
 pub mod backoff;
 pub mod blob_stream;

@@ -25,7 +25,7 @@ use crate::{atomic_file, clock, redact};
 pub const LOG_FILE_NAME: &str = "relais.log";
 
 /// Where and how much to log.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
     pub level: LevelFilter,
     /// Directory of the local log file; `None` logs to stderr only.

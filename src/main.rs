@@ -10,7 +10,8 @@ use relais::{clock, daemon, logging, state_lock, status, tracking};
 const USAGE: &str = "usage: relais [--config FILE] [COMMAND]
 
 commands:
-  run            push continuously (the default when SYNC_MODE is continuous or periodic)
+  run            push continuously (the default when SYNC_MODE is continuous or periodic);
+                 SIGUSR1: a pass and a pull now, SIGHUP: reload RELAIS_CONFIG, SIGTERM: stop
   once           one pass, then exit: 0 all pushed, 1 some rows failed, 2 bad configuration
   status [--json]  what was pushed, what failed and why
   retry-failed   make every failed row due now
@@ -19,6 +20,7 @@ commands:
   state reset    move the state database aside (relais.db.bad-<time>) and start afresh
   demo           push a generated database to a local receiver and check every byte
   receiver       run the reference receiver (development builds)
+  help, --help   print this text
   --version      print the version
 
 Settings come from the environment (LOCAL_DB_PATH, BACKEND_URL, SYNC_INTERVAL_MINUTES,
@@ -51,13 +53,18 @@ fn run(args: &[String]) -> i32 {
         }
     }
     let command = rest.first().map(String::as_str).unwrap_or("");
+    if command == "help" {
+        println!("{USAGE}");
+        return EXIT_OK;
+    }
     if command == "receiver" {
         return receiver(&rest[1..]);
     }
     if command == "demo" {
         return demo();
     }
-    let settings = match Settings::from_env(config.as_deref()) {
+    let load = || Settings::from_env(config.as_deref());
+    let settings = match load() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("relais: {e}");
@@ -72,18 +79,18 @@ fn run(args: &[String]) -> i32 {
         ("reconcile", None) => reconcile(&settings),
         ("forget", Some(source)) if rest.len() == 2 => forget(&settings, source),
         ("state", Some("reset")) if rest.len() == 2 => state_reset(&settings),
-        ("run", None) => agent(&settings, false),
-        ("once", None) => agent(&settings, true),
-        ("", None) => agent(&settings, settings.mode == SyncMode::Once),
+        ("run", None) => agent(&settings, false, &load),
+        ("once", None) => agent(&settings, true, &load),
+        ("", None) => agent(&settings, settings.mode == SyncMode::Once, &load),
         _ => usage_error(&format!("unknown command {:?}", rest.join(" "))),
     }
 }
 
-fn agent(settings: &Settings, once: bool) -> i32 {
+fn agent(settings: &Settings, once: bool, load: daemon::Load) -> i32 {
     if let Some(warning) = logging::init(&settings.log) {
         log::warn!("{warning}");
     }
-    daemon::run(settings, once)
+    daemon::run(settings, once, load)
 }
 
 fn retry_failed(settings: &Settings) -> i32 {

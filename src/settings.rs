@@ -44,7 +44,7 @@ pub enum SyncMode {
 }
 
 /// How to talk to the backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     pub backend_url: String,
     /// Opening a connection, the TLS handshake included.
@@ -94,7 +94,7 @@ pub struct TableSpec {
 }
 
 /// The command run after the pulled configuration file is replaced.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HookSpec {
     pub command: Vec<String>,
     pub timeout: Duration,
@@ -174,9 +174,13 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
         match miniserde::json::from_str::<Value>(&text) {
-            Ok(Value::Object(obj)) => Ok(FileConfig {
-                root: obj.into_iter().collect(),
-            }),
+            Ok(Value::Object(obj)) => {
+                let root = obj.into_iter().collect();
+                check_keys(&root, FILE_KEYS, "").map_err(|(key, hint)| {
+                    invalid(&key, format!("unknown key in {}{hint}", path.display()))
+                })?;
+                Ok(FileConfig { root })
+            }
             Ok(_) => Err(invalid(
                 setting,
                 format!("{} is not a JSON object", path.display()),
@@ -193,6 +197,133 @@ impl FileConfig {
             root: BTreeMap::new(),
         }
     }
+}
+
+/// What a key of the configuration file holds, for the unknown-key check: a misspelt key
+/// (`tabels`) would otherwise be ignored and its default used without a word.
+enum Key {
+    /// A value, whose type the parser checks.
+    Value,
+    Object(&'static [(&'static str, Key)]),
+    /// An array of objects with these keys.
+    Objects(&'static [(&'static str, Key)]),
+}
+
+/// Every key the file may hold; a key the parser reads must be here too (the README's
+/// example is checked against it).
+const FILE_KEYS: &[(&str, Key)] = &[
+    ("agent_config", Key::Value),
+    ("backend_url", Key::Value),
+    ("batch_size", Key::Value),
+    ("blob_chunk_bytes", Key::Value),
+    ("config_max_bytes", Key::Value),
+    ("config_pull_timeout_s", Key::Value),
+    ("config_sync_interval_min", Key::Value),
+    ("device_id", Key::Value),
+    ("http", Key::Object(HTTP_KEYS)),
+    ("local_db_path", Key::Value),
+    ("log_dir", Key::Value),
+    ("log_level", Key::Value),
+    ("log_max_bytes", Key::Value),
+    ("on_config_change", Key::Object(HOOK_KEYS)),
+    ("retry", Key::Object(RETRY_KEYS)),
+    ("site_token", Key::Value),
+    ("state_dir", Key::Value),
+    ("state_lock_wait_s", Key::Value),
+    ("sync_interval_minutes", Key::Value),
+    ("sync_interval_seconds", Key::Value),
+    ("sync_mode", Key::Value),
+    ("tables", Key::Objects(TABLE_KEYS)),
+];
+const HTTP_KEYS: &[(&str, Key)] = &[
+    ("bearer_token", Key::Value),
+    ("ca_file", Key::Value),
+    ("connect_timeout_s", Key::Value),
+    ("io_timeout_s", Key::Value),
+    ("response_timeout_s", Key::Value),
+];
+const RETRY_KEYS: &[(&str, Key)] = &[
+    ("initial_backoff_s", Key::Value),
+    ("max_backoff_s", Key::Value),
+    ("permanent_retry_s", Key::Value),
+];
+const TABLE_KEYS: &[(&str, Key)] = &[
+    ("blob", Key::Object(BLOB_KEYS)),
+    ("endpoint", Key::Value),
+    ("name", Key::Value),
+    ("query", Key::Value),
+];
+const BLOB_KEYS: &[(&str, Key)] = &[
+    ("column", Key::Value),
+    ("field", Key::Value),
+    ("table", Key::Value),
+];
+const HOOK_KEYS: &[(&str, Key)] = &[("command", Key::Value), ("timeout_s", Key::Value)];
+
+/// The first key of `map` (recursively) that `known` does not list: its full path
+/// (`tables[0].blob.colum`) and the end of the message (a suggestion, or the known keys).
+/// A value of the wrong type is left to the parser, which names it.
+fn check_keys(
+    map: &BTreeMap<String, Value>,
+    known: &[(&str, Key)],
+    prefix: &str,
+) -> Result<(), (String, String)> {
+    for (key, value) in map {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some((_, shape)) = known.iter().find(|(k, _)| k == key) else {
+            return Err((path, suggest(key, known)));
+        };
+        match (shape, value) {
+            (Key::Object(keys), Value::Object(obj)) => check_keys(obj_map(obj), keys, &path)?,
+            (Key::Objects(keys), Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Object(obj) = item {
+                        check_keys(obj_map(obj), keys, &format!("{path}[{i}]"))?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// "; did you mean ...?" when a known key is a few edits away, else the known keys.
+fn suggest(key: &str, known: &[(&str, Key)]) -> String {
+    let closest = known
+        .iter()
+        .map(|(k, _)| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(1))
+        .min();
+    match closest {
+        Some((_, k)) => format!("; did you mean {k:?}?"),
+        None => {
+            let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
+            format!(" (known here: {})", names.join(", "))
+        }
+    }
+}
+
+/// Levenshtein distance, on characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Reads typed values from a JSON object, naming `prefix.key` in errors.
@@ -328,6 +459,78 @@ fn seconds(n: f64) -> Duration {
     Duration::from_secs_f64(n.min(1e9))
 }
 
+/// Settings whose empty (or blank) value is an error, never a request for the default:
+/// `RELAIS_STATE_DIR=` in an env file means someone meant to set it and did not, and the
+/// default (another directory, another backend, an id shared by devices) would be taken
+/// silently. Each comes with what leaving it unset gives. Not listed, so empty means
+/// unset: `SITE_TOKEN`, `RELAIS_BEARER_TOKEN`, `RELAIS_CA_FILE` and `RELAIS_CONFIG`,
+/// whose unset value turns a feature off (an env file switches them off with `VAR=`),
+/// and systemd's `STATE_DIRECTORY` and `LOGS_DIRECTORY`.
+const NOT_EMPTY: &[(&str, &str, &str)] = &[
+    (
+        "LOCAL_DB_PATH",
+        "local_db_path",
+        "leave it unset for /data/surveillance.db",
+    ),
+    (
+        "BACKEND_URL",
+        "backend_url",
+        "leave it unset for http://backend:8000",
+    ),
+    (
+        "DEVICE_ID",
+        "device_id",
+        "set a name unique to this device, or leave it unset to derive one from /etc/machine-id",
+    ),
+    ("SYNC_MODE", "sync_mode", "leave it unset for continuous"),
+    (
+        "SYNC_INTERVAL_MINUTES",
+        "sync_interval_minutes",
+        "leave it unset for 5",
+    ),
+    (
+        "SYNC_INTERVAL_SECONDS",
+        "sync_interval_seconds",
+        "leave it unset to use SYNC_INTERVAL_MINUTES",
+    ),
+    (
+        "CONFIG_SYNC_INTERVAL_MIN",
+        "config_sync_interval_min",
+        "leave it unset for 5",
+    ),
+    (
+        "AGENT_CONFIG",
+        "agent_config",
+        "leave it unset for /agent/config/config.json",
+    ),
+    (
+        "RELAIS_STATE_DIR",
+        "state_dir",
+        "leave it unset for $STATE_DIRECTORY, else /var/lib/relais",
+    ),
+    (
+        "RELAIS_LOG_DIR",
+        "log_dir",
+        "leave it unset for $LOGS_DIRECTORY, else /var/log/relais ('-': stderr only)",
+    ),
+    ("RELAIS_LOG_LEVEL", "log_level", "leave it unset for info"),
+];
+
+/// The first setting of [`NOT_EMPTY`] set to an empty value, in the environment or in
+/// the file.
+fn reject_empty(src: &Source) -> Result<(), SettingsError> {
+    let blank = |v: &str| v.trim().is_empty();
+    for (var, key, unset) in NOT_EMPTY {
+        let name = match ((src.env)(var), src.file.get(key)) {
+            (Some(v), _) if blank(&v) => var.to_string(),
+            (None, Some(Value::String(v))) if blank(v) => src.file.name(key),
+            _ => continue,
+        };
+        return Err(invalid(&name, format!("is empty: {unset}")));
+    }
+    Ok(())
+}
+
 impl Settings {
     /// Loads the settings from the process environment and the file named by
     /// `config_path` (the `--config` option) or `RELAIS_CONFIG`.
@@ -354,6 +557,7 @@ impl Settings {
                 map: &file.root,
             },
         };
+        reject_empty(&src)?;
         let local_db_path = src
             .string("LOCAL_DB_PATH", "local_db_path")?
             .unwrap_or_else(|| "/data/surveillance.db".into());
@@ -412,9 +616,6 @@ impl Settings {
         if self.device_id.chars().any(char::is_control) {
             return Err(invalid("DEVICE_ID", "must not contain control characters"));
         }
-        if self.local_db_path.trim().is_empty() {
-            return Err(invalid("LOCAL_DB_PATH", "must not be empty"));
-        }
         if self.agent_config.file_name().is_none() {
             return Err(invalid("AGENT_CONFIG", "must name a file"));
         }
@@ -465,11 +666,10 @@ fn whole(n: f64, min: f64, max: f64, name: &str) -> Result<f64, SettingsError> {
 }
 
 /// The device id: `DEVICE_ID`, else the file's `device_id`, else derived from the machine
-/// id ([`crate::device_id`]). An empty value is an error, never a request for the
-/// default: `DEVICE_ID=` in an env file means someone meant to set it and did not.
+/// id ([`crate::device_id`]); an empty one was refused by [`reject_empty`].
 /// `RELAIS_MACHINE_ID_FILE` replaces the machine id's path (tests, image builds).
 fn parse_device_id(src: &Source) -> Result<(String, String), SettingsError> {
-    let explicit = match (src.env)("DEVICE_ID") {
+    let explicit = match src.env("DEVICE_ID") {
         Some(v) => Some((v, "DEVICE_ID".to_string())),
         None => src
             .file
@@ -477,10 +677,6 @@ fn parse_device_id(src: &Source) -> Result<(String, String), SettingsError> {
             .map(|v| (v, src.file.name("device_id"))),
     };
     match explicit {
-        Some((v, origin)) if v.trim().is_empty() => Err(invalid(
-            &origin,
-            "is empty: set a name unique to this device, or leave it unset to derive one from /etc/machine-id",
-        )),
         Some(found) => Ok(found),
         None => {
             let file = src.env("RELAIS_MACHINE_ID_FILE").map(PathBuf::from);
@@ -521,18 +717,8 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
         .string("BACKEND_URL", "backend_url")?
         .unwrap_or_else(|| "http://backend:8000".into());
     let backend_url = backend_url.trim().trim_end_matches('/').to_string();
-    let rest = backend_url
-        .strip_prefix("http://")
-        .or_else(|| backend_url.strip_prefix("https://"));
-    match rest {
-        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {}
-        _ => {
-            return Err(invalid(
-                "BACKEND_URL",
-                format!("{backend_url:?} is not an http:// or https:// URL"),
-            ));
-        }
-    }
+    crate::backend_url::check(&backend_url)
+        .map_err(|problem| invalid(&src.origin("BACKEND_URL", "backend_url"), problem))?;
     let http = src.file.section("http")?;
     let ca_file = src
         .env("RELAIS_CA_FILE")
@@ -873,6 +1059,99 @@ mod tests {
         assert_eq!(e.setting, "tables[0].query");
         let e = load(&[], Some("{not json")).unwrap_err();
         assert_eq!(e.setting, "RELAIS_CONFIG");
+    }
+
+    #[test]
+    fn the_backend_url_is_checked_whole() {
+        for bad in [
+            "http://[::1",
+            "http://host:65536",
+            "http://host/?x=1",
+            "http://host#x",
+        ] {
+            let e = load(&[("BACKEND_URL", bad)], None).unwrap_err();
+            assert_eq!(e.setting, "BACKEND_URL", "{bad}: {e}");
+        }
+        let e = load(&[], Some(r#"{"backend_url": "http://host:0"}"#)).unwrap_err();
+        assert_eq!(e.setting, "backend_url", "{e}");
+        // A path prefix is kept (the endpoints are appended to it); a trailing '/' is not.
+        let s = load(&[("BACKEND_URL", "https://host:8443/sync/")], None).unwrap();
+        assert_eq!(s.http.backend_url, "https://host:8443/sync");
+        let s = load(&[("BACKEND_URL", "http://user:pw@[::1]:8000")], None).unwrap();
+        assert_eq!(s.http.backend_url, "http://user:pw@[::1]:8000");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        for (text, setting, hint) in [
+            (r#"{"tabels": []}"#, "tabels", r#"did you mean "tables"?"#),
+            (
+                r#"{"http": {"io_timout_s": 1}}"#,
+                "http.io_timout_s",
+                r#"did you mean "io_timeout_s"?"#,
+            ),
+            (
+                r#"{"tables": [{"name": "m", "query": "SELECT 1 AS local_id", "endpoint": "/m",
+                    "blob": {"table": "m", "colum": "v", "field": "f"}}]}"#,
+                "tables[0].blob.colum",
+                r#"did you mean "column"?"#,
+            ),
+            (
+                r#"{"retry": {"backoff": 1}}"#,
+                "retry.backoff",
+                "(known here: initial_backoff_s, max_backoff_s, permanent_retry_s)",
+            ),
+        ] {
+            let e = load(&[], Some(text)).unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
+            assert!(e.problem.starts_with("unknown key in "), "{e}");
+            assert!(e.problem.ends_with(hint), "{e}");
+        }
+        assert_eq!(edit_distance("tabels", "tables"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("colum", "column"), 1);
+    }
+
+    #[test]
+    fn the_documented_and_packaged_files_use_known_keys_only() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("### The configuration file").unwrap()..];
+        let start = section.find("```json\n").unwrap() + 8;
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let Ok(Value::Object(obj)) = miniserde::json::from_str::<Value>(example) else {
+            panic!("the README's example is not a JSON object");
+        };
+        assert_eq!(check_keys(obj_map(&obj), FILE_KEYS, ""), Ok(()));
+        load(&[], Some(include_str!("../packaging/relais.json"))).unwrap();
+    }
+
+    #[test]
+    fn an_empty_setting_is_an_error_never_the_default() {
+        for (var, _, _) in NOT_EMPTY {
+            for value in ["", "  "] {
+                let e = load(&[(var, value)], None).unwrap_err();
+                assert_eq!(e.setting, *var, "{var}={value:?}: {e}");
+                assert!(e.problem.starts_with("is empty: "), "{e}");
+            }
+        }
+        let e = load(&[], Some(r#"{"state_dir": ""}"#)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "setting state_dir: is empty: leave it unset for $STATE_DIRECTORY, else /var/lib/relais"
+        );
+        // Empty means unset where unset turns a feature off.
+        let s = load(
+            &[
+                ("SITE_TOKEN", ""),
+                ("RELAIS_BEARER_TOKEN", ""),
+                ("RELAIS_CA_FILE", ""),
+                ("RELAIS_CONFIG", ""),
+            ],
+            None,
+        )
+        .unwrap();
+        assert!(s.site_token.is_none() && s.http.bearer_token.is_none());
+        assert!(s.http.ca_file.is_none());
     }
 
     #[test]

@@ -881,6 +881,10 @@ fn create(path: &Path) -> Result<(), TrackingError> {
     built.map(|_| ())
 }
 
+/// Every column of relais's `sync_tracking`.
+const TRACKING_COLUMNS: &str = "SELECT id, source, table_name, local_id, remote_id, sync_date, \
+    sync_status, error_message, attempts, next_attempt_at, bytes FROM sync_tracking";
+
 /// Tells a relais state database from a file that only has its name.
 fn check_is_state(conn: &Connection, path: &Path) -> Result<(), TrackingError> {
     let found = conn.query_row(
@@ -890,7 +894,15 @@ fn check_is_state(conn: &Connection, path: &Path) -> Result<(), TrackingError> {
     );
     let bad = |what| Err(TrackingError::Bad(path.to_path_buf(), what));
     match found {
-        Ok(1) => Ok(()),
+        // Prepared, not run: the columns are checked without reading or writing a row.
+        // Without them the schema statements would fail with an error that looks like
+        // a permission problem.
+        Ok(1) => match conn.prepare(TRACKING_COLUMNS) {
+            Ok(_) => Ok(()),
+            Err(_) => bad(
+                "is not a relais state database (its sync_tracking table lacks relais's columns; the Python service's?)",
+            ),
+        },
         Ok(_) => bad("is not a relais state database (no sync_tracking table)"),
         Err(e) => match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase) => bad("is not an SQLite database"),

@@ -157,7 +157,19 @@ fn a_bad_state_database_is_refused_untouched_until_state_reset() {
             c.execute_batch("CREATE TABLE notes (t TEXT); INSERT INTO notes VALUES ('x');")
         })
         .unwrap();
-    let cases: [(&str, Vec<u8>, &str); 3] = [
+    // The Python service's table (contract section 4), without relais's columns.
+    let seed = foreign.join("seed.db");
+    rusqlite::Connection::open(&seed)
+        .and_then(|c| {
+            c.execute_batch(
+                "CREATE TABLE sync_tracking (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                 table_name TEXT NOT NULL, local_id INTEGER NOT NULL, remote_id INTEGER, \
+                 sync_date TEXT NOT NULL, sync_status TEXT NOT NULL, error_message TEXT); \
+                 INSERT INTO sync_tracking VALUES (1, 'evenement', 1, 7, '2025-01-01', 'success', NULL);",
+            )
+        })
+        .unwrap();
+    let cases: [(&str, Vec<u8>, &str); 4] = [
         ("empty", Vec::new(), "is empty (0 bytes)"),
         (
             "garbage",
@@ -168,6 +180,11 @@ fn a_bad_state_database_is_refused_untouched_until_state_reset() {
             "foreign",
             std::fs::read(&other).unwrap(),
             "is not a relais state database",
+        ),
+        (
+            "seed-table",
+            std::fs::read(&seed).unwrap(),
+            "lacks relais's columns",
         ),
     ];
     for (case, bytes, diagnosis) in cases {
