@@ -679,7 +679,11 @@ fn sigkill_during_replacement_never_tears_the_file() {
         std::fs::read_dir(&dir.0)
             .unwrap()
             .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().starts_with("config.json.new-"))
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("config.json.new-")
+            })
     };
     let (a, b) = versions();
     atomic_file::replace(&path, a.as_bytes(), 0o600).expect("initial");
