@@ -21,7 +21,6 @@ pub mod backlog;
 pub mod backoff;
 pub mod blob_stream;
 pub mod clock;
-pub mod config_hash;
 pub mod daemon;
 pub mod device_id;
 pub mod json;
@@ -41,6 +40,9 @@ pub mod status;
 pub mod tcp_transport;
 pub mod tracking;
 pub mod transport;
+
+/// The configuration hash lives with the wire format both ends share.
+pub use relais_wire::config_hash;
 
 #[cfg(feature = "receiver")]
 pub mod demo;

@@ -765,29 +765,19 @@ impl Pusher {
     /// The members every payload ends with, and the closing brace.
     fn suffix(&self, after_fields: bool) -> String {
         let mut s = String::new();
-        json::push_key(&mut s, "device_id", !after_fields);
+        json::push_key(&mut s, relais_wire::DEVICE_ID_MEMBER, !after_fields);
         json::push_str(&mut s, &self.settings.device_id);
-        json::push_key(&mut s, "source", false);
-        json::push_str(&mut s, "sync_service");
+        json::push_key(&mut s, relais_wire::SOURCE_MEMBER, false);
+        json::push_str(&mut s, relais_wire::SOURCE_VALUE);
         s.push('}');
         s
     }
 
-    /// `<device_id>:<table>:<local_id>` as the contract fixes it. With several source
-    /// files (a glob), local ids repeat from file to file, so the table part also names
-    /// the file (`evenement@2025_12_18.db`); otherwise the backend would take rows of
-    /// different days for replays of each other and drop them.
+    /// The contract's key (`relais_wire::idempotency_key`); with several source files
+    /// (a glob) it also names the file.
     fn idempotency_key(&self, ctx: &SourceCtx, table: &TableSpec, id: &str) -> String {
-        if ctx.multi {
-            format!(
-                "{}:{}@{}:{id}",
-                self.settings.device_id,
-                table.name,
-                file_name(&ctx.key)
-            )
-        } else {
-            format!("{}:{}:{id}", self.settings.device_id, table.name)
-        }
+        let file = ctx.multi.then(|| file_name(&ctx.key));
+        relais_wire::idempotency_key(&self.settings.device_id, &table.name, file, id)
     }
 
     fn flush(&mut self, source: &str, group: &mut AckGroup) -> Result<(), Halt> {

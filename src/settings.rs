@@ -147,13 +147,13 @@ pub fn default_tables() -> Vec<TableSpec> {
         TableSpec {
             name: "evenement".into(),
             query: DEFAULT_EVENT_QUERY.into(),
-            endpoint: "/api/evenements".into(),
+            endpoint: relais_wire::EVENTS_PATH.into(),
             blob: None,
         },
         TableSpec {
             name: "media".into(),
             query: DEFAULT_MEDIA_QUERY.into(),
-            endpoint: "/api/media".into(),
+            endpoint: relais_wire::MEDIA_PATH.into(),
             blob: Some(BlobSpec {
                 table: "media".into(),
                 column: "video".into(),

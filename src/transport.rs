@@ -126,7 +126,7 @@ impl Transport {
             .post(format!("{}{endpoint}", self.base_url))
             .header("Content-Type", "application/json")
             .header("Content-Length", len.to_string())
-            .header("Idempotency-Key", idempotency_key);
+            .header(relais_wire::IDEMPOTENCY_KEY_HEADER, idempotency_key);
         if let Some(token) = &self.bearer {
             req = req.header("Authorization", format!("Bearer {token}"));
         }

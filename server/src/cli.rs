@@ -1,0 +1,52 @@
+//! The command line: every flag has an environment variable (`--help` lists both).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relais-server",
+    version,
+    about = "The receiving end of relais: stores each push once, streams media to disk"
+)]
+pub struct Cli {
+    /// Address and port to listen on.
+    #[arg(long, env = "RELAIS_SERVER_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// The store: sqlite:PATH (embedded, the default).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:relais-server.db")]
+    pub store: String,
+    /// Directory of the media files (created if missing).
+    #[arg(
+        long,
+        env = "RELAIS_SERVER_MEDIA_DIR",
+        default_value = "relais-server-media"
+    )]
+    pub media_dir: PathBuf,
+    /// Accept pushes without authentication. Required: device tokens are not in this
+    /// build yet.
+    #[arg(long, env = "RELAIS_SERVER_NO_AUTH")]
+    pub no_auth: bool,
+    /// Largest request body accepted, in bytes (a media push is its BLOB in base64,
+    /// 4/3 of its size).
+    #[arg(long, env = "RELAIS_SERVER_MAX_BODY_BYTES", default_value_t = 1 << 30)]
+    pub max_body_bytes: usize,
+    /// Longest time one request may take, in seconds, its upload included.
+    #[arg(long, env = "RELAIS_SERVER_REQUEST_TIMEOUT_S", default_value_t = 600)]
+    pub request_timeout_s: u64,
+    /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds.
+    #[arg(long, env = "RELAIS_SERVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Apply the store's migrations and exit.
+    Migrate,
+}

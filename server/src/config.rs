@@ -1,0 +1,79 @@
+//! The validated configuration: what [`crate::cli::Cli`] says, checked once at start so
+//! that a wrong flag is one line naming it, before anything is opened.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::Cli;
+use crate::store::sqlite;
+
+/// Which store `--store` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreUrl,
+    pub media_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// `serving`: the checks that only serving needs (authentication) apply.
+    pub fn from_cli(cli: &Cli, serving: bool) -> Result<Config, String> {
+        if serving && !cli.no_auth {
+            return Err(
+                "auth: device tokens are not implemented yet in this build; \
+                        start with --no-auth (RELAIS_SERVER_NO_AUTH=true) to accept pushes \
+                        without authentication"
+                    .into(),
+            );
+        }
+        Ok(Config {
+            listen: cli.listen,
+            store: parse_store(&cli.store)?,
+            media_dir: cli.media_dir.clone(),
+            max_body_bytes: cli.max_body_bytes,
+            request_timeout: Duration::from_secs(cli.request_timeout_s),
+            shutdown_grace: Duration::from_secs(cli.shutdown_grace_s),
+        })
+    }
+}
+
+fn parse_store(url: &str) -> Result<StoreUrl, String> {
+    if let Some(path) = sqlite::path_of(url) {
+        return Ok(StoreUrl::Sqlite(path));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // The URL may hold a password: it is not repeated here.
+        return Err("store: PostgreSQL is not in this build yet; use --store sqlite:PATH".into());
+    }
+    Err("store: --store (DATABASE_URL) must be sqlite:PATH".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(
+            parse_store("sqlite:a/b.db"),
+            Ok(StoreUrl::Sqlite("a/b.db".into()))
+        );
+        assert_eq!(
+            parse_store("sqlite:///var/lib/r.db"),
+            Ok(StoreUrl::Sqlite("/var/lib/r.db".into()))
+        );
+        let pg = parse_store("postgres://u:secret@h/db").unwrap_err();
+        assert!(!pg.contains("secret"), "{pg}");
+        assert!(parse_store("mysql://x").is_err());
+        assert!(parse_store("sqlite:").is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! Media files: the request body is streamed through the splitter ([`split`]) in a
+//! blocking thread, so the base64 string of a BLOB goes straight into a temporary file
+//! under `<media-dir>/.incoming/` (decoded, SHA-256 computed while writing, fsynced)
+//! and memory never holds the whole body. [`MediaDir::place`] renames the file into
+//! `<media-dir>/` before the row that names it is committed; a body cut midway never
+//! gets there and its temporary file is deleted.
+//!
+//! Rows name files relative to the media directory, so the directory can move, or be
+//! shared by several servers, or be replaced by an object store implementing the same
+//! place and remove steps.
+
+mod split;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::{Body, Bytes};
+use http_body_util::BodyExt as _;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+pub use split::{BLOB_PLACEHOLDER, SplitBody, SpooledBlob};
+
+/// Chunks in flight between the connection and the splitter thread: with hyper's reads
+/// of at most a few hundred KiB, this bounds the body bytes held in memory.
+const CHANNEL_DEPTH: usize = 4;
+
+/// Where temporary files live, inside the media directory so the rename stays on one
+/// filesystem; hidden so a listing of the media shows only complete files.
+const INCOMING: &str = ".incoming";
+
+/// A complete body, split: the JSON text, the decoded BLOB if any, and the SHA-256 of
+/// the body exactly as sent.
+#[derive(Debug)]
+pub struct Received {
+    pub split: SplitBody,
+    pub body_sha256: String,
+}
+
+/// Why a body could not be received.
+#[derive(Debug)]
+pub enum ReceiveError {
+    /// The body ended early or the connection failed; `limit` when the body outgrew the
+    /// size limit.
+    Body { limit: bool, detail: String },
+    /// The splitter thread could not run.
+    Worker(String),
+}
+
+/// A media file in its final place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Relative to the media directory.
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MediaDir {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    spool: split::Spool,
+    counter: AtomicU64,
+}
+
+impl MediaDir {
+    /// Creates the directory if needed and clears temporary files left by a previous run.
+    pub fn open(root: &Path) -> std::io::Result<MediaDir> {
+        std::fs::create_dir_all(root)?;
+        let spool = split::Spool::new(root.join(INCOMING))?;
+        Ok(MediaDir {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                spool,
+                counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Streams `body` through the splitter in a blocking thread.
+    pub async fn receive(&self, body: Body) -> Result<Received, ReceiveError> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let inner = Arc::clone(&self.inner);
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut splitter = split::Splitter::new(&inner.spool);
+            let mut sha256 = Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                sha256.update(&chunk);
+                splitter.feed(&chunk);
+            }
+            (splitter.finish(), split::hex(&sha256.finalize()))
+        });
+        let streamed = forward(body, &tx).await;
+        // Closing the channel ends the worker, whether the body was complete or not; a
+        // cut body's temporary file is deleted when its split result is dropped.
+        drop(tx);
+        let (split, body_sha256) = worker
+            .await
+            .map_err(|e| ReceiveError::Worker(format!("media: the body reader failed: {e}")))?;
+        streamed?;
+        Ok(Received { split, body_sha256 })
+    }
+
+    /// Moves `blob` into the media directory under a new unique name (fsyncing the
+    /// directory, so the name survives a power cut once the row is committed).
+    pub async fn place(&self, mut blob: SpooledBlob) -> std::io::Result<Placed> {
+        let inner = Arc::clone(&self.inner);
+        let placed = tokio::task::spawn_blocking(move || {
+            let name = inner.unique_name();
+            blob.file.persist(&inner.root.join(&name))?;
+            std::fs::File::open(&inner.root)?.sync_all()?;
+            Ok(Placed {
+                name,
+                size: blob.len,
+                sha256: blob.sha256,
+            })
+        });
+        placed.await.map_err(std::io::Error::other)?
+    }
+
+    /// Removes a placed file whose row was not stored (a replay, a store failure).
+    pub async fn remove(&self, placed: &Placed) {
+        let path = self.inner.root.join(&placed.name);
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            tracing::warn!("media: cannot remove unused {}: {e}", path.display());
+        }
+    }
+}
+
+impl Inner {
+    /// Unique across restarts (time) and within a run (counter); says nothing about the
+    /// row, which is found through the row's `media_path`.
+    fn unique_name(&self) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{nanos:x}-{}-{n}.bin", std::process::id())
+    }
+}
+
+/// Sends the body's data frames to the splitter; stops at the first body error.
+async fn forward(mut body: Body, tx: &mpsc::Sender<Bytes>) -> Result<(), ReceiveError> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            ReceiveError::Body {
+                limit,
+                detail: e.to_string(),
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if tx.send(data).await.is_err() {
+                return Err(ReceiveError::Worker(
+                    "media: the body reader stopped early".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Test helpers: a real relais-server child process on 127.0.0.1 with its own store and
+//! media directory, a real HTTP client, and looks into the store's SQLite file.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub addr: String,
+    pub dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts the binary with `--no-auth`, a free port, and `extra` flags; waits until
+    /// it listens.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = scratch("srv");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relais-server"))
+            .arg("--no-auth")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--store")
+            .arg(format!("sqlite:{}", dir.join("store.db").display()))
+            .arg("--media-dir")
+            .arg(dir.join("media"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn relais-server");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("server: {line}");
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            url: String::new(),
+            addr: String::new(),
+            dir,
+            log,
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || server.logged("listening addr=")),
+            "relais-server did not start"
+        );
+        let line = server.log_line("listening addr=").expect("listening line");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("address")
+            .to_string();
+        server.url = format!("http://{addr}");
+        server.addr = addr;
+        server
+    }
+
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log_line(needle).is_some()
+    }
+
+    fn log_line(&self, needle: &str) -> Option<String> {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn media_dir(&self) -> PathBuf {
+        self.dir.join("media")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.join("store.db")).expect("open store")
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    /// Every file under the media directory, temporary ones included.
+    pub fn media_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        collect_files(&self.media_dir(), &mut out);
+        out
+    }
+
+    /// The child's peak resident set (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill");
+    }
+
+    /// Waits for the child to exit (at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// A client that returns 4xx and 5xx answers instead of errors.
+pub fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs `body` to `url` + `path`; returns the status and the answer's body.
+pub fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut req = agent
+        .post(format!("{url}{path}"))
+        .header("Content-Type", "application/json");
+    if let Some(key) = key {
+        req = req.header("Idempotency-Key", key);
+    }
+    let mut resp = req.send(body).expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().expect("answer body");
+    (status, text)
+}
+
+/// An event payload as the agent sends it (contract section 2).
+pub fn event(device: &str, n: u32) -> String {
+    format!(
+        r#"{{"date": "2025-12-18T17:30:{n:02}.123456", "capteur": {{"id": 1, "nom": "PIR Entrée", "etat": 1}}, "device_id": "{device}", "source": "sync_service"}}"#
+    )
+}
+
+/// A media payload carrying `data` in base64.
+pub fn media(device: &str, b64: &str) -> String {
+    format!(
+        r#"{{"date": "2025-12-18T17:30:00.123456", "capteur": {{"id": 4, "nom": "Caméra 1"}}, "numero_camera": 1, "video_data": "{b64}", "device_id": "{device}", "source": "sync_service"}}"#
+    )
+}
+
+/// Deterministic incompressible bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn scratch(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("relais-server-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}

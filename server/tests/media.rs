@@ -1,0 +1,153 @@
+//! Media bodies against a real relais-server: streamed to disk in bounded memory with
+//! the right SHA-256, and a body cut anywhere leaves no row and no file.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use common::{Server, client, media, pattern, post, sha256_hex, wait_for};
+
+#[test]
+fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory() {
+    let server = Server::start();
+    let before = server.peak_rss_kib();
+    let data = pattern(20 << 20, 20);
+    let body = media("pi", &STANDARD.encode(&data));
+    let (status, answer) = post(
+        &client(),
+        &server.url,
+        "/api/media",
+        Some("pi:media:1"),
+        body.as_bytes(),
+    );
+    assert_eq!(status, 201, "{answer}");
+    let peak = server.peak_rss_kib();
+    let (path, size, sha): (String, i64, String) = server
+        .db()
+        .query_row(
+            "SELECT media_path, media_size, media_sha256 FROM media",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("media row");
+    assert_eq!(size, data.len() as i64);
+    assert_eq!(sha, sha256_hex(&data));
+    let on_disk = std::fs::read(server.media_dir().join(&path)).expect("media file");
+    assert_eq!(sha256_hex(&on_disk), sha, "the file's bytes");
+    let stored_body: String = server
+        .db()
+        .query_row("SELECT body FROM received", [], |r| r.get(0))
+        .expect("body");
+    assert!(
+        stored_body.contains(&format!("\"media_path\": \"{path}\"")),
+        "{stored_body}"
+    );
+    eprintln!(
+        "server VmHWM: {before} KiB at start, {peak} KiB after a {} KiB body",
+        body.len() / 1024
+    );
+    assert!(
+        peak < 16 * 1024,
+        "peak RSS {peak} KiB for a {} KiB body",
+        body.len() / 1024
+    );
+}
+
+/// Sends the head of a media request announcing the whole body, then `cut` bytes of it,
+/// then closes the connection.
+fn send_cut(server: &Server, body: &[u8], cut: usize) {
+    let mut conn = TcpStream::connect(&server.addr).expect("connect");
+    let head = format!(
+        "POST /api/media HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: pi:media:1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&body[..cut]).expect("part of the body");
+    // Past the diversion threshold the server is writing a temporary file: wait until
+    // it exists, so the cut hits a file being written, not a request not yet read.
+    if cut > 100 * 1024 {
+        assert!(
+            wait_for(Duration::from_secs(5), || !server.media_files().is_empty()),
+            "no temporary file for a cut at {cut}"
+        );
+    }
+    conn.shutdown(Shutdown::Both).expect("close");
+}
+
+#[test]
+fn a_media_body_cut_anywhere_leaves_no_row_and_no_file() {
+    let server = Server::start();
+    let data = pattern(2 << 20, 7);
+    let body = media("pi", &STANDARD.encode(&data)).into_bytes();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(1);
+    eprintln!("cut offsets seed {seed}");
+    let mut x = seed | 1;
+    let mut cuts = vec![1, 40, body.len() - 1];
+    for _ in 0..6 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        cuts.push(1 + (x >> 33) as usize % (body.len() - 1));
+    }
+    for cut in cuts {
+        send_cut(&server, &body, cut);
+        assert!(
+            wait_for(Duration::from_secs(5), || server.media_files().is_empty()),
+            "cut at {cut}: files left {:?}",
+            server.media_files()
+        );
+    }
+    assert_eq!(server.count("SELECT count(*) FROM received"), 0);
+    // The server is still well: the same push, whole, is stored.
+    let (status, answer) = post(
+        &client(),
+        &server.url,
+        "/api/media",
+        Some("pi:media:1"),
+        &body,
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(server.media_files().len(), 1);
+    assert_eq!(server.count("SELECT count(*) FROM media"), 1);
+}
+
+#[test]
+fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0() {
+    let mut server = Server::start();
+    let body = common::event("pi", 3).into_bytes();
+    let mut conn = TcpStream::connect(&server.addr).expect("connect");
+    let head = format!(
+        "POST /api/evenements HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: pi:evenement:3\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&body[..10]).expect("first bytes");
+    std::thread::sleep(Duration::from_millis(100));
+    server.signal(libc::SIGTERM);
+    assert!(
+        wait_for(Duration::from_secs(5), || server.logged("shutting down")),
+        "no shutdown"
+    );
+    assert!(
+        server.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a request in flight"
+    );
+    conn.write_all(&body[10..]).expect("rest of the body");
+    let mut answer = String::new();
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let status = server.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(status.success(), "{status}");
+    assert_eq!(server.count("SELECT count(*) FROM evenements"), 1);
+}

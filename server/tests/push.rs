@@ -1,0 +1,215 @@
+//! The push API against a real relais-server: each push stored once per (device,
+//! Idempotency-Key), replays answered with the original id, bad input refused with a
+//! JSON detail and nothing stored.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Barrier};
+
+use common::{Server, client, event, post};
+
+#[test]
+fn an_event_is_stored_once_and_a_replay_gets_the_original_id() {
+    let server = Server::start();
+    let agent = client();
+    let body = event("pi-1", 1);
+    let first = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        Some("pi-1:evenement:42"),
+        body.as_bytes(),
+    );
+    assert_eq!(first.0, 201, "{}", first.1);
+    assert!(first.1.starts_with("{\"id\": "), "{}", first.1);
+    let again = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        Some("pi-1:evenement:42"),
+        body.as_bytes(),
+    );
+    assert_eq!(again, first);
+    let other_device = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        Some("pi-1:evenement:42"),
+        event("pi-2", 1).as_bytes(),
+    );
+    assert_eq!(other_device.0, 201);
+    assert_ne!(other_device.1, first.1, "another device's key space");
+    let (device, local_id, date, capteur): (String, String, String, i64) = server
+        .db()
+        .query_row(
+            "SELECT device_id, local_id, date, capteur_id FROM evenements WHERE device_id = 'pi-1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .expect("one event row");
+    assert_eq!(
+        (device.as_str(), local_id.as_str(), date.as_str(), capteur),
+        ("pi-1", "42", "2025-12-18T17:30:01.123456", 1)
+    );
+    assert_eq!(server.count("SELECT count(*) FROM received"), 2);
+}
+
+#[test]
+fn thirty_two_racing_duplicates_store_one_row() {
+    let server = Server::start();
+    let barrier = Arc::new(Barrier::new(32));
+    let url = server.url.clone();
+    let answers: Vec<(u16, String)> = (0..32)
+        .map(|_| {
+            let (barrier, url) = (Arc::clone(&barrier), url.clone());
+            std::thread::spawn(move || {
+                let agent = client();
+                barrier.wait();
+                post(
+                    &agent,
+                    &url,
+                    "/api/evenements",
+                    Some("pi:evenement:7"),
+                    event("pi", 7).as_bytes(),
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, 201);
+    assert_eq!(server.count("SELECT count(*) FROM received"), 1);
+}
+
+#[test]
+fn a_replay_with_a_different_body_is_refused() {
+    let server = Server::start();
+    let agent = client();
+    let key = Some("pi:evenement:1");
+    assert_eq!(
+        post(
+            &agent,
+            &server.url,
+            "/api/evenements",
+            key,
+            event("pi", 1).as_bytes()
+        )
+        .0,
+        201
+    );
+    let (status, detail) = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        key,
+        event("pi", 2).as_bytes(),
+    );
+    assert_eq!(status, 422);
+    assert!(
+        detail.contains("\"detail\"") && detail.contains("different body"),
+        "{detail}"
+    );
+    let date: String = server
+        .db()
+        .query_row("SELECT date FROM evenements", [], |r| r.get(0))
+        .expect("row");
+    assert_eq!(date, "2025-12-18T17:30:01.123456", "the first body stays");
+}
+
+#[test]
+fn pushes_without_a_key_are_new_rows() {
+    let server = Server::start();
+    let agent = client();
+    let a = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        None,
+        event("pi", 1).as_bytes(),
+    );
+    let b = post(
+        &agent,
+        &server.url,
+        "/api/evenements",
+        None,
+        event("pi", 1).as_bytes(),
+    );
+    assert_eq!((a.0, b.0), (201, 201));
+    assert_ne!(a.1, b.1);
+    assert_eq!(server.count("SELECT count(*) FROM received"), 2);
+}
+
+#[test]
+fn bad_bodies_get_a_detail_and_store_nothing() {
+    let server = Server::start_with(&["--max-body-bytes", "200000"]);
+    let agent = client();
+    let not_base64 = format!(
+        r#"{{"date": "x", "device_id": "pi", "video_data": "{}!"}}"#,
+        "A".repeat(100_000)
+    );
+    let cases: [(&str, &str, &[u16]); 6] = [
+        ("not JSON", "{\"date\": ", &[400]),
+        ("an array", "[1, 2]", &[422]),
+        (
+            "device_id a number",
+            r#"{"date": "x", "device_id": 5}"#,
+            &[422],
+        ),
+        ("no device_id", r#"{"date": "x"}"#, &[422]),
+        ("date a number", r#"{"date": 1, "device_id": "pi"}"#, &[422]),
+        ("media not base64", &not_base64, &[422]),
+    ];
+    for (i, (what, body, statuses)) in cases.iter().enumerate() {
+        let key = format!("pi:media:{i}");
+        let (status, answer) = post(
+            &agent,
+            &server.url,
+            "/api/media",
+            Some(&key),
+            body.as_bytes(),
+        );
+        assert!(statuses.contains(&status), "{what}: {status} {answer}");
+        assert!(answer.starts_with("{\"detail\": \""), "{what}: {answer}");
+    }
+    // Refused from its head, before the body is sent (a client still writing would get a
+    // broken pipe, so this one goes over a raw socket).
+    let mut conn = std::net::TcpStream::connect(&server.addr).expect("connect");
+    let head = "POST /api/media HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+                Content-Length: 300000\r\n\r\n";
+    conn.write_all(head.as_bytes()).expect("head");
+    let mut answer = [0u8; 512];
+    let n = conn.read(&mut answer).expect("answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("{\"detail\": \"body: larger"), "{answer}");
+    assert_eq!(server.count("SELECT count(*) FROM received"), 0);
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(5), || server
+            .media_files()
+            .is_empty()),
+        "{:?}",
+        server.media_files()
+    );
+}
+
+#[test]
+fn health_and_ready_answer() {
+    let server = Server::start();
+    let agent = client();
+    for path in ["/health", "/ready"] {
+        let mut resp = agent
+            .get(format!("{}{path}", server.url))
+            .call()
+            .expect("get");
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        assert!(
+            resp.body_mut()
+                .read_to_string()
+                .expect("body")
+                .contains("status")
+        );
+    }
+}
