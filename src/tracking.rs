@@ -751,12 +751,14 @@ impl Tracking {
 
     /// Whether any row is tracked under this source key (and table).
     pub fn has_rows(&self, source: &str, table: Option<&str>) -> Result<bool, TrackingError> {
+        // Two statements: behind `(?2 IS NULL OR table_name = ?2)` SQLite seeks on the
+        // source alone and walks every row of it (a million, for a table with none).
+        let query = match table {
+            Some(_) => "SELECT 1 FROM sync_tracking WHERE source = ?1 AND table_name = ?2 LIMIT 1",
+            None => "SELECT 1 FROM sync_tracking WHERE source = ?1 AND ?2 IS NULL LIMIT 1",
+        };
         self.conn
-            .query_row(
-                "SELECT 1 FROM sync_tracking WHERE source = ?1 AND (?2 IS NULL OR table_name = ?2) LIMIT 1",
-                params![source, table],
-                |_| Ok(()),
-            )
+            .query_row(query, params![source, table], |_| Ok(()))
             .optional()
             .map(|r| r.is_some())
             .map_err(sql("look up a source"))
