@@ -258,11 +258,7 @@ pub fn ids_upto(
         "SELECT local_id FROM ({}) WHERE {lower} local_id <= ?2 ORDER BY local_id LIMIT ?3",
         table.query
     );
-    let query_err = |error| SourceError::Query {
-        path: path.into(),
-        table: table.name.clone(),
-        error,
-    };
+    let query_err = &query_error(path, table);
     let mut stmt = conn.prepare_cached(&sql).map_err(query_err)?;
     let after = after.cloned().unwrap_or(Value::Null);
     let rows = stmt
@@ -287,11 +283,7 @@ pub fn count_after(
     conn.prepare_cached(&sql)
         .and_then(|mut stmt| stmt.query_row([from], |r| r.get::<_, i64>(0)))
         .map(|n| n as u64)
-        .map_err(|error| SourceError::Query {
-            path: path.into(),
-            table: table.name.clone(),
-            error,
-        })
+        .map_err(query_error(path, table))
 }
 
 /// The table's highest `local_id`, if it has rows. O(log n) for a rowid or indexed id.
@@ -306,11 +298,17 @@ pub fn max_id(
     );
     conn.prepare_cached(&sql)
         .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)).optional())
-        .map_err(|error| SourceError::Query {
-            path: path.into(),
-            table: table.name.clone(),
-            error,
-        })
+        .map_err(query_error(path, table))
+}
+
+/// The error of a query on `table` of the database at `path`.
+fn query_error(path: &Path, table: &TableSpec) -> impl Fn(rusqlite::Error) -> SourceError {
+    let (path, table) = (path.to_path_buf(), table.name.clone());
+    move |error| SourceError::Query {
+        path: path.clone(),
+        table: table.clone(),
+        error,
+    }
 }
 
 fn query_rows(
@@ -320,11 +318,7 @@ fn query_rows(
     sql: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<Vec<RowPayload>, SourceError> {
-    let query_err = |error| SourceError::Query {
-        path: path.into(),
-        table: table.name.clone(),
-        error,
-    };
+    let query_err = &query_error(path, table);
     let mut stmt = conn.prepare_cached(sql).map_err(query_err)?;
     let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
     let plan = Plan::new(&names).map_err(|problem| SourceError::Shape {
