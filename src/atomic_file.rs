@@ -76,16 +76,11 @@ const TEMP_MARK: &str = ".new-";
 
 /// Removes the temporary files of `path` whose process is gone (a power cut, a kill).
 fn remove_stale(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let Some(name) = path.file_name() else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
     let prefix = format!("{}{TEMP_MARK}", name.to_string_lossy());
-    let Ok(entries) = fs::read_dir(dir) else {
+    let Ok(entries) = fs::read_dir(parent_dir(path)) else {
         return;
     };
     for entry in entries.filter_map(Result::ok) {

@@ -764,20 +764,16 @@ impl Tracking {
             .map_err(sql("look up a source"))
     }
 
-    /// Unsynced rows per source; reads only the partial index of unsynced rows.
+    /// Unsynced rows per source, in source order: the sums of [`Tracking::unsynced_by_table`].
     pub fn unsynced_by_source(&self) -> Result<Vec<(String, u64)>, TrackingError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT source, count(*) FROM sync_tracking WHERE sync_status != 'success'
-                 GROUP BY source ORDER BY source",
-            )
-            .map_err(sql("count unsynced rows"))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
-            .map_err(sql("count unsynced rows"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(sql("count unsynced rows"))
+        let mut per_source: Vec<(String, u64)> = Vec::new();
+        for (source, _, rows) in self.unsynced_by_table()? {
+            match per_source.last_mut() {
+                Some((last, n)) if *last == source => *n += rows,
+                _ => per_source.push((source, rows)),
+            }
+        }
+        Ok(per_source)
     }
 
     /// Unsynced rows per source and table, from the partial index.
@@ -786,7 +782,7 @@ impl Tracking {
             .conn
             .prepare_cached(
                 "SELECT source, table_name, count(*) FROM sync_tracking WHERE sync_status != 'success'
-                 GROUP BY source, table_name",
+                 GROUP BY source, table_name ORDER BY source, table_name",
             )
             .map_err(sql("count unsynced rows"))?;
         let rows = stmt
