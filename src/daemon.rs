@@ -284,20 +284,21 @@ fn pull_once(settings: &Settings) -> i32 {
 /// but when the pass failed, the line counts them too, as after an outage most of the
 /// backlog was never read.
 fn once_exit_code(settings: &Settings, report: &CycleReport, pusher: &mut Pusher) -> i32 {
-    let backlog = backlog::measure(pusher.tracking(), settings);
-    match backlog {
-        Ok(b) if report.is_clean() && b.unsynced() == 0 => EXIT_OK,
-        Ok(b) => {
-            if b.total() > 0 {
-                log::warn!("{b} (relais status lists them)");
-            }
-            EXIT_FAILED_ROWS
-        }
+    match pusher.tracking().unsynced() {
+        Ok(0) if report.is_clean() => return EXIT_OK,
+        Ok(_) => {}
         Err(e) => {
             log::error!("{e}");
-            EXIT_FAILED_ROWS
+            return EXIT_FAILED_ROWS;
         }
     }
+    // Counting what was never read opens every source: only worth it for the line.
+    match backlog::measure(pusher.tracking(), settings) {
+        Ok(b) if b.total() > 0 => log::warn!("{b} (relais status lists them)"),
+        Ok(_) => {}
+        Err(e) => log::error!("{e}"),
+    }
+    EXIT_FAILED_ROWS
 }
 
 /// Takes the state lock unless this process holds it already, waiting up to `wait`.
