@@ -57,16 +57,21 @@ fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory() {
     );
 }
 
+/// Connects and sends the head of a POST to `endpoint` announcing a body of `len` bytes.
+fn send_head(server: &Server, endpoint: &str, key: &str, len: usize) -> TcpStream {
+    let mut conn = TcpStream::connect(&server.addr).expect("connect");
+    let head = format!(
+        "POST {endpoint} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: {key}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn
+}
+
 /// Sends the head of a media request announcing the whole body, then `cut` bytes of it,
 /// then closes the connection.
 fn send_cut(server: &Server, body: &[u8], cut: usize) {
-    let mut conn = TcpStream::connect(&server.addr).expect("connect");
-    let head = format!(
-        "POST /api/media HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Idempotency-Key: pi:media:1\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).expect("head");
+    let mut conn = send_head(server, "/api/media", "pi:media:1", body.len());
     conn.write_all(&body[..cut]).expect("part of the body");
     // Past the diversion threshold the server is writing a temporary file: wait until
     // it exists, so the cut hits a file being written, not a request not yet read.
@@ -123,13 +128,7 @@ fn a_media_body_cut_anywhere_leaves_no_row_and_no_file() {
 fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0() {
     let mut server = Server::start();
     let body = common::event("pi", 3).into_bytes();
-    let mut conn = TcpStream::connect(&server.addr).expect("connect");
-    let head = format!(
-        "POST /api/evenements HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Idempotency-Key: pi:evenement:3\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).expect("head");
+    let mut conn = send_head(&server, "/api/evenements", "pi:evenement:3", body.len());
     conn.write_all(&body[..10]).expect("first bytes");
     std::thread::sleep(Duration::from_millis(100));
     server.signal(libc::SIGTERM);
