@@ -2,20 +2,14 @@
 //! the command line only: parse, set up logging, run the command, map the outcome to
 //! an exit code. Errors are one `area: detail` line.
 
-mod cli;
-mod config;
-mod http;
-mod media;
-mod store;
-
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use cli::{Cli, Command};
-use config::{Config, StoreUrl};
-use store::sqlite::SqliteStore;
+use relais_server::cli::{Cli, Command};
+use relais_server::config::Config;
+use relais_server::{open_store, serve};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,35 +39,4 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-}
-
-/// Opens the store and applies its pending migrations.
-fn open_store(config: &Config) -> Result<SqliteStore, String> {
-    let StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
-    let applied = store.migrate().map_err(|e| e.to_string())?;
-    tracing::info!(
-        "store sqlite:{}: schema up to date ({} migration(s) applied now)",
-        path.display(),
-        applied.len()
-    );
-    Ok(store)
-}
-
-fn serve(config: &Config) -> Result<(), String> {
-    let store = open_store(config)?;
-    let media = media::MediaDir::open(&config.media_dir)
-        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| format!("listen: {}: {e}", config.listen))?;
-        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
-        tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-        let router = http::router(http::App { store, media }, config);
-        http::serve(listener, router, config.shutdown_grace).await
-    })?;
-    tracing::info!("stopped");
-    Ok(())
 }

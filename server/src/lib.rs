@@ -1,0 +1,44 @@
+//! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
+//! HTTP layer ([`http`]), the media directory ([`media`]) and the stores ([`store`]).
+//! The binary (`main.rs`) is a thin command line over [`open_store`] and [`serve`]; the
+//! agent's tests and demo start the same server in-process.
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod media;
+pub mod store;
+
+use config::{Config, StoreUrl};
+use store::sqlite::SqliteStore;
+
+/// Opens the store and applies its pending migrations.
+pub fn open_store(config: &Config) -> Result<SqliteStore, String> {
+    let StoreUrl::Sqlite(path) = &config.store;
+    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
+    let applied = store.migrate().map_err(|e| e.to_string())?;
+    tracing::info!(
+        "store sqlite:{}: schema up to date ({} migration(s) applied now)",
+        path.display(),
+        applied.len()
+    );
+    Ok(store)
+}
+
+pub fn serve(config: &Config) -> Result<(), String> {
+    let store = open_store(config)?;
+    let media = media::MediaDir::open(&config.media_dir)
+        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("listen: {}: {e}", config.listen))?;
+        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+        tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
+        let router = http::router(http::App { store, media }, config);
+        http::serve(listener, router, config.shutdown_grace).await
+    })?;
+    tracing::info!("stopped");
+    Ok(())
+}
