@@ -37,7 +37,13 @@ pub fn serve(config: &Config) -> Result<(), String> {
         let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
         tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
         let router = http::router(http::App { store, media }, config);
-        http::serve(listener, router, config.shutdown_grace).await
+        http::serve(
+            listener,
+            router,
+            config.shutdown_grace,
+            http::shutdown_signal(),
+        )
+        .await
     })?;
     tracing::info!("stopped");
     Ok(())

@@ -52,9 +52,15 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         )
 }
 
-/// Serves until SIGTERM or SIGINT, then stops accepting and lets the requests in flight
-/// finish for up to `grace`.
-pub async fn serve(listener: TcpListener, router: Router, grace: Duration) -> Result<(), String> {
+/// Serves until `stop` completes (the binary passes [`shutdown_signal`]: SIGTERM or
+/// SIGINT; an in-process server its own trigger), then stops accepting and lets the
+/// requests in flight finish for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    grace: Duration,
+    stop: impl Future<Output = Result<(), String>>,
+) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -62,7 +68,7 @@ pub async fn serve(listener: TcpListener, router: Router, grace: Duration) -> Re
     let mut server = tokio::spawn(async move { server.await });
     tokio::select! {
         done = &mut server => return finished(done),
-        signal = shutdown_signal() => signal?,
+        stopped = stop => stopped?,
     }
     tracing::info!(
         "shutting down: no new connections, requests in flight get {}s to finish",
@@ -89,7 +95,8 @@ fn finished(done: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result
     }
 }
 
-async fn shutdown_signal() -> Result<(), String> {
+/// Completes at the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("signals: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("signals: {e}"))?;
