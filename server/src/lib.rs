@@ -1,5 +1,6 @@
 //! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
-//! HTTP layer ([`http`]), the media directory ([`media`]) and the stores ([`store`]).
+//! HTTP layer ([`http`]), the media directory ([`media`]), seed 001's configuration
+//! backend ([`site_config`]) and the stores ([`store`]).
 //! The binary (`main.rs`) is a thin command line over [`open_store`] and [`serve`]; the
 //! agent's tests and demo start the same server in-process.
 
@@ -7,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod media;
+pub mod site_config;
 pub mod store;
 
 use config::{Config, StoreUrl};

@@ -7,16 +7,25 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::media::ReceiveError;
+use crate::site_config::input::Invalid;
 use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
     BadRequest(String),
+    /// 401: an unknown site token.
+    Unauthorized(String),
+    /// 404: no row with the path's id.
+    NotFound(String),
+    /// 409: a UNIQUE constraint refused the change.
+    Conflict(String),
     /// 413: the body is larger than the limit.
     TooLarge(String),
     /// 422: well-formed JSON that is not an acceptable push, or a replay that differs.
     Unprocessable(String),
+    /// 422: an admin body with an invalid member; the answer names it in `field`.
+    Invalid(Invalid),
     /// 503: the store does not answer.
     Unavailable(StoreError),
     /// 500: the server could not do its part (media files).
@@ -29,8 +38,11 @@ impl Error {
     fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Unprocessable(_) | Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Status(status, _) => *status,
@@ -40,11 +52,15 @@ impl Error {
     fn detail(&self) -> String {
         match self {
             Error::BadRequest(d)
+            | Error::Unauthorized(d)
+            | Error::NotFound(d)
+            | Error::Conflict(d)
             | Error::TooLarge(d)
             | Error::Unprocessable(d)
             | Error::Internal(d)
             | Error::Status(_, d) => d.clone(),
             Error::Unavailable(e) => e.to_string(),
+            Error::Invalid(invalid) => invalid.detail.clone(),
         }
     }
 }
@@ -58,7 +74,17 @@ impl IntoResponse for Error {
         } else {
             tracing::info!(status = status.as_u16(), "{detail}");
         }
-        json_response(status, &detail_json(&detail))
+        let body = match &self {
+            Error::Invalid(invalid) => invalid_json(invalid),
+            _ => detail_json(&detail),
+        };
+        json_response(status, &body)
+    }
+}
+
+impl From<Invalid> for Error {
+    fn from(invalid: Invalid) -> Error {
+        Error::Invalid(invalid)
     }
 }
 
@@ -88,6 +114,16 @@ pub fn too_large() -> Error {
 pub fn detail_json(detail: &str) -> String {
     let mut s = String::from("{\"detail\": ");
     relais_wire::json::push_escaped(&mut s, detail, false);
+    s.push('}');
+    s
+}
+
+/// `{"detail": "...", "field": "..."}`.
+fn invalid_json(invalid: &Invalid) -> String {
+    let mut s = String::from("{\"detail\": ");
+    relais_wire::json::push_escaped(&mut s, &invalid.detail, false);
+    s.push_str(", \"field\": ");
+    relais_wire::json::push_escaped(&mut s, &invalid.field, false);
     s.push('}');
     s
 }

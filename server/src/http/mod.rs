@@ -2,10 +2,13 @@
 //! JSON errors), and serving with a bounded graceful shutdown. Handlers are thin: they
 //! read the request, call the media directory and the store, and map the outcome.
 
+mod admin;
+mod config_pull;
 mod error;
 mod health;
 mod push;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,6 +38,8 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready::<S>))
         .route("/api/{name}", post(push::push::<S>))
+        .route("/config/{site_token}", get(config_pull::config::<S>))
+        .nest("/admin", admin::router::<S>())
         .with_state(app)
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -46,10 +51,21 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
             TraceLayer::new_for_http()
                 // The path only: a query string or a header may carry a secret.
                 .make_span_with(|req: &Request<Body>| {
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                    let path = loggable_path(req.uri().path());
+                    tracing::info_span!("request", method = %req.method(), path = %path)
                 })
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
+}
+
+/// The path as logged: `/config/{site_token}` carries the site's secret, so what follows
+/// `/config/` is cut, wherever it appears (a reverse proxy's prefix, a doubled slash).
+fn loggable_path(path: &str) -> Cow<'_, str> {
+    const CONFIG: &str = "/config/";
+    match path.find(CONFIG) {
+        Some(at) => Cow::Owned(format!("{}…", &path[..at + CONFIG.len()])),
+        None => Cow::Borrowed(path),
+    }
 }
 
 /// Serves until `stop` completes (the binary passes [`shutdown_signal`]: SIGTERM or
@@ -105,4 +121,18 @@ pub async fn shutdown_signal() -> Result<(), String> {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_path;
+
+    #[test]
+    fn the_site_token_is_not_logged() {
+        assert_eq!(loggable_path("/config/s3cret"), "/config/…");
+        assert_eq!(loggable_path("//config/s3cret/x"), "//config/…");
+        assert_eq!(loggable_path("/relais/config/s3cret"), "/relais/config/…");
+        assert_eq!(loggable_path("/api/evenements"), "/api/evenements");
+        assert_eq!(loggable_path("/admin/sites/1"), "/admin/sites/1");
+    }
 }

@@ -7,10 +7,20 @@
 //! idempotency_key) constraint and the insert is `INSERT ... ON CONFLICT DO NOTHING
 //! RETURNING id`, so of racing pushes with one key exactly one inserts; the others read
 //! the original afterwards. No application read-then-write decides.
+//!
+//! The configuration backend (seed 001, [`crate::site_config`]) is stored the same way:
+//! UNIQUE constraints decide a duplicate token or (site, ip), and every change to a
+//! site or its devices recomputes the site's hash with
+//! [`crate::site_config::config_hash`] in the change's own transaction, updating
+//! `config_version` and `config_updated_at` only when the hash moved.
 
 pub mod sqlite;
 
 use std::future::Future;
+
+use crate::site_config::{
+    Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
+};
 
 /// A push about to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,10 +71,52 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// Why a configuration change was refused: the request's problem, not the store's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// No row with the id of the path.
+    NotFound,
+    /// A UNIQUE constraint refused it: the site token, or the device's (site, ip).
+    Duplicate,
+    /// The body's `site_id` names no site.
+    UnknownSite,
+}
+
+/// A configuration change: done, refused, or failed in the store.
+pub type Outcome<T> = Result<Result<T, Refused>, StoreError>;
+
 pub trait Store: Clone + Send + Sync + 'static {
     /// Stores `push` once per (device_id, idempotency_key).
     fn store_push(&self, push: NewPush) -> impl Future<Output = Result<Stored, StoreError>> + Send;
 
     /// Whether the store answers a trivial query.
     fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The site whose token has this SHA-256, and its devices in id order, read in one
+    /// transaction; `None` for an unknown token.
+    fn site_config(
+        &self,
+        token_sha256: String,
+    ) -> impl Future<Output = Result<Option<(SiteFields, Vec<DeviceFields>)>, StoreError>> + Send;
+
+    fn create_site(&self, site: NewSite) -> impl Future<Output = Outcome<Site>> + Send;
+    fn sites(&self) -> impl Future<Output = Result<Vec<Site>, StoreError>> + Send;
+    fn site(&self, id: i64) -> impl Future<Output = Outcome<Site>> + Send;
+    fn update_site(&self, id: i64, patch: SitePatch) -> impl Future<Output = Outcome<Site>> + Send;
+    /// Deletes the site and (ON DELETE CASCADE) its devices.
+    fn delete_site(&self, id: i64) -> impl Future<Output = Outcome<()>> + Send;
+
+    fn create_device(&self, device: NewDevice) -> impl Future<Output = Outcome<Device>> + Send;
+    /// All devices, or those of one site, in id order.
+    fn devices(
+        &self,
+        site_id: Option<i64>,
+    ) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
+    fn device(&self, id: i64) -> impl Future<Output = Outcome<Device>> + Send;
+    fn update_device(
+        &self,
+        id: i64,
+        patch: DevicePatch,
+    ) -> impl Future<Output = Outcome<Device>> + Send;
+    fn delete_device(&self, id: i64) -> impl Future<Output = Outcome<()>> + Send;
 }

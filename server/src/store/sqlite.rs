@@ -1,7 +1,10 @@
 //! The embedded store: one SQLite database file (WAL, `synchronous=FULL`: a 201 tells
 //! the device it may forget the row, so the commit must survive a power cut). One
 //! connection behind a mutex, used from `spawn_blocking`: SQLite has a single writer
-//! anyway, and a push's insert is a few hundred microseconds.
+//! anyway, and a push's insert is a few hundred microseconds. The configuration
+//! backend's queries are in [`site_config`].
+
+mod site_config;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,14 +12,24 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{NewPush, Store, StoreError, Stored};
+use super::{NewPush, Outcome, Store, StoreError, Stored};
+use crate::site_config::{
+    Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
+};
 
 /// Versioned migrations, applied in order, each recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "config",
+        include_str!("../../migrations/sqlite/0002_config.sql"),
+    ),
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -32,7 +45,9 @@ impl SqliteStore {
         let _mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(fail)?;
-        conn.execute_batch("PRAGMA synchronous=FULL;")
+        // Foreign keys (devices' ON DELETE CASCADE) are on by default only in
+        // rusqlite's bundled build: said here so a system SQLite enforces them too.
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(fail)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
         Ok(SqliteStore {
@@ -70,6 +85,62 @@ impl Store for SqliteStore {
 
     async fn ready(&self) -> Result<(), StoreError> {
         self.blocking(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn site_config(
+        &self,
+        token_sha256: String,
+    ) -> Result<Option<(SiteFields, Vec<DeviceFields>)>, StoreError> {
+        self.blocking(move |conn| site_config::site_config(conn, &token_sha256))
+            .await
+    }
+
+    async fn create_site(&self, site: NewSite) -> Outcome<Site> {
+        self.blocking(move |conn| site_config::create_site(conn, &site))
+            .await
+    }
+
+    async fn sites(&self) -> Result<Vec<Site>, StoreError> {
+        self.blocking(site_config::sites).await
+    }
+
+    async fn site(&self, id: i64) -> Outcome<Site> {
+        self.blocking(move |conn| site_config::site(conn, id)).await
+    }
+
+    async fn update_site(&self, id: i64, patch: SitePatch) -> Outcome<Site> {
+        self.blocking(move |conn| site_config::update_site(conn, id, &patch))
+            .await
+    }
+
+    async fn delete_site(&self, id: i64) -> Outcome<()> {
+        self.blocking(move |conn| site_config::delete_site(conn, id))
+            .await
+    }
+
+    async fn create_device(&self, device: NewDevice) -> Outcome<Device> {
+        self.blocking(move |conn| site_config::create_device(conn, &device))
+            .await
+    }
+
+    async fn devices(&self, site_id: Option<i64>) -> Result<Vec<Device>, StoreError> {
+        self.blocking(move |conn| site_config::devices(conn, site_id))
+            .await
+    }
+
+    async fn device(&self, id: i64) -> Outcome<Device> {
+        self.blocking(move |conn| site_config::device(conn, id))
+            .await
+    }
+
+    async fn update_device(&self, id: i64, patch: DevicePatch) -> Outcome<Device> {
+        self.blocking(move |conn| site_config::update_device(conn, id, &patch))
+            .await
+    }
+
+    async fn delete_device(&self, id: i64) -> Outcome<()> {
+        self.blocking(move |conn| site_config::delete_device(conn, id))
             .await
     }
 }
