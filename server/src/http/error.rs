@@ -7,12 +7,17 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::media::ReceiveError;
+use crate::metrics::Outcome;
 use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
     BadRequest(String),
+    /// 401: no token, or one the store does not know (or has revoked).
+    Unauthorized(String),
+    /// 403: a valid token that may not do this (another device's rows, the wrong kind).
+    Forbidden(String),
     /// 413: the body is larger than the limit.
     TooLarge(String),
     /// 422: well-formed JSON that is not an acceptable push, or a replay that differs.
@@ -29,6 +34,8 @@ impl Error {
     fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -40,6 +47,8 @@ impl Error {
     fn detail(&self) -> String {
         match self {
             Error::BadRequest(d)
+            | Error::Unauthorized(d)
+            | Error::Forbidden(d)
             | Error::TooLarge(d)
             | Error::Unprocessable(d)
             | Error::Internal(d)
@@ -58,7 +67,20 @@ impl IntoResponse for Error {
         } else {
             tracing::info!(status = status.as_u16(), "{detail}");
         }
-        json_response(status, &detail_json(&detail))
+        let mut resp = json_response(status, &detail_json(&detail));
+        match self {
+            Error::Unauthorized(_) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Error::Unavailable(_) => {
+                resp.extensions_mut().insert(Outcome::StoreError);
+            }
+            _ => {}
+        }
+        resp
     }
 }
 
