@@ -3,7 +3,7 @@
 //! [`json_errors`] gives the same shape to the answers the framework and the layers
 //! produce themselves (404, 405, 408, 413).
 
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::media::ReceiveError;
@@ -68,12 +68,19 @@ impl IntoResponse for Error {
             tracing::info!(status = status.as_u16(), "{detail}");
         }
         let mut resp = json_response(status, &detail_json(&detail));
+        if matches!(
+            self,
+            Error::Unauthorized(_) | Error::Forbidden(_) | Error::TooLarge(_)
+        ) {
+            // These may answer before the body is read; the server then discards the
+            // rest and closes, so the client must not reuse the connection.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         match self {
             Error::Unauthorized(_) => {
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    header::HeaderValue::from_static("Bearer"),
-                );
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Error::Unavailable(_) => {
                 resp.extensions_mut().insert(Outcome::StoreError);
