@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::http::accept;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,8 +27,8 @@ pub struct Cli {
         default_value = "relais-server-media"
     )]
     pub media_dir: PathBuf,
-    /// Accept pushes without authentication. Required: device tokens are not in this
-    /// build yet.
+    /// Serve without authentication: pushes need no device token, /admin/ and /metrics
+    /// no admin token (the demo, and the seed backend's behaviour).
     #[arg(long, env = "RELAIS_SERVER_NO_AUTH")]
     pub no_auth: bool,
     /// Largest request body accepted, in bytes (a media push is its BLOB in base64,
@@ -36,6 +38,17 @@ pub struct Cli {
     /// Longest time one request may take, in seconds, its upload included.
     #[arg(long, env = "RELAIS_SERVER_REQUEST_TIMEOUT_S", default_value_t = 600)]
     pub request_timeout_s: u64,
+    /// Largest request head (request line and headers), in bytes: 431 above.
+    #[arg(long, env = "RELAIS_SERVER_MAX_HEADER_BYTES", default_value_t = accept::MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+    /// Longest time a client may take to send a request's head, and the longest a
+    /// kept-alive connection may stay idle, in seconds; the connection is closed after.
+    #[arg(long, env = "RELAIS_SERVER_HEADER_TIMEOUT_S", default_value_t = accept::HEADER_TIMEOUT_S)]
+    pub header_timeout_s: u64,
+    /// Connections served at once; further ones wait in the listen backlog until one
+    /// closes.
+    #[arg(long, env = "RELAIS_SERVER_MAX_CONNECTIONS", default_value_t = accept::MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds.
     #[arg(long, env = "RELAIS_SERVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
@@ -49,4 +62,32 @@ pub enum Command {
     Serve,
     /// Apply the store's migrations and exit.
     Migrate,
+    /// Manage the bearer tokens (stored as their SHA-256 only).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once on stdout: it cannot be shown again.
+    Add(TokenAdd),
+    /// List the tokens (id, kind, device, note, created, revoked), never the tokens.
+    List,
+    /// Revoke a token by its id: requests bearing it get 401 from now on.
+    Revoke { id: i64 },
+}
+
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("holder").required(true).args(["device", "admin"])))]
+pub struct TokenAdd {
+    /// A device token: it may push the rows of this device_id only.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// An admin token (the admin API and /metrics), for this person or program.
+    #[arg(long, value_name = "NAME")]
+    pub admin: Option<String>,
+    /// A note on a device token (where it is installed, say).
+    #[arg(long, conflicts_with = "admin")]
+    pub note: Option<String>,
 }

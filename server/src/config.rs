@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::Cli;
+use crate::http::accept::{self, Limits};
 use crate::store::sqlite;
 
 /// Which store `--store` names.
@@ -22,18 +23,25 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `--no-auth`: every route open.
+    pub no_auth: bool,
+    /// What the accept loop enforces per connection.
+    pub limits: Limits,
 }
 
 impl Config {
-    /// `serving`: the checks that only serving needs (authentication) apply.
-    pub fn from_cli(cli: &Cli, serving: bool) -> Result<Config, String> {
-        if serving && !cli.no_auth {
-            return Err(
-                "auth: device tokens are not implemented yet in this build; \
-                        start with --no-auth (RELAIS_SERVER_NO_AUTH=true) to accept pushes \
-                        without authentication"
-                    .into(),
-            );
+    pub fn from_cli(cli: &Cli) -> Result<Config, String> {
+        if cli.header_timeout_s == 0 {
+            return Err("config: --header-timeout-s must be at least 1".into());
+        }
+        if cli.max_connections == 0 {
+            return Err("config: --max-connections must be at least 1".into());
+        }
+        if cli.max_header_bytes < accept::MIN_HEADER_BYTES {
+            return Err(format!(
+                "config: --max-header-bytes must be at least {}",
+                accept::MIN_HEADER_BYTES
+            ));
         }
         Ok(Config {
             listen: cli.listen,
@@ -42,6 +50,12 @@ impl Config {
             max_body_bytes: cli.max_body_bytes,
             request_timeout: Duration::from_secs(cli.request_timeout_s),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_s),
+            no_auth: cli.no_auth,
+            limits: Limits {
+                max_header_bytes: cli.max_header_bytes,
+                header_timeout: Duration::from_secs(cli.header_timeout_s),
+                max_connections: cli.max_connections,
+            },
         })
     }
 }

@@ -1,16 +1,20 @@
 //! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
 //! HTTP layer ([`http`]), the media directory ([`media`]), seed 001's configuration
-//! backend ([`site_config`]) and the stores ([`store`]).
-//! The binary (`main.rs`) is a thin command line over [`open_store`] and [`serve`]; the
-//! agent's tests and demo start the same server in-process.
+//! backend ([`site_config`]), the stores ([`store`]), the bearer tokens ([`tokens`]) and
+//! the counters ([`metrics`]). The binary (`main.rs`) is a thin command line over
+//! [`open_store`], [`serve`] and [`token`]; the agent's tests and demo start the same
+//! server in-process.
 
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod media;
+pub mod metrics;
 pub mod site_config;
 pub mod store;
+pub mod tokens;
 
+use cli::TokenCommand;
 use config::{Config, StoreUrl};
 use store::sqlite::SqliteStore;
 
@@ -37,11 +41,18 @@ pub fn serve(config: &Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("listen: {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+        if config.no_auth {
+            tracing::warn!(
+                "auth: --no-auth: no token needed, anyone who reaches {addr} may push for any \
+                 device and use the admin API and /metrics"
+            );
+        }
         tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
         let router = http::router(http::App { store, media }, config);
-        http::serve(
+        http::accept::serve_with(
             listener,
             router,
+            config.limits,
             config.shutdown_grace,
             http::shutdown_signal(),
         )
@@ -49,4 +60,14 @@ pub fn serve(config: &Config) -> Result<(), String> {
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `relais-server token ...`: its output (a new token, the list) goes to stdout.
+pub fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
+    let store = open_store(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    runtime.block_on(tokens::run(&store, command, &mut std::io::stdout().lock()))
 }

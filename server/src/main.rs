@@ -9,18 +9,15 @@ use clap::Parser as _;
 
 use relais_server::cli::{Cli, Command};
 use relais_server::config::Config;
-use relais_server::{open_store, serve};
+use relais_server::{open_store, serve, token};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let serving = !matches!(cli.command, Some(Command::Migrate));
-    let result = Config::from_cli(&cli, serving).and_then(|config| {
-        if serving {
-            serve(&config)
-        } else {
-            open_store(&config).map(|_| ())
-        }
+    let result = Config::from_cli(&cli).and_then(|config| match &cli.command {
+        None | Some(Command::Serve) => serve(&config),
+        Some(Command::Migrate) => open_store(&config).map(|_| ()),
+        Some(Command::Token(command)) => token(&config, command),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -126,7 +126,7 @@ fn a_media_body_cut_anywhere_leaves_no_row_and_no_file() {
 
 #[test]
 fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0() {
-    let mut server = Server::start();
+    let mut server = Server::start_with(&["--shutdown-grace-s", "5"]);
     let body = common::event("pi", 3).into_bytes();
     let mut conn = send_head(&server, "/api/evenements", "pi:evenement:3", body.len());
     conn.write_all(&body[..10]).expect("first bytes");
@@ -140,13 +140,23 @@ fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0() {
         server.wait_exit(Duration::from_millis(300)).is_none(),
         "exited with a request in flight"
     );
+    let refused = TcpStream::connect(&server.addr)
+        .map(|_| ())
+        .map_err(|e| e.kind());
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "a new connection after SIGTERM"
+    );
     conn.write_all(&body[10..]).expect("rest of the body");
     let mut answer = String::new();
     conn.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let _ = conn.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
-    let status = server.wait_exit(Duration::from_secs(5)).expect("exited");
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited within the grace");
     assert!(status.success(), "{status}");
     assert_eq!(server.count("SELECT count(*) FROM evenements"), 1);
 }

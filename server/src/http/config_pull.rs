@@ -2,7 +2,7 @@
 //! assembled by [`crate::site_config::served`], with `ETag: "<config_hash>"` and `304`
 //! when `If-None-Match` holds that tag; `401` for an unknown token. The token is a
 //! secret: it is only hashed and looked up, never written into a message (and the
-//! request log shows the path as `/config/…`, see [`super::loggable_path`]).
+//! request log names the route template `/config/{site_token}`, never the path).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

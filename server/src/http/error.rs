@@ -3,10 +3,11 @@
 //! [`json_errors`] gives the same shape to the answers the framework and the layers
 //! produce themselves (404, 405, 408, 413).
 
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::media::ReceiveError;
+use crate::metrics::Outcome;
 use crate::site_config::input::Invalid;
 use crate::store::StoreError;
 
@@ -14,12 +15,15 @@ use crate::store::StoreError;
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
     BadRequest(String),
-    /// 401: an unknown site token.
-    Unauthorized(String),
     /// 404: no row with the path's id.
     NotFound(String),
     /// 409: a UNIQUE constraint refused the change.
     Conflict(String),
+    /// 401: no token, or one the store does not know (or has revoked); an unknown site
+    /// token.
+    Unauthorized(String),
+    /// 403: a valid token that may not do this (another device's rows, the wrong kind).
+    Forbidden(String),
     /// 413: the body is larger than the limit.
     TooLarge(String),
     /// 422: well-formed JSON that is not an acceptable push, or a replay that differs.
@@ -41,6 +45,7 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unprocessable(_) | Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -55,6 +60,7 @@ impl Error {
             | Error::Unauthorized(d)
             | Error::NotFound(d)
             | Error::Conflict(d)
+            | Error::Forbidden(d)
             | Error::TooLarge(d)
             | Error::Unprocessable(d)
             | Error::Internal(d)
@@ -78,7 +84,27 @@ impl IntoResponse for Error {
             Error::Invalid(invalid) => invalid_json(invalid),
             _ => detail_json(&detail),
         };
-        json_response(status, &body)
+        let mut resp = json_response(status, &body);
+        if matches!(
+            self,
+            Error::Unauthorized(_) | Error::Forbidden(_) | Error::TooLarge(_)
+        ) {
+            // These may answer before the body is read; the server then discards the
+            // rest and closes, so the client must not reuse the connection.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        match self {
+            Error::Unauthorized(_) => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Error::Unavailable(_) => {
+                resp.extensions_mut().insert(Outcome::StoreError);
+            }
+            _ => {}
+        }
+        resp
     }
 }
 

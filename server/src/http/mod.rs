@@ -1,14 +1,17 @@
-//! The HTTP layer: the router, its layers (body size limit, request timeout, tracing,
-//! JSON errors), and serving with a bounded graceful shutdown. Handlers are thin: they
-//! read the request, call the media directory and the store, and map the outcome.
+//! The HTTP layer: the router, its layers (metrics, tracing, JSON errors, access,
+//! request timeout, body size limit), and serving ([`accept`]: connection limits and a
+//! bounded graceful shutdown). Handlers are thin: they read the request, call the media
+//! directory and the store, and map the outcome.
 
+pub mod accept;
 mod admin;
+mod auth;
 mod config_pull;
 mod error;
 mod health;
 mod push;
 
-use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -16,7 +19,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -24,6 +26,7 @@ use tracing::Level;
 
 use crate::config::Config;
 use crate::media::MediaDir;
+use crate::metrics::{self, Metrics};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -34,6 +37,13 @@ pub struct App<S> {
 }
 
 pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
+    let metrics = Arc::new(Metrics::default());
+    let gate = auth::Gate {
+        store: app.store.clone(),
+        open: config.no_auth,
+    };
+    // `Router::layer` wraps every route (and the fallback) after routing, so each layer
+    // sees the route template; the last added runs first.
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready::<S>))
@@ -41,74 +51,41 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .route("/config/{site_token}", get(config_pull::config::<S>))
         .nest("/admin", admin::router::<S>())
         .with_state(app)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics::render))
+                .with_state(Arc::clone(&metrics)),
+        )
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
         ))
+        .layer(axum::middleware::from_fn_with_state(gate, auth::gate::<S>))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(
             TraceLayer::new_for_http()
-                // The path only: a query string or a header may carry a secret.
+                // The route template only: a path may hold a token (`/config/{token}`),
+                // a query string or a header too.
                 .make_span_with(|req: &Request<Body>| {
-                    let path = loggable_path(req.uri().path());
-                    tracing::info_span!("request", method = %req.method(), path = %path)
+                    tracing::info_span!("request", method = %req.method(), route = %metrics::route_of(req))
                 })
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
-}
-
-/// The path as logged: `/config/{site_token}` carries the site's secret, so what follows
-/// `/config/` is cut, wherever it appears (a reverse proxy's prefix, a doubled slash).
-fn loggable_path(path: &str) -> Cow<'_, str> {
-    const CONFIG: &str = "/config/";
-    match path.find(CONFIG) {
-        Some(at) => Cow::Owned(format!("{}…", &path[..at + CONFIG.len()])),
-        None => Cow::Borrowed(path),
-    }
+        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
 }
 
 /// Serves until `stop` completes (the binary passes [`shutdown_signal`]: SIGTERM or
 /// SIGINT; an in-process server its own trigger), then stops accepting and lets the
-/// requests in flight finish for up to `grace`.
+/// requests in flight finish for up to `grace`; with the default [`accept::Limits`]
+/// (the binary passes its flags' to [`accept::serve_with`]).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     grace: Duration,
     stop: impl Future<Output = Result<(), String>>,
 ) -> Result<(), String> {
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = tokio::spawn(async move { server.await });
-    tokio::select! {
-        done = &mut server => return finished(done),
-        stopped = stop => stopped?,
-    }
-    tracing::info!(
-        "shutting down: no new connections, requests in flight get {}s to finish",
-        grace.as_secs()
-    );
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(done) => finished(done),
-        Err(_) => {
-            server.abort();
-            Err(format!(
-                "shutdown: requests still in flight after {}s (--shutdown-grace-s), abandoned",
-                grace.as_secs()
-            ))
-        }
-    }
-}
-
-fn finished(done: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), String> {
-    match done {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("serve: {e}")),
-        Err(e) => Err(format!("serve: {e}")),
-    }
+    accept::serve_with(listener, router, accept::Limits::default(), grace, stop).await
 }
 
 /// Completes at the first SIGTERM or SIGINT.
@@ -121,18 +98,4 @@ pub async fn shutdown_signal() -> Result<(), String> {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::loggable_path;
-
-    #[test]
-    fn the_site_token_is_not_logged() {
-        assert_eq!(loggable_path("/config/s3cret"), "/config/…");
-        assert_eq!(loggable_path("//config/s3cret/x"), "//config/…");
-        assert_eq!(loggable_path("/relais/config/s3cret"), "/relais/config/…");
-        assert_eq!(loggable_path("/api/evenements"), "/api/evenements");
-        assert_eq!(loggable_path("/admin/sites/1"), "/admin/sites/1");
-    }
 }

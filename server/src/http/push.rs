@@ -1,8 +1,11 @@
 //! `POST /api/{name}` (contract section 2): stores the push once per (device_id,
 //! Idempotency-Key). A new row and a replay with the same body both answer
 //! `201 {"id": N}` with the original id (the original result, as the IETF
-//! Idempotency-Key draft asks); a replay with a different body gets 422.
+//! Idempotency-Key draft asks); a replay with a different body gets 422. A device
+//! token's holder may push only its device's rows: the key's device part is checked
+//! before the body is read, the body's `device_id` before anything is stored (403).
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -10,22 +13,28 @@ use axum::response::Response;
 use miniserde::json::{Object, Value};
 
 use super::App;
+use super::auth::Caller;
 use super::error::{Error, json_response, too_large};
 use crate::media::{Placed, Received};
+use crate::metrics::Outcome;
 use crate::store::{MediaMeta, NewPush, Store, Stored};
 
 pub async fn push<S: Store>(
     State(app): State<App<S>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Error> {
     let endpoint = format!("/api/{name}");
     let key = idempotency_key(&headers)?;
+    if let Some(key) = &key {
+        caller.may_use_key(key)?;
+    }
     let received = app.media.receive(body).await?;
     // Once the body is in, the rest runs as its own task: a client hanging up must not
     // cancel it between placing a media file and committing the row naming it.
-    tokio::spawn(store(app, endpoint, key, received))
+    tokio::spawn(store(app, caller, endpoint, key, received))
         .await
         .map_err(|e| Error::Internal(format!("push: the storing task failed: {e}")))?
 }
@@ -45,6 +54,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Error> {
 
 async fn store<S: Store>(
     app: App<S>,
+    caller: Caller,
     endpoint: String,
     key: Option<String>,
     received: Received,
@@ -64,6 +74,8 @@ async fn store<S: Store>(
     let value: Value = miniserde::json::from_str(&text)
         .map_err(|_| Error::BadRequest("body: not valid JSON".into()))?;
     let device_id = check_payload(&value, &endpoint)?;
+    // Refused here, the spooled media file (if any) is deleted as `split.blob` drops.
+    caller.may_write(&device_id)?;
     let placed = match split.blob {
         Some(blob) => Some(
             app.media
@@ -96,11 +108,11 @@ async fn store<S: Store>(
     match stored? {
         Stored::New(id) => {
             tracing::debug!(id, "push stored");
-            Ok(created(id))
+            Ok(created(id, Outcome::Stored))
         }
         Stored::Replay(id) => {
             tracing::debug!(id, "push replayed");
-            Ok(created(id))
+            Ok(created(id, Outcome::Replay))
         }
         Stored::Mismatch(id) => Err(Error::Unprocessable(format!(
             "{}: already used for row {id} with a different body",
@@ -109,8 +121,10 @@ async fn store<S: Store>(
     }
 }
 
-fn created(id: i64) -> Response {
-    json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"))
+fn created(id: i64, outcome: Outcome) -> Response {
+    let mut resp = json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"));
+    resp.extensions_mut().insert(outcome);
+    resp
 }
 
 /// The payload's shape: an object with a non-empty `device_id` string, `source` a string

@@ -59,6 +59,63 @@ pub enum Stored {
     Mismatch(i64),
 }
 
+/// Who a token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Pushes the rows of one device.
+    Device,
+    /// The admin API and the metrics.
+    Admin,
+}
+
+impl TokenKind {
+    /// The value of the `tokens.kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Device => "device",
+            TokenKind::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TokenKind> {
+        match s {
+            "device" => Some(TokenKind::Device),
+            "admin" => Some(TokenKind::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A token about to be stored: its hash, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub kind: TokenKind,
+    /// `Some` exactly for a device token.
+    pub device_id: Option<String>,
+    pub note: Option<String>,
+    /// SHA-256 of the token, lowercase hex.
+    pub sha256: String,
+}
+
+/// A stored token as `token list` shows it (the hash stays in the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub kind: TokenKind,
+    pub device_id: Option<String>,
+    pub note: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// What [`Store::revoke_token`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    Now,
+    Already,
+    NoSuchToken,
+}
+
 /// A store failure: the server's problem, not the client's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError(pub String);
@@ -88,6 +145,21 @@ pub type Outcome<T> = Result<Result<T, Refused>, StoreError>;
 pub trait Store: Clone + Send + Sync + 'static {
     /// Stores `push` once per (device_id, idempotency_key).
     fn store_push(&self, push: NewPush) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+
+    /// Stores a new token; returns its id.
+    fn add_token(&self, token: NewToken) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Every token, oldest first.
+    fn list_tokens(&self) -> impl Future<Output = Result<Vec<TokenInfo>, StoreError>> + Send;
+
+    fn revoke_token(&self, id: i64) -> impl Future<Output = Result<Revoked, StoreError>> + Send;
+
+    /// The token, not revoked, whose SHA-256 is `sha256`: the index lookup is the
+    /// comparison, so no byte of the secret is compared in the application.
+    fn find_token(
+        &self,
+        sha256: String,
+    ) -> impl Future<Output = Result<Option<TokenInfo>, StoreError>> + Send;
 
     /// Whether the store answers a trivial query.
     fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

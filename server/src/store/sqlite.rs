@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{NewPush, Outcome, Store, StoreError, Stored};
+use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
 
 /// Versioned migrations, applied in order, each recorded in `schema_migrations`.
+/// Versions need not be contiguous: each is applied once if it is not recorded yet.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
@@ -29,7 +30,27 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "config",
         include_str!("../../migrations/sqlite/0002_config.sql"),
     ),
+    (
+        3,
+        "tokens",
+        include_str!("../../migrations/sqlite/0003_tokens.sql"),
+    ),
 ];
+
+const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256, created_at)
+     VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+     RETURNING id";
+
+const LIST_TOKENS: &str =
+    "SELECT id, kind, device_id, note, created_at, revoked_at FROM tokens ORDER BY id";
+
+const FIND_TOKEN: &str = "SELECT id, kind, device_id, note, created_at, revoked_at FROM tokens
+     WHERE sha256 = ?1 AND revoked_at IS NULL";
+
+const REVOKE_TOKEN: &str = "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+     WHERE id = ?1 AND revoked_at IS NULL";
+
+const TOKEN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM tokens WHERE id = ?1)";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -37,8 +58,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file; does not migrate.
+    /// Opens (creating if needed, mode 0600: it holds the token hashes and every
+    /// push) the database file; does not migrate.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        create_private(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let fail = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(fail)?;
         // `PRAGMA journal_mode` answers with a row, so it is run as a query.
@@ -81,6 +104,51 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
         self.blocking(move |conn| insert(conn, &push)).await
+    }
+
+    async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {
+        self.blocking(move |conn| {
+            conn.query_row(
+                INSERT_TOKEN,
+                params![
+                    token.kind.as_str(),
+                    token.device_id,
+                    token.note,
+                    token.sha256
+                ],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        self.blocking(|conn| {
+            conn.prepare(LIST_TOKENS)?
+                .query_map([], token_info)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: i64) -> Result<Revoked, StoreError> {
+        self.blocking(move |conn| {
+            if conn.execute(REVOKE_TOKEN, [id])? == 1 {
+                return Ok(Revoked::Now);
+            }
+            let exists: bool = conn.query_row(TOKEN_EXISTS, [id], |r| r.get(0))?;
+            Ok(if exists {
+                Revoked::Already
+            } else {
+                Revoked::NoSuchToken
+            })
+        })
+        .await
+    }
+
+    async fn find_token(&self, sha256: String) -> Result<Option<TokenInfo>, StoreError> {
+        self.blocking(move |conn| conn.query_row(FIND_TOKEN, [sha256], token_info).optional())
+            .await
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
@@ -143,6 +211,41 @@ impl Store for SqliteStore {
         self.blocking(move |conn| site_config::delete_device(conn, id))
             .await
     }
+}
+
+/// Creates the file with mode 0600 if it does not exist (SQLite gives its `-wal` and
+/// `-shm` files the same mode); an existing file keeps the mode its operator chose.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// A row of [`LIST_TOKENS`] or [`FIND_TOKEN`].
+fn token_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
+    let kind: String = r.get(1)?;
+    let kind = TokenKind::parse(&kind).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            1,
+            rusqlite::types::Type::Text,
+            format!("tokens.kind: unknown kind {kind:?}").into(),
+        )
+    })?;
+    Ok(TokenInfo {
+        id: r.get(0)?,
+        kind,
+        device_id: r.get(2)?,
+        note: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+    })
 }
 
 /// The path of a `sqlite:PATH` (or `sqlite://PATH`) store URL.

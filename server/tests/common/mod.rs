@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,16 +25,25 @@ impl Server {
     /// Starts the binary with `--no-auth`, a free port, and `extra` flags; waits until
     /// it listens.
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::launch(&[&["--no-auth"], extra].concat(), "info")
+    }
+
+    /// Starts the binary with authentication (tokens: [`Server::token`]), `extra` flags
+    /// and `RUST_LOG=rust_log`.
+    pub fn start_authenticated(extra: &[&str], rust_log: &str) -> Server {
+        Server::launch(extra, rust_log)
+    }
+
+    fn launch(args: &[&str], rust_log: &str) -> Server {
         let dir = scratch("srv");
         let mut child = Command::new(env!("CARGO_BIN_EXE_relais-server"))
-            .arg("--no-auth")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--store")
             .arg(format!("sqlite:{}", dir.join("store.db").display()))
             .arg("--media-dir")
             .arg(dir.join("media"))
-            .args(extra)
-            .env("RUST_LOG", "info")
+            .args(args)
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -69,6 +78,32 @@ impl Server {
         server.url = format!("http://{addr}");
         server.addr = addr;
         server
+    }
+
+    /// Runs `relais-server --store <this server's store> args...` to its end.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_relais-server"))
+            .arg("--store")
+            .arg(format!("sqlite:{}", self.dir.join("store.db").display()))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run relais-server")
+    }
+
+    /// `token add args...`: the new token.
+    pub fn token(&self, args: &[&str]) -> String {
+        let out = self.cli(&[&["token", "add"], args].concat());
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
     }
 
     pub fn logged(&self, needle: &str) -> bool {
@@ -175,16 +210,53 @@ pub fn post(
     key: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
+    post_as(agent, url, path, None, key, body)
+}
+
+/// [`post`] with `Authorization: Bearer <token>` when `token` is given.
+pub fn post_as(
+    agent: &ureq::Agent,
+    url: &str,
+    path: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let mut req = agent
         .post(format!("{url}{path}"))
         .header("Content-Type", "application/json");
     if let Some(key) = key {
         req = req.header("Idempotency-Key", key);
     }
+    if let Some(token) = token {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
     let mut resp = req.send(body).expect("request");
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().expect("answer body");
     (status, text)
+}
+
+/// GETs `url` + `path`, with a bearer token when given; returns the status, the
+/// `WWW-Authenticate` header and the answer's body.
+pub fn get_as(
+    agent: &ureq::Agent,
+    url: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let mut req = agent.get(format!("{url}{path}"));
+    if let Some(token) = token {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut resp = req.call().expect("request");
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = resp.body_mut().read_to_string().expect("answer body");
+    (resp.status().as_u16(), challenge, text)
 }
 
 /// An event payload as the agent sends it (contract section 2).

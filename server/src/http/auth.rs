@@ -1,0 +1,180 @@
+//! Who may call what, decided by the request path before any handler runs: `/api/...`
+//! takes a device token, `/admin/...` and `/metrics` an admin token (so every admin
+//! route, present or future, is behind it), everything else is open (`/health`,
+//! `/ready`; `/config/{site_token}` carries its own secret). `--no-auth` opens all.
+//!
+//! A token is found by the SHA-256 of what the client sent, through the store's unique
+//! index: the secret is never compared byte by byte in the application (no timing leak)
+//! and never kept, logged, or repeated in an answer.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::error::Error;
+use crate::store::{Store, TokenInfo, TokenKind};
+use crate::tokens;
+
+/// Who is calling, as the gate found out; a request extension of the routes it guards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// `--no-auth`: anyone, for any device.
+    Open,
+    /// A device token's holder: writes this device's rows only.
+    Device(String),
+    Admin,
+}
+
+impl Caller {
+    /// Refuses a push for a device other than the token's (the body's `device_id`).
+    pub fn may_write(&self, device_id: &str) -> Result<(), Error> {
+        match self {
+            Caller::Device(own) if own != device_id => Err(Error::Forbidden(format!(
+                "auth: this token pushes the rows of device {own:?}, not of {device_id:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses an Idempotency-Key whose device part (`<device_id>:...`) is not the
+    /// token's device.
+    pub fn may_use_key(&self, key: &str) -> Result<(), Error> {
+        match self {
+            Caller::Device(own)
+                if !key
+                    .strip_prefix(own.as_str())
+                    .is_some_and(|rest| rest.starts_with(':')) =>
+            {
+                Err(Error::Forbidden(format!(
+                    "auth: {} must start with this token's device ({own:?}:)",
+                    relais_wire::IDEMPOTENCY_KEY_HEADER
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The gate's state.
+#[derive(Debug, Clone)]
+pub struct Gate<S> {
+    pub store: S,
+    /// `--no-auth`.
+    pub open: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    Device,
+    Admin,
+}
+
+fn need(path: &str) -> Need {
+    if path == "/metrics" || path == "/admin" || path.starts_with("/admin/") {
+        Need::Admin
+    } else if path.starts_with("/api/") {
+        Need::Device
+    } else {
+        Need::Nothing
+    }
+}
+
+/// Middleware: answers 401 (no, unknown or revoked token) or 403 (a token of the wrong
+/// kind) for a guarded path, else passes the request on with its [`Caller`].
+pub async fn gate<S: Store>(
+    State(gate): State<Gate<S>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, Error> {
+    let caller = if gate.open {
+        Caller::Open
+    } else {
+        match need(req.uri().path()) {
+            Need::Nothing => return Ok(next.run(req).await),
+            Need::Device => match authenticate(&gate.store, req.headers()).await? {
+                TokenInfo {
+                    kind: TokenKind::Device,
+                    device_id: Some(device),
+                    ..
+                } => Caller::Device(device),
+                _ => {
+                    return Err(Error::Forbidden(
+                        "auth: pushes take a device token, not an admin token".into(),
+                    ));
+                }
+            },
+            Need::Admin => match authenticate(&gate.store, req.headers()).await?.kind {
+                TokenKind::Admin => Caller::Admin,
+                TokenKind::Device => {
+                    return Err(Error::Forbidden(
+                        "auth: this path takes an admin token, not a device token".into(),
+                    ));
+                }
+            },
+        }
+    };
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+async fn authenticate<S: Store>(store: &S, headers: &HeaderMap) -> Result<TokenInfo, Error> {
+    let token = bearer(headers).ok_or_else(|| {
+        Error::Unauthorized(
+            "auth: this path needs an `Authorization: Bearer <token>` header".into(),
+        )
+    })?;
+    store
+        .find_token(tokens::sha256_hex(token))
+        .await?
+        .ok_or_else(|| Error::Unauthorized("auth: unknown or revoked token".into()))
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_what_they_need() {
+        assert_eq!(need("/api/evenements"), Need::Device);
+        assert_eq!(need("/admin/devices/3"), Need::Admin);
+        assert_eq!(need("/admin"), Need::Admin);
+        assert_eq!(need("/metrics"), Need::Admin);
+        assert_eq!(need("/administrator"), Need::Nothing);
+        assert_eq!(need("/health"), Need::Nothing);
+        assert_eq!(need("/config/abc"), Need::Nothing);
+    }
+
+    #[test]
+    fn a_device_token_writes_its_own_rows_and_keys_only() {
+        let caller = Caller::Device("pi:1".into());
+        assert!(caller.may_write("pi:1").is_ok());
+        assert!(caller.may_write("pi:2").is_err());
+        assert!(caller.may_use_key("pi:1:evenement:4").is_ok());
+        assert!(caller.may_use_key("pi:10:evenement:4").is_err());
+        assert!(caller.may_use_key("pi:1").is_err());
+        assert!(Caller::Open.may_use_key("x").is_ok());
+    }
+
+    #[test]
+    fn bearer_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer  abc ".parse().expect("value"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().expect("value"));
+        assert_eq!(bearer(&h), None);
+    }
+}
