@@ -1,7 +1,10 @@
 //! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
 //! HTTP layer ([`http`]), the media directory ([`media`]) and the stores ([`store`]).
-//! The binary (`main.rs`) is a thin command line over [`open_store`] and [`serve`]; the
+//! The binary (`main.rs`) is a thin command line over [`migrate`] and [`serve`]; the
 //! agent's tests and demo start the same server in-process.
+//!
+//! One code path for both stores: the store `--store` names is opened (and migrated) at
+//! the top, then everything after is generic over [`Store`].
 
 pub mod cli;
 pub mod config;
@@ -10,41 +13,83 @@ pub mod media;
 pub mod store;
 
 use config::{Config, StoreUrl};
+use store::Store;
+use store::postgres::PostgresStore;
 use store::sqlite::SqliteStore;
 
-/// Opens the store and applies its pending migrations.
-pub fn open_store(config: &Config) -> Result<SqliteStore, String> {
-    let StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
-    let applied = store.migrate().map_err(|e| e.to_string())?;
-    tracing::info!(
-        "store sqlite:{}: schema up to date ({} migration(s) applied now)",
-        path.display(),
-        applied.len()
-    );
-    Ok(store)
+/// `relais-server migrate`: opens the store and applies its pending migrations.
+pub fn migrate(config: &Config) -> Result<(), String> {
+    runtime()?.block_on(async {
+        match &config.store {
+            StoreUrl::Sqlite(path) => open_sqlite(config, path).map(drop),
+            StoreUrl::Postgres(url) => open_postgres(config, url).await.map(drop),
+        }
+    })
 }
 
+/// Opens and migrates the store, then serves until SIGTERM or SIGINT.
 pub fn serve(config: &Config) -> Result<(), String> {
-    let store = open_store(config)?;
-    let media = media::MediaDir::open(&config.media_dir)
-        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| format!("listen: {}: {e}", config.listen))?;
-        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
-        tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-        let router = http::router(http::App { store, media }, config);
-        http::serve(
-            listener,
-            router,
-            config.shutdown_grace,
-            http::shutdown_signal(),
-        )
-        .await
+    runtime()?.block_on(async {
+        match &config.store {
+            StoreUrl::Sqlite(path) => serve_with(open_sqlite(config, path)?, config).await,
+            StoreUrl::Postgres(url) => serve_with(open_postgres(config, url).await?, config).await,
+        }
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))
+}
+
+fn open_sqlite(config: &Config, path: &std::path::Path) -> Result<SqliteStore, String> {
+    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
+    let applied = store.migrate().map_err(|e| e.to_string())?;
+    log_migrated(config, &applied);
+    Ok(store)
+}
+
+async fn open_postgres(
+    config: &Config,
+    url: &store::postgres::PostgresUrl,
+) -> Result<PostgresStore, String> {
+    let store = PostgresStore::open(url).map_err(|e| e.to_string())?;
+    let applied = store.migrate().await.map_err(|e| e.to_string())?;
+    log_migrated(config, &applied);
+    Ok(store)
+}
+
+fn log_migrated(config: &Config, applied: &[i64]) {
+    tracing::info!(
+        "store {}: schema up to date ({} migration(s) applied now)",
+        config.store.redacted(),
+        applied.len()
+    );
+}
+
+async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
+    // The seam for media shared by several servers: a directory every server mounts
+    // (NFS) works as is; an object store would implement MediaDir's place and remove.
+    let media = media::MediaDir::open(&config.media_dir)
+        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listen: {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+    let watch = tokio::spawn(store::watch::watch(
+        store.clone(),
+        config.store_check_interval,
+    ));
+    tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
+    let router = http::router(http::App { store, media }, config);
+    let served = http::serve(
+        listener,
+        router,
+        config.shutdown_grace,
+        http::shutdown_signal(),
+    )
+    .await;
+    watch.abort();
+    served
 }

@@ -9,7 +9,7 @@ use clap::Parser as _;
 
 use relais_server::cli::{Cli, Command};
 use relais_server::config::Config;
-use relais_server::{open_store, serve};
+use relais_server::{migrate, serve};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         if serving {
             serve(&config)
         } else {
-            open_store(&config).map(|_| ())
+            migrate(&config)
         }
     });
     match result {

@@ -9,6 +9,10 @@ use axum::response::{IntoResponse, Response};
 use crate::media::ReceiveError;
 use crate::store::StoreError;
 
+/// What a 503 asks the client to wait, in seconds: a store restart takes a few; the
+/// agents' own backoff (with jitter) takes over if it is longer.
+const RETRY_AFTER_S: u64 = 3;
+
 #[derive(Debug)]
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
@@ -17,9 +21,9 @@ pub enum Error {
     TooLarge(String),
     /// 422: well-formed JSON that is not an acceptable push, or a replay that differs.
     Unprocessable(String),
-    /// 503: the store does not answer.
+    /// 503 with `Retry-After`: the store does not answer for now.
     Unavailable(StoreError),
-    /// 500: the server could not do its part (media files).
+    /// 500: the server could not do its part (media files, a store failure).
     Internal(String),
     /// Any other status the framework chose, with its detail.
     Status(StatusCode, String),
@@ -58,7 +62,12 @@ impl IntoResponse for Error {
         } else {
             tracing::info!(status = status.as_u16(), "{detail}");
         }
-        json_response(status, &detail_json(&detail))
+        let mut resp = json_response(status, &detail_json(&detail));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+        }
+        resp
     }
 }
 
@@ -76,7 +85,10 @@ impl From<ReceiveError> for Error {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
-        Error::Unavailable(e)
+        match e {
+            StoreError::Unreachable(_) => Error::Unavailable(e),
+            StoreError::Failed(_) => Error::Internal(e.to_string()),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file; does not migrate.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let fail = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
+        let fail = |e: rusqlite::Error| StoreError::Failed(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(fail)?;
         // `PRAGMA journal_mode` answers with a row, so it is run as a query.
         let _mode: String = conn
@@ -42,7 +42,7 @@ impl SqliteStore {
 
     /// Applies the migrations not applied yet; returns their versions.
     pub fn migrate(&self) -> Result<Vec<i64>, StoreError> {
-        migrate(&mut self.lock()).map_err(|e| StoreError(format!("migration: {e}")))
+        migrate(&mut self.lock()).map_err(|e| StoreError::Failed(format!("migration: {e}")))
     }
 
     /// A poisoned lock only means another thread panicked while holding it; SQLite
@@ -58,8 +58,8 @@ impl SqliteStore {
         let store = self.clone();
         tokio::task::spawn_blocking(move || f(&mut store.lock()))
             .await
-            .map_err(|e| StoreError(format!("worker: {e}")))?
-            .map_err(|e| StoreError(e.to_string()))
+            .map_err(|e| StoreError::Failed(format!("worker: {e}")))?
+            .map_err(store_error)
     }
 }
 
@@ -71,6 +71,17 @@ impl Store for SqliteStore {
     async fn ready(&self) -> Result<(), StoreError> {
         self.blocking(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
             .await
+    }
+}
+
+/// A database still locked after the busy timeout (another process holds it) is
+/// transient, like an unreachable server; anything else is a failure.
+fn store_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Unreachable(e.to_string())
+        }
+        _ => StoreError::Failed(e.to_string()),
     }
 }
 
