@@ -48,7 +48,11 @@ pub struct Cli {
     pub shutdown_grace_s: u64,
     /// How often the store is checked while nothing is pushed, in seconds (one warning
     /// line when it stops answering, one info line when it is back).
-    #[arg(long, env = "RELAIS_SERVER_STORE_CHECK_INTERVAL_S", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "RELAIS_SERVER_STORE_CHECK_INTERVAL_S",
+        default_value_t = 10
+    )]
     pub store_check_interval_s: u64,
     #[command(subcommand)]
     pub command: Option<Command>,

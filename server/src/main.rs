@@ -32,8 +32,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The pool warns once per connection it loses: an outage would be a burst of
+    // lines. The store check says it once (store/watch.rs), unless RUST_LOG asks.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("deadpool")) {
+        if let Ok(quiet) = "deadpool.postgres=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -64,8 +64,10 @@ impl IntoResponse for Error {
         }
         let mut resp = json_response(status, &detail_json(&detail));
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(RETRY_AFTER_S),
+            );
         }
         resp
     }

@@ -315,8 +315,7 @@ fn is_unreachable(e: &tokio_postgres::Error) -> bool {
             ]
             .contains(code);
     }
-    e.is_closed()
-        || std::error::Error::source(e).is_some_and(|cause| cause.is::<std::io::Error>())
+    e.is_closed() || std::error::Error::source(e).is_some_and(|cause| cause.is::<std::io::Error>())
 }
 
 #[cfg(test)]

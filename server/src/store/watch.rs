@@ -20,7 +20,9 @@ pub async fn watch<S: Store>(store: S, every: Duration) {
                 answering = true;
             }
             Err(e) if answering => {
-                tracing::warn!("{e}; /ready answers 503 until it answers again (checked every {every:?})");
+                tracing::warn!(
+                    "{e}; /ready answers 503 until it answers again (checked every {every:?})"
+                );
                 answering = false;
             }
             _ => {}
