@@ -17,8 +17,15 @@ pub struct Cli {
     /// Address and port to listen on.
     #[arg(long, env = "RELAIS_SERVER_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// The store: sqlite:PATH (embedded, the default).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:relais-server.db")]
+    /// The store: sqlite:PATH (embedded, the default), or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE (or postgresql://) for a fleet.
+    // hide_env_values: `--help` would otherwise print DATABASE_URL's password.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite:relais-server.db",
+        hide_env_values = true
+    )]
     pub store: String,
     /// Directory of the media files (created if missing).
     #[arg(
@@ -52,6 +59,14 @@ pub struct Cli {
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds.
     #[arg(long, env = "RELAIS_SERVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// How often the store is checked while nothing is pushed, in seconds (one warning
+    /// line when it stops answering, one info line when it is back).
+    #[arg(
+        long,
+        env = "RELAIS_SERVER_STORE_CHECK_INTERVAL_S",
+        default_value_t = 10
+    )]
+    pub store_check_interval_s: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

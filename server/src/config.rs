@@ -7,12 +7,24 @@ use std::time::Duration;
 
 use crate::cli::Cli;
 use crate::http::accept::{self, Limits};
+use crate::store::postgres::PostgresUrl;
 use crate::store::sqlite;
 
 /// Which store `--store` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+impl StoreUrl {
+    /// What logs show: a PostgreSQL URL without its password.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
+            StoreUrl::Postgres(url) => url.redacted(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -27,6 +39,7 @@ pub struct Config {
     pub no_auth: bool,
     /// What the accept loop enforces per connection.
     pub limits: Limits,
+    pub store_check_interval: Duration,
 }
 
 impl Config {
@@ -56,6 +69,7 @@ impl Config {
                 header_timeout: Duration::from_secs(cli.header_timeout_s),
                 max_connections: cli.max_connections,
             },
+            store_check_interval: Duration::from_secs(cli.store_check_interval_s.max(1)),
         })
     }
 }
@@ -64,11 +78,11 @@ fn parse_store(url: &str) -> Result<StoreUrl, String> {
     if let Some(path) = sqlite::path_of(url) {
         return Ok(StoreUrl::Sqlite(path));
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        // The URL may hold a password: it is not repeated here.
-        return Err("store: PostgreSQL is not in this build yet; use --store sqlite:PATH".into());
+    if let Some(url) = PostgresUrl::parse(url) {
+        return Ok(StoreUrl::Postgres(url));
     }
-    Err("store: --store (DATABASE_URL) must be sqlite:PATH".into())
+    // The value may hold a password: it is not repeated here.
+    Err("store: --store (DATABASE_URL) must be sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE".into())
 }
 
 #[cfg(test)]
@@ -85,9 +99,11 @@ mod tests {
             parse_store("sqlite:///var/lib/r.db"),
             Ok(StoreUrl::Sqlite("/var/lib/r.db".into()))
         );
-        let pg = parse_store("postgres://u:secret@h/db").unwrap_err();
-        assert!(!pg.contains("secret"), "{pg}");
-        assert!(parse_store("mysql://x").is_err());
+        let pg = parse_store("postgresql://u:secret@h/db").expect("postgres");
+        assert_eq!(pg.redacted(), "postgresql://u:***@h/db");
+        assert!(!format!("{pg:?}").contains("secret"));
+        let mysql = parse_store("mysql://u:secret@h/db").unwrap_err();
+        assert!(!mysql.contains("secret"), "{mysql}");
         assert!(parse_store("sqlite:").is_err());
     }
 }

@@ -2,8 +2,11 @@
 //! HTTP layer ([`http`]), the media directory ([`media`]), seed 001's configuration
 //! backend ([`site_config`]), the stores ([`store`]), the bearer tokens ([`tokens`]) and
 //! the counters ([`metrics`]). The binary (`main.rs`) is a thin command line over
-//! [`open_store`], [`serve`] and [`token`]; the agent's tests and demo start the same
+//! [`migrate`], [`serve`] and [`token`]; the agent's tests and demo start the same
 //! server in-process.
+//!
+//! One code path for both stores: the store `--store` names is opened (and migrated) at
+//! the top, then everything after is generic over [`Store`].
 
 pub mod cli;
 pub mod config;
@@ -16,47 +19,27 @@ pub mod tokens;
 
 use cli::TokenCommand;
 use config::{Config, StoreUrl};
+use store::Store;
+use store::postgres::PostgresStore;
 use store::sqlite::SqliteStore;
 
-/// Opens the store and applies its pending migrations.
-pub fn open_store(config: &Config) -> Result<SqliteStore, String> {
-    let StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
-    let applied = store.migrate().map_err(|e| e.to_string())?;
-    tracing::info!(
-        "store sqlite:{}: schema up to date ({} migration(s) applied now)",
-        path.display(),
-        applied.len()
-    );
-    Ok(store)
+/// `relais-server migrate`: opens the store and applies its pending migrations.
+pub fn migrate(config: &Config) -> Result<(), String> {
+    runtime()?.block_on(async {
+        match &config.store {
+            StoreUrl::Sqlite(path) => open_sqlite(config, path).map(drop),
+            StoreUrl::Postgres(url) => open_postgres(config, url).await.map(drop),
+        }
+    })
 }
 
+/// Opens and migrates the store, then serves until SIGTERM or SIGINT.
 pub fn serve(config: &Config) -> Result<(), String> {
-    let store = open_store(config)?;
-    let media = media::MediaDir::open(&config.media_dir)
-        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| format!("listen: {}: {e}", config.listen))?;
-        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
-        if config.no_auth {
-            tracing::warn!(
-                "auth: --no-auth: no token needed, anyone who reaches {addr} may push for any \
-                 device and use the admin API and /metrics"
-            );
+    runtime()?.block_on(async {
+        match &config.store {
+            StoreUrl::Sqlite(path) => serve_with(open_sqlite(config, path)?, config).await,
+            StoreUrl::Postgres(url) => serve_with(open_postgres(config, url).await?, config).await,
         }
-        tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-        let router = http::router(http::App { store, media }, config);
-        http::accept::serve_with(
-            listener,
-            router,
-            config.limits,
-            config.shutdown_grace,
-            http::shutdown_signal(),
-        )
-        .await
     })?;
     tracing::info!("stopped");
     Ok(())
@@ -64,10 +47,75 @@ pub fn serve(config: &Config) -> Result<(), String> {
 
 /// `relais-server token ...`: its output (a new token, the list) goes to stdout.
 pub fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
-    let store = open_store(config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    runtime.block_on(tokens::run(&store, command, &mut std::io::stdout().lock()))
+    runtime()?.block_on(async {
+        let out = &mut std::io::stdout().lock();
+        match &config.store {
+            StoreUrl::Sqlite(path) => tokens::run(&open_sqlite(config, path)?, command, out).await,
+            StoreUrl::Postgres(url) => {
+                tokens::run(&open_postgres(config, url).await?, command, out).await
+            }
+        }
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))
+}
+
+fn open_sqlite(config: &Config, path: &std::path::Path) -> Result<SqliteStore, String> {
+    let store = SqliteStore::open(path).map_err(|e| e.to_string())?;
+    let applied = store.migrate().map_err(|e| e.to_string())?;
+    log_migrated(config, &applied);
+    Ok(store)
+}
+
+async fn open_postgres(
+    config: &Config,
+    url: &store::postgres::PostgresUrl,
+) -> Result<PostgresStore, String> {
+    let store = PostgresStore::open(url).map_err(|e| e.to_string())?;
+    let applied = store.migrate().await.map_err(|e| e.to_string())?;
+    log_migrated(config, &applied);
+    Ok(store)
+}
+
+fn log_migrated(config: &Config, applied: &[i64]) {
+    tracing::info!(
+        "store {}: schema up to date ({} migration(s) applied now)",
+        config.store.redacted(),
+        applied.len()
+    );
+}
+
+async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
+    // The seam for media shared by several servers: a directory every server mounts
+    // (NFS) works as is; an object store would implement MediaDir's place and remove.
+    let media = media::MediaDir::open(&config.media_dir)
+        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listen: {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+    let watch = tokio::spawn(store::watch::watch(
+        store.clone(),
+        config.store_check_interval,
+    ));
+    if config.no_auth {
+        tracing::warn!(
+            "auth: --no-auth: no token needed, anyone who reaches {addr} may push for any \
+             device and use the admin API and /metrics"
+        );
+    }
+    tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
+    let router = http::router(http::App { store, media }, config);
+    let served = http::accept::serve_with(
+        listener,
+        router,
+        config.limits,
+        config.shutdown_grace,
+        http::shutdown_signal(),
+    )
+    .await;
+    watch.abort();
+    served
 }

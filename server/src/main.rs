@@ -9,14 +9,14 @@ use clap::Parser as _;
 
 use relais_server::cli::{Cli, Command};
 use relais_server::config::Config;
-use relais_server::{open_store, serve, token};
+use relais_server::{migrate, serve, token};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = Config::from_cli(&cli).and_then(|config| match &cli.command {
         None | Some(Command::Serve) => serve(&config),
-        Some(Command::Migrate) => open_store(&config).map(|_| ()),
+        Some(Command::Migrate) => migrate(&config),
         Some(Command::Token(command)) => token(&config, command),
     });
     match result {
@@ -29,8 +29,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The pool warns once per connection it loses: an outage would be a burst of
+    // lines. The store check says it once (store/watch.rs), unless RUST_LOG asks.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("deadpool")) {
+        if let Ok(quiet) = "deadpool.postgres=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

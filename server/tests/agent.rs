@@ -1,6 +1,6 @@
 //! End to end: the relais agent (its library, in-process) pushes a demo database to a
 //! real relais-server; every row arrives once with identical media bytes, and a second
-//! pass sends nothing.
+//! pass sends nothing. On both stores.
 
 mod common;
 
@@ -8,15 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use common::{Server, sha256_hex};
+use common::{Server, StoreKind, sha256_hex};
 use relais::demo::{create_app_db, insert_events, insert_media, settings_for};
 
-/// A row of the `media` view: local id, file path, size, SHA-256.
-type MediaRow = (String, Option<String>, Option<i64>, Option<String>);
+common::on_both_stores!(the_agent_pushes_a_demo_database_exactly_once);
 
-#[test]
-fn the_agent_pushes_a_demo_database_exactly_once() {
-    let server = Server::start();
+fn the_agent_pushes_a_demo_database_exactly_once(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let dir = common::scratch("agent");
     std::fs::create_dir_all(dir.join("log")).expect("log dir");
     let db = dir.join("surveillance.db");
@@ -41,25 +39,26 @@ fn the_agent_pushes_a_demo_database_exactly_once() {
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.pushed(), 123, "{report}");
 
-    let store = server.db();
-    let events: Vec<String> = store
-        .prepare("SELECT local_id FROM evenements WHERE device_id = ?1 ORDER BY CAST(local_id AS INTEGER)")
-        .and_then(|mut s| s.query_map([&settings.device_id], |r| r.get(0))?.collect())
-        .expect("events");
-    let expected: Vec<String> = (1..=120).map(|i| i.to_string()).collect();
+    assert_eq!(settings.device_id, "demo-pi");
+    let events: Vec<Option<String>> = server
+        .rows(
+            "SELECT local_id FROM evenements WHERE device_id = 'demo-pi'
+             ORDER BY CAST(local_id AS INTEGER)",
+        )
+        .into_iter()
+        .map(|mut r| r.remove(0))
+        .collect();
+    let expected: Vec<Option<String>> = (1..=120).map(|i| Some(i.to_string())).collect();
     assert_eq!(events, expected, "every event once");
-    let media: Vec<MediaRow> = store
-        .prepare("SELECT local_id, media_path, media_size, media_sha256 FROM media")
-        .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect()
-        })
-        .expect("media");
+    let media = server.rows("SELECT local_id, media_path, media_size, media_sha256 FROM media");
     assert_eq!(media.len(), blobs.len(), "{media:?}");
-    for (local_id, path, size, sha) in &media {
+    for row in &media {
+        let [Some(local_id), path, size, sha] = &row[..] else {
+            panic!("media row {row:?}");
+        };
         match &blobs[local_id] {
             Some(bytes) => {
-                assert_eq!(*size, Some(bytes.len() as i64), "media {local_id}");
+                assert_eq!(*size, Some(bytes.len().to_string()), "media {local_id}");
                 assert_eq!(
                     sha.as_deref(),
                     Some(sha256_hex(bytes).as_str()),

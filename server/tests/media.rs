@@ -1,5 +1,6 @@
 //! Media bodies against a real relais-server: streamed to disk in bounded memory with
-//! the right SHA-256, and a body cut anywhere leaves no row and no file.
+//! the right SHA-256, and a body cut anywhere leaves no row and no file. Every case runs
+//! on both stores.
 
 mod common;
 
@@ -9,11 +10,16 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, client, media, pattern, post, sha256_hex, wait_for};
+use common::{Server, StoreKind, client, media, pattern, post, sha256_hex, wait_for};
 
-#[test]
-fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory() {
-    let server = Server::start();
+common::on_both_stores!(
+    a_20_mb_media_body_streams_to_a_file_in_bounded_memory,
+    a_media_body_cut_anywhere_leaves_no_row_and_no_file,
+    sigterm_lets_a_slow_request_in_flight_finish_and_exits_0,
+);
+
+fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let before = server.peak_rss_kib();
     let data = pattern(20 << 20, 20);
     let body = media("pi", &STANDARD.encode(&data));
@@ -26,22 +32,13 @@ fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory() {
     );
     assert_eq!(status, 201, "{answer}");
     let peak = server.peak_rss_kib();
-    let (path, size, sha): (String, i64, String) = server
-        .db()
-        .query_row(
-            "SELECT media_path, media_size, media_sha256 FROM media",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .expect("media row");
-    assert_eq!(size, data.len() as i64);
-    assert_eq!(sha, sha256_hex(&data));
-    let on_disk = std::fs::read(server.media_dir().join(&path)).expect("media file");
-    assert_eq!(sha256_hex(&on_disk), sha, "the file's bytes");
-    let stored_body: String = server
-        .db()
-        .query_row("SELECT body FROM received", [], |r| r.get(0))
-        .expect("body");
+    let row = server.row("SELECT media_path, media_size, media_sha256 FROM media");
+    let (path, size, sha) = (&row[0], &row[1], &row[2]);
+    assert_eq!(size, &data.len().to_string());
+    assert_eq!(sha, &sha256_hex(&data));
+    let on_disk = std::fs::read(server.media_dir().join(path)).expect("media file");
+    assert_eq!(&sha256_hex(&on_disk), sha, "the file's bytes");
+    let stored_body = server.row("SELECT body FROM received").remove(0);
     assert!(
         stored_body.contains(&format!("\"media_path\": \"{path}\"")),
         "{stored_body}"
@@ -84,9 +81,8 @@ fn send_cut(server: &Server, body: &[u8], cut: usize) {
     conn.shutdown(Shutdown::Both).expect("close");
 }
 
-#[test]
-fn a_media_body_cut_anywhere_leaves_no_row_and_no_file() {
-    let server = Server::start();
+fn a_media_body_cut_anywhere_leaves_no_row_and_no_file(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let data = pattern(2 << 20, 7);
     let body = media("pi", &STANDARD.encode(&data)).into_bytes();
     let seed = std::time::SystemTime::now()
@@ -124,9 +120,8 @@ fn a_media_body_cut_anywhere_leaves_no_row_and_no_file() {
     assert_eq!(server.count("SELECT count(*) FROM media"), 1);
 }
 
-#[test]
-fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0() {
-    let mut server = Server::start_with(&["--shutdown-grace-s", "5"]);
+fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0(store: StoreKind) {
+    let mut server = Server::start_on(store, &["--shutdown-grace-s", "5"]);
     let body = common::event("pi", 3).into_bytes();
     let mut conn = send_head(&server, "/api/evenements", "pi:evenement:3", body.len());
     conn.write_all(&body[..10]).expect("first bytes");

@@ -1,17 +1,25 @@
 //! The push API against a real relais-server: each push stored once per (device,
 //! Idempotency-Key), replays answered with the original id, bad input refused with a
-//! JSON detail and nothing stored.
+//! JSON detail and nothing stored. Every case runs on both stores.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Barrier};
 
-use common::{Server, client, event, post};
+use common::{Server, StoreKind, client, event, post};
 
-#[test]
-fn an_event_is_stored_once_and_a_replay_gets_the_original_id() {
-    let server = Server::start();
+common::on_both_stores!(
+    an_event_is_stored_once_and_a_replay_gets_the_original_id,
+    thirty_two_racing_threads_store_one_row_per_key_and_all_get_its_id,
+    a_replay_with_a_different_body_is_refused,
+    pushes_without_a_key_are_new_rows,
+    bad_bodies_get_a_detail_and_store_nothing,
+    health_and_ready_answer,
+);
+
+fn an_event_is_stored_once_and_a_replay_gets_the_original_id(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let agent = client();
     let body = event("pi-1", 1);
     let first = post(
@@ -40,53 +48,72 @@ fn an_event_is_stored_once_and_a_replay_gets_the_original_id() {
     );
     assert_eq!(other_device.0, 201);
     assert_ne!(other_device.1, first.1, "another device's key space");
-    let (device, local_id, date, capteur): (String, String, String, i64) = server
-        .db()
-        .query_row(
-            "SELECT device_id, local_id, date, capteur_id FROM evenements WHERE device_id = 'pi-1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .expect("one event row");
     assert_eq!(
-        (device.as_str(), local_id.as_str(), date.as_str(), capteur),
-        ("pi-1", "42", "2025-12-18T17:30:01.123456", 1)
+        server.row(
+            "SELECT device_id, local_id, date, capteur_id, capteur_nom, capteur_etat
+             FROM evenements WHERE device_id = 'pi-1'"
+        ),
+        [
+            "pi-1",
+            "42",
+            "2025-12-18T17:30:01.123456",
+            "1",
+            "PIR Entrée",
+            "1"
+        ]
     );
     assert_eq!(server.count("SELECT count(*) FROM received"), 2);
 }
 
-#[test]
-fn thirty_two_racing_duplicates_store_one_row() {
-    let server = Server::start();
+/// Each thread posts the same keys, starting at a different one, all released at once:
+/// the unique constraint, not the order, decides which insert wins.
+fn thirty_two_racing_threads_store_one_row_per_key_and_all_get_its_id(store: StoreKind) {
+    const KEYS: usize = 4;
+    let server = Server::start_on(store, &[]);
     let barrier = Arc::new(Barrier::new(32));
     let url = server.url.clone();
-    let answers: Vec<(u16, String)> = (0..32)
-        .map(|_| {
+    let answers: Vec<Vec<(u16, String)>> = (0..32)
+        .map(|t| {
             let (barrier, url) = (Arc::clone(&barrier), url.clone());
             std::thread::spawn(move || {
                 let agent = client();
                 barrier.wait();
-                post(
-                    &agent,
-                    &url,
-                    "/api/evenements",
-                    Some("pi:evenement:7"),
-                    event("pi", 7).as_bytes(),
-                )
+                let mut answers = vec![(0, String::new()); KEYS];
+                for i in 0..KEYS {
+                    let k = (t + i) % KEYS;
+                    answers[k] = post(
+                        &agent,
+                        &url,
+                        "/api/evenements",
+                        Some(&format!("pi:evenement:{k}")),
+                        event("pi", k as u32).as_bytes(),
+                    );
+                }
+                answers
             })
         })
         .collect::<Vec<_>>()
         .into_iter()
         .map(|t| t.join().expect("thread"))
         .collect();
-    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
-    assert_eq!(answers[0].0, 201);
-    assert_eq!(server.count("SELECT count(*) FROM received"), 1);
+    for k in 0..KEYS {
+        let first = &answers[0][k];
+        assert_eq!(first.0, 201, "key {k}: {}", first.1);
+        assert!(
+            answers.iter().all(|a| &a[k] == first),
+            "key {k}: {:?}",
+            answers.iter().map(|a| &a[k]).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(server.count("SELECT count(*) FROM received"), KEYS as i64);
+    assert_eq!(
+        server.count("SELECT count(DISTINCT idempotency_key) FROM received"),
+        KEYS as i64
+    );
 }
 
-#[test]
-fn a_replay_with_a_different_body_is_refused() {
-    let server = Server::start();
+fn a_replay_with_a_different_body_is_refused(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let agent = client();
     let key = Some("pi:evenement:1");
     assert_eq!(
@@ -112,16 +139,15 @@ fn a_replay_with_a_different_body_is_refused() {
         detail.contains("\"detail\"") && detail.contains("different body"),
         "{detail}"
     );
-    let date: String = server
-        .db()
-        .query_row("SELECT date FROM evenements", [], |r| r.get(0))
-        .expect("row");
-    assert_eq!(date, "2025-12-18T17:30:01.123456", "the first body stays");
+    assert_eq!(
+        server.row("SELECT date FROM evenements"),
+        ["2025-12-18T17:30:01.123456"],
+        "the first body stays"
+    );
 }
 
-#[test]
-fn pushes_without_a_key_are_new_rows() {
-    let server = Server::start();
+fn pushes_without_a_key_are_new_rows(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let agent = client();
     let a = post(
         &agent,
@@ -142,9 +168,8 @@ fn pushes_without_a_key_are_new_rows() {
     assert_eq!(server.count("SELECT count(*) FROM received"), 2);
 }
 
-#[test]
-fn bad_bodies_get_a_detail_and_store_nothing() {
-    let server = Server::start_with(&["--max-body-bytes", "200000"]);
+fn bad_bodies_get_a_detail_and_store_nothing(store: StoreKind) {
+    let server = Server::start_on(store, &["--max-body-bytes", "200000"]);
     let agent = client();
     let not_base64 = format!(
         r#"{{"date": "x", "device_id": "pi", "video_data": "{}!"}}"#,
@@ -195,9 +220,8 @@ fn bad_bodies_get_a_detail_and_store_nothing() {
     );
 }
 
-#[test]
-fn health_and_ready_answer() {
-    let server = Server::start();
+fn health_and_ready_answer(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let agent = client();
     for path in ["/health", "/ready"] {
         let mut resp = agent

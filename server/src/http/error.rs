@@ -11,6 +11,10 @@ use crate::metrics::Outcome;
 use crate::site_config::input::Invalid;
 use crate::store::StoreError;
 
+/// What a 503 asks the client to wait, in seconds: a store restart takes a few; the
+/// agents' own backoff (with jitter) takes over if it is longer.
+const RETRY_AFTER_S: u64 = 3;
+
 #[derive(Debug)]
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
@@ -30,9 +34,9 @@ pub enum Error {
     Unprocessable(String),
     /// 422: an admin body with an invalid member; the answer names it in `field`.
     Invalid(Invalid),
-    /// 503: the store does not answer.
+    /// 503 with `Retry-After`: the store does not answer for now.
     Unavailable(StoreError),
-    /// 500: the server could not do its part (media files).
+    /// 500: the server could not do its part (media files, a store failure).
     Internal(String),
     /// Any other status the framework chose, with its detail.
     Status(StatusCode, String),
@@ -101,6 +105,8 @@ impl IntoResponse for Error {
             }
             Error::Unavailable(_) => {
                 resp.extensions_mut().insert(Outcome::StoreError);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
             }
             _ => {}
         }
@@ -128,7 +134,10 @@ impl From<ReceiveError> for Error {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
-        Error::Unavailable(e)
+        match e {
+            StoreError::Unreachable(_) => Error::Unavailable(e),
+            StoreError::Failed(_) => Error::Internal(e.to_string()),
+        }
     }
 }
 

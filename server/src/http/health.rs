@@ -1,4 +1,5 @@
-//! `GET /health`: the process answers. `GET /ready`: the store answers too.
+//! `GET /health`: the process answers. `GET /ready`: the store answers too (503 with
+//! `Retry-After` when it does not, whatever the reason: not ready is not ready).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,6 +14,6 @@ pub async fn health() -> Response {
 }
 
 pub async fn ready<S: Store>(State(app): State<App<S>>) -> Result<Response, Error> {
-    app.store.ready().await?;
+    app.store.ready().await.map_err(Error::Unavailable)?;
     Ok(json_response(StatusCode::OK, r#"{"status": "ready"}"#))
 }

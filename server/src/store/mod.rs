@@ -1,7 +1,7 @@
 //! Where pushes are stored. [`Store`] is what the HTTP layer needs from a store; the
-//! embedded SQLite store ([`sqlite`]) implements it, a PostgreSQL store will next (its
-//! methods are async for that reason: the SQLite one runs its blocking calls on
-//! `spawn_blocking`).
+//! embedded SQLite store ([`sqlite`]) and the PostgreSQL store of a fleet ([`postgres`])
+//! implement it (its methods are async for PostgreSQL: the SQLite one runs its blocking
+//! calls on `spawn_blocking`). [`watch`] checks the store while nothing is pushed.
 //!
 //! Exactly once is the schema's job: `received` has a UNIQUE (device_id,
 //! idempotency_key) constraint and the insert is `INSERT ... ON CONFLICT DO NOTHING
@@ -14,7 +14,9 @@
 //! [`crate::site_config::config_hash`] in the change's own transaction, updating
 //! `config_version` and `config_updated_at` only when the hash moved.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod watch;
 
 use std::future::Future;
 
@@ -118,11 +120,21 @@ pub enum Revoked {
 
 /// A store failure: the server's problem, not the client's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The store cannot be reached now (connection refused or lost, no connection free
+    /// in time, a statement that did not finish in time): transient, the client should
+    /// retry later (503 with `Retry-After`).
+    Unreachable(String),
+    /// Any other failure (500).
+    Failed(String),
+}
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "store: {}", self.0)
+        match self {
+            StoreError::Unreachable(d) => write!(f, "store: unreachable: {d}"),
+            StoreError::Failed(d) => write!(f, "store: {d}"),
+        }
     }
 }
 

@@ -61,8 +61,9 @@ impl SqliteStore {
     /// Opens (creating if needed, mode 0600: it holds the token hashes and every
     /// push) the database file; does not migrate.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        create_private(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
-        let fail = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
+        create_private(path)
+            .map_err(|e| StoreError::Failed(format!("{}: {e}", path.display())))?;
+        let fail = |e: rusqlite::Error| StoreError::Failed(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(fail)?;
         // `PRAGMA journal_mode` answers with a row, so it is run as a query.
         let _mode: String = conn
@@ -80,7 +81,7 @@ impl SqliteStore {
 
     /// Applies the migrations not applied yet; returns their versions.
     pub fn migrate(&self) -> Result<Vec<i64>, StoreError> {
-        migrate(&mut self.lock()).map_err(|e| StoreError(format!("migration: {e}")))
+        migrate(&mut self.lock()).map_err(|e| StoreError::Failed(format!("migration: {e}")))
     }
 
     /// A poisoned lock only means another thread panicked while holding it; SQLite
@@ -96,8 +97,8 @@ impl SqliteStore {
         let store = self.clone();
         tokio::task::spawn_blocking(move || f(&mut store.lock()))
             .await
-            .map_err(|e| StoreError(format!("worker: {e}")))?
-            .map_err(|e| StoreError(e.to_string()))
+            .map_err(|e| StoreError::Failed(format!("worker: {e}")))?
+            .map_err(store_error)
     }
 }
 
@@ -246,6 +247,17 @@ fn token_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
         created_at: r.get(4)?,
         revoked_at: r.get(5)?,
     })
+}
+
+/// A database still locked after the busy timeout (another process holds it) is
+/// transient, like an unreachable server; anything else is a failure.
+fn store_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Unreachable(e.to_string())
+        }
+        _ => StoreError::Failed(e.to_string()),
+    }
 }
 
 /// The path of a `sqlite:PATH` (or `sqlite://PATH`) store URL.

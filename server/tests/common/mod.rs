@@ -1,7 +1,11 @@
 //! Test helpers: a real relais-server child process on 127.0.0.1 with its own store and
-//! media directory, a real HTTP client, and looks into the store's SQLite file.
+//! media directory, a real HTTP client, and looks into the store (its SQLite file or its
+//! PostgreSQL database, [`pg`]) with the same SQL on both. [`on_both_stores!`] runs each
+//! store test once per store.
 
 #![allow(dead_code)]
+
+pub mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,11 +13,66 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Which store a test runs on.
+#[derive(Clone, Copy)]
+pub enum StoreKind {
+    Sqlite,
+    /// A new database in this cluster for each server.
+    Postgres(&'static pg::Cluster),
+}
+
+impl StoreKind {
+    /// The shared cluster's kind, or `None` when PostgreSQL tests are skipped.
+    pub fn postgres() -> Option<StoreKind> {
+        pg::shared().map(StoreKind::Postgres)
+    }
+}
+
+/// Where a server keeps its rows.
+#[derive(Debug, Clone)]
+pub enum StoreAt {
+    Sqlite(PathBuf),
+    /// The database's URL, password included.
+    Postgres(String),
+}
+
+impl StoreAt {
+    pub fn url(&self) -> String {
+        match self {
+            StoreAt::Sqlite(path) => format!("sqlite:{}", path.display()),
+            StoreAt::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// Defines `sqlite::CASE` and `postgres::CASE` tests for each `fn CASE(StoreKind)`.
+#[allow(unused_macros)] // postgres.rs has no case for both stores
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $case() { super::$case($crate::common::StoreKind::Sqlite) } )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $case() {
+                    if let Some(store) = $crate::common::StoreKind::postgres() {
+                        super::$case(store)
+                    }
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_stores;
+
 pub struct Server {
     child: Child,
     pub url: String,
     pub addr: String,
     pub dir: PathBuf,
+    pub store: StoreAt,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -22,24 +81,39 @@ impl Server {
         Server::start_with(&[])
     }
 
-    /// Starts the binary with `--no-auth`, a free port, and `extra` flags; waits until
-    /// it listens.
     pub fn start_with(extra: &[&str]) -> Server {
-        Server::launch(&[&["--no-auth"], extra].concat(), "info")
+        Server::start_on(StoreKind::Sqlite, extra)
     }
 
-    /// Starts the binary with authentication (tokens: [`Server::token`]), `extra` flags
-    /// and `RUST_LOG=rust_log`.
-    pub fn start_authenticated(extra: &[&str], rust_log: &str) -> Server {
-        Server::launch(extra, rust_log)
-    }
-
-    fn launch(args: &[&str], rust_log: &str) -> Server {
+    /// Starts the binary with `--no-auth` on a new store of `kind` (see
+    /// [`Server::start_at`]).
+    pub fn start_on(kind: StoreKind, extra: &[&str]) -> Server {
         let dir = scratch("srv");
+        let store = match kind {
+            StoreKind::Sqlite => StoreAt::Sqlite(dir.join("store.db")),
+            StoreKind::Postgres(cluster) => StoreAt::Postgres(cluster.create_db()),
+        };
+        Server::spawn(dir, store, &[&["--no-auth"], extra].concat(), "info")
+    }
+
+    /// Starts the binary with authentication (tokens: [`Server::token`]) on a SQLite
+    /// store, `extra` flags and `RUST_LOG=rust_log`.
+    pub fn start_authenticated(extra: &[&str], rust_log: &str) -> Server {
+        let dir = scratch("srv");
+        let store = StoreAt::Sqlite(dir.join("store.db"));
+        Server::spawn(dir, store, extra, rust_log)
+    }
+
+    /// Starts the binary with `--no-auth`, a free port, `store` (given in DATABASE_URL,
+    /// as a deployment would pass a password) and `extra` flags; waits until it listens.
+    pub fn start_at(store: StoreAt, extra: &[&str]) -> Server {
+        Server::spawn(scratch("srv"), store, &[&["--no-auth"], extra].concat(), "info")
+    }
+
+    fn spawn(dir: PathBuf, store: StoreAt, args: &[&str], rust_log: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_relais-server"))
             .args(["--listen", "127.0.0.1:0"])
-            .arg("--store")
-            .arg(format!("sqlite:{}", dir.join("store.db").display()))
+            .env("DATABASE_URL", store.url())
             .arg("--media-dir")
             .arg(dir.join("media"))
             .args(args)
@@ -62,10 +136,11 @@ impl Server {
             url: String::new(),
             addr: String::new(),
             dir,
+            store,
             log,
         };
         assert!(
-            wait_for(Duration::from_secs(10), || server.logged("listening addr=")),
+            wait_for(Duration::from_secs(20), || server.logged("listening addr=")),
             "relais-server did not start"
         );
         let line = server.log_line("listening addr=").expect("listening line");
@@ -119,6 +194,18 @@ impl Server {
             .cloned()
     }
 
+    /// How many log lines contain `needle`.
+    pub fn logged_count(&self, needle: &str) -> usize {
+        self.log_lines()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -127,12 +214,35 @@ impl Server {
         self.dir.join("media")
     }
 
+    /// The SQLite store (for a test about SQLite alone).
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.dir.join("store.db")).expect("open store")
+        let StoreAt::Sqlite(path) = &self.store else {
+            panic!("not a SQLite store");
+        };
+        rusqlite::Connection::open(path).expect("open store")
+    }
+
+    /// The rows `sql` returns, every value as text (NULL as `None`): one query, the
+    /// same SQL and the same answers on both stores.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        match &self.store {
+            StoreAt::Sqlite(_) => sqlite_rows(&self.db(), sql),
+            StoreAt::Postgres(url) => postgres_rows(url, sql),
+        }
+    }
+
+    /// The one row `sql` returns, its values as text.
+    pub fn row(&self, sql: &str) -> Vec<String> {
+        let rows = self.rows(sql);
+        assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+        rows[0]
+            .iter()
+            .map(|v| v.clone().unwrap_or_default())
+            .collect()
     }
 
     pub fn count(&self, sql: &str) -> i64 {
-        self.db().query_row(sql, [], |r| r.get(0)).expect("count")
+        self.row(sql)[0].parse().expect("a count")
     }
 
     /// Every file under the media directory, temporary ones included.
@@ -178,6 +288,45 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Option<String>>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = db.prepare(sql).expect("prepare");
+    let columns = stmt.column_count();
+    stmt.query_map([], |r| {
+        (0..columns)
+            .map(|i| {
+                Ok(match r.get_ref(i)? {
+                    ValueRef::Null => None,
+                    ValueRef::Integer(n) => Some(n.to_string()),
+                    ValueRef::Real(x) => Some(x.to_string()),
+                    ValueRef::Text(t) | ValueRef::Blob(t) => {
+                        Some(String::from_utf8_lossy(t).into_owned())
+                    }
+                })
+            })
+            .collect()
+    })
+    .and_then(|rows| rows.collect())
+    .expect("query")
+}
+
+pub fn postgres_rows(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    client
+        .simple_query(sql)
+        .expect("query")
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {

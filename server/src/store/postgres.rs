@@ -1,0 +1,342 @@
+//! The fleet's store: PostgreSQL through tokio-postgres and a deadpool pool, shared by
+//! several servers. Same tables, views and semantics as the SQLite store: the UNIQUE
+//! (device_id, idempotency_key) constraint decides in the insert itself; a racing
+//! duplicate's insert waits on the unique index for the original's commit, then does
+//! nothing and reads the original.
+//!
+//! Surviving the store: the pool checks a connection before handing it out again
+//! (`RecyclingMethod::Verified`) and opens new ones by itself when the server is back;
+//! connecting, waiting for a pooled connection and every statement are bounded (a
+//! server-side `statement_timeout` and a client-side bound for a server that hangs), and
+//! losing the server is [`StoreError::Unreachable`] (503 with `Retry-After`).
+//!
+//! No TLS yet (`NoTls`): a store on another host goes through a private network or a
+//! tunnel. The door is [`Manager::from_config`]'s `tls` argument.
+//!
+//! The URL may hold a password: only [`PostgresUrl::redacted`] is ever shown.
+
+use std::future::Future;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{NewPush, Store, StoreError, Stored};
+
+/// Versioned migrations, applied in order, each recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)];
+
+/// Serialises migrations across the servers sharing one database (any constant both
+/// agree on: "relais" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7265_6c61_6973;
+
+/// Connections per server: a push holds one for two short statements.
+const POOL_SIZE: usize = 16;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free connection before it gets a 503.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Enforced by the server on each statement (a lock wait, a slow disk).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enforced here, for a server that does not answer at all (stopped, partitioned).
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+const INSERT: &str = "INSERT INTO received (device_id, endpoint, idempotency_key, local_id,
+         body, body_sha256, media_path, media_size, media_sha256)
+     VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8, $9)
+     ON CONFLICT (device_id, idempotency_key) DO NOTHING
+     RETURNING id";
+const ORIGINAL: &str =
+    "SELECT id, body_sha256 FROM received WHERE device_id = $1 AND idempotency_key = $2";
+const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+     version BIGINT PRIMARY KEY, name TEXT NOT NULL,
+     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+const MIGRATION_DONE: &str = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)";
+const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)";
+
+/// A `postgres://` or `postgresql://` store URL. Its `Debug` is redacted, so a
+/// configuration printed whole does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    pub fn parse(url: &str) -> Option<PostgresUrl> {
+        (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            .then(|| PostgresUrl(url.to_string()))
+    }
+
+    /// The URL with its password (in the user part or a `password=` parameter)
+    /// replaced by `***`: what logs and errors show.
+    pub fn redacted(&self) -> String {
+        redact(&self.0)
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", self.redacted())
+    }
+}
+
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{user_info}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let path = match path.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => path.to_string(),
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// The redacted URL, for error lines.
+    target: String,
+}
+
+impl PostgresStore {
+    /// Builds the pool; connects lazily (the first use, e.g. [`Self::migrate`]).
+    pub fn open(url: &PostgresUrl) -> Result<PostgresStore, StoreError> {
+        let target = url.redacted();
+        // tokio-postgres names the option at fault, never its value.
+        let mut config = tokio_postgres::Config::from_str(&url.0)
+            .map_err(|e| StoreError::Failed(format!("{target}: {}", describe(&e))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("relais-server");
+        }
+        let options = format!(
+            "{} -c statement_timeout={}",
+            config.get_options().unwrap_or(""),
+            STATEMENT_TIMEOUT.as_millis()
+        );
+        config.options(options.trim_start());
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Failed(format!("{target}: pool: {e}")))?;
+        Ok(PostgresStore { pool, target })
+    }
+
+    /// Applies the migrations not applied yet; returns their versions. Each one runs in
+    /// its own transaction holding an advisory lock, so servers starting together apply
+    /// each migration once: the second waits, then finds it recorded.
+    pub async fn migrate(&self) -> Result<Vec<i64>, StoreError> {
+        let mut client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| self.error("migration", &e);
+        let mut applied = Vec::new();
+        for &(version, name, sql) in MIGRATIONS {
+            let tx = client.transaction().await.map_err(fail)?;
+            // A migration may legitimately take longer than a push's statement.
+            tx.batch_execute("SET LOCAL statement_timeout = 0")
+                .await
+                .map_err(fail)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(fail)?;
+            tx.batch_execute(CREATE_SCHEMA_MIGRATIONS)
+                .await
+                .map_err(fail)?;
+            let done: bool = tx
+                .query_one(MIGRATION_DONE, &[&version])
+                .await
+                .map_err(fail)?
+                .get(0);
+            if done {
+                continue;
+            }
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| self.error(&format!("migration {version} {name}"), &e))?;
+            tx.execute(RECORD_MIGRATION, &[&version, &name])
+                .await
+                .map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            applied.push(version);
+        }
+        Ok(applied)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    /// Runs `op` within [`OPERATION_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(OPERATION_TIMEOUT, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unreachable(format!(
+                    "{}: no answer within {}s",
+                    self.target,
+                    OPERATION_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    async fn insert(&self, p: &NewPush) -> Result<Stored, StoreError> {
+        let client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| self.error("push", &e);
+        let insert = client.prepare_cached(INSERT).await.map_err(fail)?;
+        let media = p.media.as_ref();
+        let inserted = client
+            .query_opt(
+                &insert,
+                &[
+                    &p.device_id,
+                    &p.endpoint,
+                    &p.idempotency_key,
+                    &p.local_id,
+                    &p.body,
+                    &p.body_sha256,
+                    &media.map(|m| &m.path),
+                    &media.map(|m| m.size as i64),
+                    &media.map(|m| &m.sha256),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        if let Some(row) = inserted {
+            return Ok(Stored::New(row.get(0)));
+        }
+        // Not inserted: the key is taken by a committed row (the insert waited for it).
+        let original = client.prepare_cached(ORIGINAL).await.map_err(fail)?;
+        let row = client
+            .query_one(&original, &[&p.device_id, &p.idempotency_key])
+            .await
+            .map_err(fail)?;
+        let (id, sha): (i64, String) = (row.get(0), row.get(1));
+        Ok(if sha == p.body_sha256 {
+            Stored::Replay(id)
+        } else {
+            Stored::Mismatch(id)
+        })
+    }
+
+    fn error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
+        let detail = format!("{} ({what}): {}", self.target, describe(e));
+        if is_unreachable(e) {
+            StoreError::Unreachable(detail)
+        } else {
+            StoreError::Failed(detail)
+        }
+    }
+
+    fn pool_error(&self, e: PoolError) -> StoreError {
+        match e {
+            PoolError::Backend(e) => self.error("connect", &e),
+            PoolError::Timeout(_) | PoolError::Closed => {
+                StoreError::Unreachable(format!("{}: no connection: {e}", self.target))
+            }
+            other => StoreError::Failed(format!("{}: pool: {other}", self.target)),
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
+        self.bounded(self.insert(&push)).await
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| self.error("ready", &e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// tokio-postgres' `Display` is its kind alone ("db error"); the cause says what.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// Whether `e` means the server is not there for now: a lost or refused connection, or
+/// the server shutting down, starting, out of connections or cancelling a statement
+/// that ran too long. Other database errors are failures (500).
+fn is_unreachable(e: &tokio_postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        return code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::QUERY_CANCELED,
+            ]
+            .contains(code);
+    }
+    e.is_closed() || std::error::Error::source(e).is_some_and(|cause| cause.is::<std::io::Error>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        let r = |u: &str| PostgresUrl::parse(u).expect("url").redacted();
+        assert_eq!(
+            r("postgres://relais:s3cret@db:5432/relais"),
+            "postgres://relais:***@db:5432/relais"
+        );
+        assert_eq!(r("postgresql://relais@db/x"), "postgresql://relais@db/x");
+        assert_eq!(
+            r("postgres://u:p%40ss@h/db?sslmode=disable&password=s3cret"),
+            "postgres://u:***@h/db?sslmode=disable&password=***"
+        );
+        assert_eq!(r("postgres://u:a@b@h"), "postgres://u:***@h");
+        let debug = format!("{:?}", PostgresUrl::parse("postgres://u:s3cret@h/d"));
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(PostgresUrl::parse("sqlite:x").is_none());
+    }
+}
