@@ -1,6 +1,7 @@
 //! Access against a real relais-server: tokens managed by the binary and stored hashed,
 //! a push needs its device's token, `/admin/` and `/metrics` an admin token, tokens never
-//! logged, and `--no-auth` opens everything with one warning.
+//! logged, and `--no-auth` opens everything with one warning; on both stores, the
+//! `token` commands included.
 
 mod common;
 
@@ -9,7 +10,19 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, client, event, get_as, media, pattern, post_as, sha256_hex, wait_for};
+use common::{
+    Server, StoreAt, StoreKind, client, event, get_as, media, pattern, post_as, sha256_hex,
+    wait_for,
+};
+
+common::on_both_stores!(
+    tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed,
+    a_push_needs_a_valid_device_token,
+    a_device_token_cannot_push_another_devices_rows,
+    admin_paths_need_an_admin_token,
+    tokens_never_reach_the_log_even_at_trace,
+    no_auth_opens_everything_with_one_warning,
+);
 
 /// POSTs an event for `device` with `token`; returns the status, the `WWW-Authenticate`
 /// header and the body.
@@ -31,9 +44,8 @@ fn push(server: &Server, token: Option<&str>, device: &str) -> (u16, Option<Stri
     (resp.status().as_u16(), challenge, body)
 }
 
-#[test]
-fn tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed() {
-    let server = Server::start_authenticated(&[], "info");
+fn tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
     let device = server.token(&["--device", "pi-1", "--note", "gate 3"]);
     let admin = server.token(&["--admin", "ops"]);
     assert_eq!(device.len(), 64, "{device}");
@@ -49,16 +61,15 @@ fn tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed() {
         "{before}"
     );
     assert!(lines[1].ends_with(" -"), "not revoked: {before}");
+    assert_eq!(common::shape(first[5]), "dddd-dd-ddTdd:dd:ddZ", "{before}");
     assert!(lines[2].starts_with("2   admin   -       ops"), "{before}");
     assert!(!before.contains(&device) && !before.contains(&admin));
-    let hashes: Vec<String> = server
-        .db()
-        .prepare("SELECT sha256 FROM tokens ORDER BY id")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .expect("hashes");
     assert_eq!(
-        hashes,
-        [sha256_hex(device.as_bytes()), sha256_hex(admin.as_bytes())]
+        server.rows("SELECT sha256 FROM tokens ORDER BY id"),
+        [
+            [Some(sha256_hex(device.as_bytes()))],
+            [Some(sha256_hex(admin.as_bytes()))]
+        ]
     );
 
     let revoked = server.cli(&["token", "revoke", "1"]);
@@ -77,18 +88,19 @@ fn tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed() {
     let neither = server.cli(&["token", "add"]);
     assert_eq!(neither.status.code(), Some(2), "{neither:?}");
 
-    for file in ["store.db", "store.db-wal"] {
-        let mode = std::fs::metadata(server.dir.join(file))
-            .expect(file)
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+    if let StoreAt::Sqlite(db) = &server.store {
+        for file in [db.clone(), db.with_extension("db-wal")] {
+            let mode = std::fs::metadata(&file)
+                .expect("store file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", file.display());
+        }
     }
 }
 
-#[test]
-fn a_push_needs_a_valid_device_token() {
-    let server = Server::start_authenticated(&[], "info");
+fn a_push_needs_a_valid_device_token(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
     let token = server.token(&["--device", "pi-1"]);
     let admin = server.token(&["--admin", "ops"]);
     let wrong = "0".repeat(64);
@@ -117,9 +129,8 @@ fn a_push_needs_a_valid_device_token() {
     assert_eq!(server.count("SELECT count(*) FROM received"), 1);
 }
 
-#[test]
-fn a_device_token_cannot_push_another_devices_rows() {
-    let server = Server::start_authenticated(&[], "info");
+fn a_device_token_cannot_push_another_devices_rows(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
     let token = server.token(&["--device", "pi-1"]);
     let agent = client();
     let blob = STANDARD.encode(pattern(200 * 1024, 3));
@@ -186,9 +197,8 @@ fn a_device_token_cannot_push_another_devices_rows() {
     );
 }
 
-#[test]
-fn admin_paths_need_an_admin_token() {
-    let server = Server::start_authenticated(&[], "info");
+fn admin_paths_need_an_admin_token(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
     let device = server.token(&["--device", "pi-1"]);
     let admin = server.token(&["--admin", "ops"]);
     let agent = client();
@@ -213,9 +223,8 @@ fn admin_paths_need_an_admin_token() {
     }
 }
 
-#[test]
-fn tokens_never_reach_the_log_even_at_trace() {
-    let server = Server::start_authenticated(&[], "trace");
+fn tokens_never_reach_the_log_even_at_trace(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "trace");
     let added = server.cli(&["token", "add", "--device", "pi-1"]);
     let device = String::from_utf8(added.stdout)
         .expect("utf-8")
@@ -245,9 +254,8 @@ fn tokens_never_reach_the_log_even_at_trace() {
     }
 }
 
-#[test]
-fn no_auth_opens_everything_with_one_warning() {
-    let server = Server::start();
+fn no_auth_opens_everything_with_one_warning(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let warnings = server
         .log_text()
         .lines()

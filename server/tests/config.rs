@@ -2,7 +2,7 @@
 //! sites and devices, `GET /config/{site_token}` serves them with the seed's hash (the
 //! one Python computes), an ETag and 304; every change that moves the hash moves
 //! `config_version` and `config_updated_at`, and one that does not leaves them; invalid
-//! bodies get 422 naming the member and store nothing.
+//! bodies get 422 naming the member and store nothing. Every case runs on both stores.
 
 mod common;
 
@@ -11,7 +11,19 @@ use std::process::{Command, Stdio};
 
 use miniserde::json::{Number, Value};
 
-use common::{Server, client};
+use common::{Server, StoreAt, StoreKind, client};
+
+common::on_both_stores!(
+    the_seed_example_is_served_with_the_hash_python_computes,
+    etag_304_and_an_unknown_token,
+    changes_move_the_version_and_identical_updates_do_not,
+    invalid_bodies_get_422_naming_the_member_and_store_nothing,
+    duplicates_conflict_and_unknown_ids_are_not_found,
+    the_seed_body_creates_a_device_and_a_generated_token_is_answered_once,
+    deleting_a_site_deletes_its_devices,
+    racing_changes_to_one_site_leave_its_version_equal_to_its_hash,
+    the_agent_pulls_the_configuration_then_gets_304,
+);
 
 /// The contract's example site token (at least 16 URL-safe characters).
 const TOKEN: &str = "paris-site-token-0123456789";
@@ -158,31 +170,30 @@ fn create_device(server: &Server, body: &str) -> Value {
     reply.json()
 }
 
-/// `config_version` and `config_updated_at` of a site, as stored.
+/// `config_version` and `config_updated_at` of a site, as the admin API answers them
+/// (PostgreSQL stores the time as a `timestamptz`; both stores answer the same text).
 fn version(server: &Server, site_id: i64) -> (String, String) {
-    server
-        .db()
-        .query_row(
-            "SELECT config_version, config_updated_at FROM sites WHERE id = ?1",
-            [site_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .expect("site row")
+    let reply = call(server, "GET", &format!("/admin/sites/{site_id}"), &[], "");
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let site = reply.json();
+    (
+        str_of(&site, "config_version").to_string(),
+        str_of(&site, "config_updated_at").to_string(),
+    )
 }
 
 /// Waits until the store's clock (milliseconds) has passed `stamp`, so that a change
 /// made now gets a later `config_updated_at` than the one before.
 fn after(server: &Server, stamp: &str) {
-    let now = || -> String {
-        server
-            .db()
-            .query_row(
-                "SELECT strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')",
-                [],
-                |r| r.get(0),
-            )
-            .expect("now")
+    // The store's clock in the format of `config_updated_at` (answered alike by both).
+    let sql = match server.store {
+        StoreAt::Sqlite(_) => "SELECT strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')",
+        StoreAt::Postgres(_) => {
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"+00:00\"')"
+        }
     };
+    let now = || server.row(sql)[0].clone();
     assert!(common::wait_for(std::time::Duration::from_secs(2), || now(
     )
     .as_str()
@@ -236,9 +247,8 @@ fn dumps(value: &Value) -> String {
     relais_wire::config_hash::python_dumps(value).expect("dumps")
 }
 
-#[test]
-fn the_seed_example_is_served_with_the_hash_python_computes() {
-    let server = Server::start();
+fn the_seed_example_is_served_with_the_hash_python_computes(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site = create_site(&server, PARIS_SITE);
     assert_eq!(str_of(&site, "config_version"), EMPTY_SITE_HASH);
     create_device(&server, &example_device(id_of(&site)));
@@ -260,11 +270,14 @@ fn the_seed_example_is_served_with_the_hash_python_computes() {
     let example: Value = miniserde::json::from_str(EXAMPLE_SERVED).expect("example");
     assert_eq!(dumps(&Value::Object(served)), dumps(&example));
     assert_eq!(version(&server, id_of(&site)).0, EXAMPLE_HASH);
+    assert_eq!(
+        server.row("SELECT config_version FROM sites"),
+        [EXAMPLE_HASH]
+    );
 }
 
-#[test]
-fn etag_304_and_an_unknown_token() {
-    let server = Server::start();
+fn etag_304_and_an_unknown_token(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site = create_site(&server, PARIS_SITE);
     create_device(&server, &example_device(id_of(&site)));
     let path = format!("/config/{TOKEN}");
@@ -286,7 +299,8 @@ fn etag_304_and_an_unknown_token() {
     assert!(str_of(&unknown.json(), "detail").starts_with("config: unknown site token"));
 
     assert!(
-        server.logged("route=/config/{site_token}"),
+        common::wait_for(std::time::Duration::from_secs(5), || server
+            .logged("route=/config/{site_token}")),
         "the request line is logged"
     );
     for secret in [TOKEN, "not-a-known-token-at-all"] {
@@ -294,13 +308,20 @@ fn etag_304_and_an_unknown_token() {
     }
 }
 
-#[test]
-fn changes_move_the_version_and_identical_updates_do_not() {
-    let server = Server::start();
+fn changes_move_the_version_and_identical_updates_do_not(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site = create_site(&server, PARIS_SITE);
     let site_id = id_of(&site);
     let empty = version(&server, site_id);
     assert_eq!(empty.0, EMPTY_SITE_HASH);
+    assert_eq!(
+        common::shape(&empty.1),
+        "dddd-dd-ddTdd:dd:dd.ddd+dd:dd",
+        "{}",
+        empty.1
+    );
+    assert!(empty.1.ends_with("+00:00"), "{}", empty.1);
+    assert_eq!(str_of(&site, "config_updated_at"), empty.1);
 
     after(&server, &empty.1);
     let device = create_device(&server, &example_device(site_id));
@@ -387,26 +408,22 @@ fn changes_move_the_version_and_identical_updates_do_not() {
     assert_eq!(server.count("SELECT count(*) FROM devices"), 0);
 }
 
-#[test]
-fn invalid_bodies_get_422_naming_the_member_and_store_nothing() {
-    let server = Server::start();
+fn invalid_bodies_get_422_naming_the_member_and_store_nothing(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site_id = id_of(&create_site(&server, PARIS_SITE));
     let device = create_device(&server, &example_device(site_id));
     let device_path = format!("/admin/devices/{}", id_of(&device));
     let before = version(&server, site_id);
+    // The same SQL on both stores (string_agg: SQLite 3.44 and later).
     let snapshot = || -> String {
-        server
-            .db()
-            .query_row(
-                "SELECT (SELECT group_concat(name || timezone || doubt_after_days || ok_interval_s
-                         || ko_interval_s, ',') FROM sites)
-                     || '|' || group_concat(ip || name || room || driver || driver_config
-                         || expectations, ',')
-                 FROM devices",
-                [],
-                |r| r.get(0),
-            )
-            .expect("snapshot")
+        server.row(
+            "SELECT (SELECT string_agg(name || timezone || doubt_after_days || ok_interval_s
+                     || ko_interval_s, ',') FROM sites)
+                 || '|' || string_agg(ip || name || room || driver || driver_config
+                     || expectations, ',')
+             FROM devices",
+        )[0]
+        .clone()
     };
     let kept = snapshot();
     let site_path = format!("/admin/sites/{site_id}");
@@ -608,9 +625,8 @@ fn invalid_bodies_get_422_naming_the_member_and_store_nothing() {
     );
 }
 
-#[test]
-fn duplicates_conflict_and_unknown_ids_are_not_found() {
-    let server = Server::start();
+fn duplicates_conflict_and_unknown_ids_are_not_found(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site_id = id_of(&create_site(&server, PARIS_SITE));
     create_device(&server, &example_device(site_id));
     let again = call(
@@ -664,9 +680,8 @@ fn duplicates_conflict_and_unknown_ids_are_not_found() {
     }
 }
 
-#[test]
-fn the_seed_body_creates_a_device_and_a_generated_token_is_answered_once() {
-    let server = Server::start();
+fn the_seed_body_creates_a_device_and_a_generated_token_is_answered_once(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let site = create_site(
         &server,
         r#"{"name": "Site Lyon", "timezone": "Europe/Paris"}"#,
@@ -683,11 +698,10 @@ fn the_seed_body_creates_a_device_and_a_generated_token_is_answered_once() {
         ("300".to_string(), "2".to_string()),
         "defaults"
     );
-    let stored: String = server
-        .db()
-        .query_row("SELECT token_sha256 FROM sites", [], |r| r.get(0))
-        .expect("site");
-    assert_eq!(stored, common::sha256_hex(token.as_bytes()));
+    assert_eq!(
+        server.row("SELECT token_sha256 FROM sites"),
+        [common::sha256_hex(token.as_bytes())]
+    );
     let read = call(&server, "GET", &format!("/admin/sites/{site_id}"), &[], "");
     assert_eq!(read.status, 200);
     assert!(
@@ -700,23 +714,11 @@ fn the_seed_body_creates_a_device_and_a_generated_token_is_answered_once() {
 
     let device = create_device(&server, &seed_device_body(site_id));
     assert_eq!(str_of(&device, "name"), "Projecteur B");
-    let row: (String, String, String, String) = server
-        .db()
-        .query_row(
-            "SELECT ip, building, type, json_extract(driver_config, '$.pjlink.password')
-             FROM devices",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .expect("device row");
     assert_eq!(
-        row,
-        (
-            "192.168.1.20".into(),
-            "Bâtiment B".into(),
-            "projector".into(),
-            "admin".into()
-        )
+        server.row(
+            "SELECT ip, building, type, driver_config -> 'pjlink' ->> 'password' FROM devices"
+        ),
+        ["192.168.1.20", "Bâtiment B", "projector", "admin"]
     );
     let listed = call(
         &server,
@@ -739,9 +741,8 @@ fn the_seed_body_creates_a_device_and_a_generated_token_is_answered_once() {
     );
 }
 
-#[test]
-fn deleting_a_site_deletes_its_devices() {
-    let server = Server::start();
+fn deleting_a_site_deletes_its_devices(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
     let paris = id_of(&create_site(&server, PARIS_SITE));
     let lyon = create_site(
         &server,
@@ -782,11 +783,62 @@ fn deleting_a_site_deletes_its_devices() {
     );
 }
 
-#[test]
-fn the_agent_pulls_the_configuration_then_gets_304() {
+/// 16 threads at once on one site: 8 create a device, 8 rename an existing one (each
+/// change recomputes the hash from the rows its transaction sees). A change computed
+/// from a snapshot missing another's would leave a version that is not the hash of the
+/// rows; a lock taken in two orders would deadlock (a 500).
+fn racing_changes_to_one_site_leave_its_version_equal_to_its_hash(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
+    let site_id = id_of(&create_site(&server, PARIS_SITE));
+    let existing: Vec<i64> = (0..8)
+        .map(|i| {
+            let body = example_device(site_id).replace("192.168.1.10", &format!("10.0.0.{i}"));
+            id_of(&create_device(&server, &body))
+        })
+        .collect();
+    let barrier = std::sync::Barrier::new(16);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (server, barrier, existing) = (&server, &barrier, &existing);
+                scope.spawn(move || {
+                    let (method, path, body) = if i % 2 == 0 {
+                        let ip = format!("10.0.1.{i}");
+                        let body = example_device(site_id).replace("192.168.1.10", &ip);
+                        ("POST", "/admin/devices".to_string(), body)
+                    } else {
+                        let id = existing[i / 2];
+                        let body = format!(r#"{{"name": "renamed {i}"}}"#);
+                        ("PUT", format!("/admin/devices/{id}"), body)
+                    };
+                    barrier.wait();
+                    let reply = call(server, method, &path, &[], &body);
+                    (reply.status, reply.text)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                let (status, text) = t.join().expect("thread");
+                assert!(status == 200 || status == 201, "{status}: {text}");
+                status
+            })
+            .collect()
+    });
+    assert_eq!(statuses.iter().filter(|&&s| s == 201).count(), 8);
+    assert_eq!(server.count("SELECT count(*) FROM devices"), 16);
+    assert_eq!(
+        server.count("SELECT count(*) FROM devices WHERE name LIKE 'renamed %'"),
+        8
+    );
+    assert_eq!(version(&server, site_id).0, served_hash(&server, TOKEN));
+}
+
+fn the_agent_pulls_the_configuration_then_gets_304(store: StoreKind) {
     use relais::pull::{PullOutcome, Puller};
 
-    let server = Server::start();
+    let server = Server::start_on(store, &[]);
     let site_id = id_of(&create_site(&server, PARIS_SITE));
     let device = create_device(&server, &example_device(site_id));
     let dir = common::scratch("pull");
@@ -816,7 +868,11 @@ fn the_agent_pulls_the_configuration_then_gets_304() {
     let not_modified = |server: &Server| server.logged("not_modified=true");
     assert!(!not_modified(&server));
     assert!(matches!(pull(), PullOutcome::Unchanged { hash } if hash == EXAMPLE_HASH));
-    assert!(not_modified(&server), "the second pull got a 304");
+    // The request line reaches the log (a pipe read by a thread) after the answer.
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(5), || not_modified(&server)),
+        "the second pull got a 304"
+    );
 
     let reply = call(
         &server,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, client, event, get_as, media, pattern, post_as, wait_for};
+use common::{Server, StoreKind, client, event, get_as, media, pattern, post_as, wait_for};
 
 /// Reads until the peer closes, or `timeout` passes without a byte. Returns what came
 /// and whether the peer closed.
@@ -156,7 +156,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_pushes_replays_and_errors_by_route_template() {
-    let server = Server::start_authenticated(&[], "info");
+    let server = Server::start_authenticated(StoreKind::Sqlite, &[], "info");
     let device = server.token(&["--device", "pi"]);
     let admin = server.token(&["--admin", "prometheus"]);
     let agent = client();

@@ -14,23 +14,46 @@
 //! tunnel. The door is [`Manager::from_config`]'s `tls` argument.
 //!
 //! The URL may hold a password: only [`PostgresUrl::redacted`] is ever shown.
+//!
+//! The configuration backend's queries are in [`site_config`]; the tokens' are here.
+//! Timestamps are `timestamptz` columns, answered in the text SQLite stores.
+
+mod site_config;
 
 use std::future::Future;
 use std::str::FromStr as _;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
-use super::{NewPush, Store, StoreError, Stored};
+use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
+use crate::site_config::{
+    Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
+};
 
 /// Versioned migrations, applied in order, each recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "config",
+        include_str!("../../migrations/postgres/0002_config.sql"),
+    ),
+    (
+        3,
+        "tokens",
+        include_str!("../../migrations/postgres/0003_tokens.sql"),
+    ),
+];
 
 /// Serialises migrations across the servers sharing one database (any constant both
 /// agree on: "relais" in ASCII).
@@ -58,6 +81,28 @@ const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrat
      applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 const MIGRATION_DONE: &str = "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)";
 const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)";
+
+/// A token's columns as [`token_row`] reads them, its times in SQLite's text
+/// (`2025-01-31T12:00:00Z`).
+macro_rules! token_columns {
+    () => {
+        "id, kind, device_id, note,
+         to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+         to_char(revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+    };
+}
+const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256)
+     VALUES ($1, $2, $3, $4)
+     RETURNING id";
+const LIST_TOKENS: &str = concat!("SELECT ", token_columns!(), " FROM tokens ORDER BY id");
+const FIND_TOKEN: &str = concat!(
+    "SELECT ",
+    token_columns!(),
+    " FROM tokens WHERE sha256 = $1 AND revoked_at IS NULL"
+);
+const REVOKE_TOKEN: &str =
+    "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL";
+const TOKEN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM tokens WHERE id = $1)";
 
 /// A `postgres://` or `postgresql://` store URL. Its `Debug` is redacted, so a
 /// configuration printed whole does not show the password.
@@ -272,11 +317,241 @@ impl PostgresStore {
             other => StoreError::Failed(format!("{}: pool: {other}", self.target)),
         }
     }
+
+    /// Runs `op` (`what` names it in its error line) within [`OPERATION_TIMEOUT`], its
+    /// database errors classified as [`Self::error`] does.
+    async fn run<T>(
+        &self,
+        what: &str,
+        op: impl Future<Output = Result<T, Fault>>,
+    ) -> Result<T, StoreError> {
+        self.bounded(async {
+            op.await.map_err(|fault| match fault {
+                Fault::Db(e) => self.error(what, &e),
+                Fault::Store(e) => e,
+            })
+        })
+        .await
+    }
+}
+
+/// Why an operation failed, before [`PostgresStore::run`] makes it a [`StoreError`]:
+/// lets the queries use `?` on database errors and store errors alike.
+enum Fault {
+    Db(tokio_postgres::Error),
+    /// Already classified: no connection, or a row that makes no sense.
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Fault {
+    fn from(e: tokio_postgres::Error) -> Fault {
+        Fault::Db(e)
+    }
+}
+
+impl From<StoreError> for Fault {
+    fn from(e: StoreError) -> Fault {
+        Fault::Store(e)
+    }
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// The first row of the named query `sql` (prepared once per connection), if any.
+async fn first(
+    c: &impl GenericClient,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = c.prepare_cached(sql).await?;
+    c.query_opt(&statement, params).await
+}
+
+async fn rows(
+    c: &impl GenericClient,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let statement = c.prepare_cached(sql).await?;
+    c.query(&statement, params).await
+}
+
+/// Runs the named statement `sql`; returns the number of rows it changed.
+async fn exec(
+    c: &impl GenericClient,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = c.prepare_cached(sql).await?;
+    c.execute(&statement, params).await
+}
+
+/// A row of [`LIST_TOKENS`] or [`FIND_TOKEN`].
+fn token_row(r: &Row) -> Result<TokenInfo, Fault> {
+    let kind: String = r.get(1);
+    let kind = TokenKind::parse(&kind).ok_or_else(|| {
+        Fault::Store(StoreError::Failed(format!(
+            "tokens.kind: unknown kind {kind:?}"
+        )))
+    })?;
+    Ok(TokenInfo {
+        id: r.get(0),
+        kind,
+        device_id: r.get(2),
+        note: r.get(3),
+        created_at: r.get(4),
+        revoked_at: r.get(5),
+    })
 }
 
 impl Store for PostgresStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
         self.bounded(self.insert(&push)).await
+    }
+
+    async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {
+        self.run("add token", async {
+            let client = self.client().await?;
+            let row = first(
+                &client,
+                INSERT_TOKEN,
+                &[
+                    &token.kind.as_str(),
+                    &token.device_id,
+                    &token.note,
+                    &token.sha256,
+                ],
+            )
+            .await?;
+            // RETURNING of a plain INSERT: one row, or an error.
+            let row =
+                row.ok_or_else(|| StoreError::Failed("tokens: insert answered no id".into()))?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        self.run("list tokens", async {
+            let client = self.client().await?;
+            rows(&client, LIST_TOKENS, &[])
+                .await?
+                .iter()
+                .map(token_row)
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: i64) -> Result<Revoked, StoreError> {
+        self.run("revoke token", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let revoked = if exec(&tx, REVOKE_TOKEN, &[&id]).await? == 1 {
+                Revoked::Now
+            } else {
+                let exists: bool = rows(&tx, TOKEN_EXISTS, &[&id]).await?[0].get(0);
+                if exists {
+                    Revoked::Already
+                } else {
+                    Revoked::NoSuchToken
+                }
+            };
+            tx.commit().await?;
+            Ok(revoked)
+        })
+        .await
+    }
+
+    async fn find_token(&self, sha256: String) -> Result<Option<TokenInfo>, StoreError> {
+        self.run("find token", async {
+            let client = self.client().await?;
+            first(&client, FIND_TOKEN, &[&sha256])
+                .await?
+                .map(|r| token_row(&r))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn site_config(
+        &self,
+        token_sha256: String,
+    ) -> Result<Option<(SiteFields, Vec<DeviceFields>)>, StoreError> {
+        self.run("site config", async {
+            site_config::site_config(&mut self.client().await?, &token_sha256).await
+        })
+        .await
+    }
+
+    async fn create_site(&self, site: NewSite) -> Outcome<Site> {
+        self.run("create site", async {
+            site_config::create_site(&self.client().await?, &site).await
+        })
+        .await
+    }
+
+    async fn sites(&self) -> Result<Vec<Site>, StoreError> {
+        self.run("sites", async {
+            site_config::sites(&self.client().await?).await
+        })
+        .await
+    }
+
+    async fn site(&self, id: i64) -> Outcome<Site> {
+        self.run("site", async {
+            site_config::site(&self.client().await?, id).await
+        })
+        .await
+    }
+
+    async fn update_site(&self, id: i64, patch: SitePatch) -> Outcome<Site> {
+        self.run("update site", async {
+            site_config::update_site(&mut self.client().await?, id, &patch).await
+        })
+        .await
+    }
+
+    async fn delete_site(&self, id: i64) -> Outcome<()> {
+        self.run("delete site", async {
+            site_config::delete_site(&self.client().await?, id).await
+        })
+        .await
+    }
+
+    async fn create_device(&self, device: NewDevice) -> Outcome<Device> {
+        self.run("create device", async {
+            site_config::create_device(&mut self.client().await?, &device).await
+        })
+        .await
+    }
+
+    async fn devices(&self, site_id: Option<i64>) -> Result<Vec<Device>, StoreError> {
+        self.run("devices", async {
+            site_config::devices(&self.client().await?, site_id).await
+        })
+        .await
+    }
+
+    async fn device(&self, id: i64) -> Outcome<Device> {
+        self.run("device", async {
+            site_config::device(&self.client().await?, id).await
+        })
+        .await
+    }
+
+    async fn update_device(&self, id: i64, patch: DevicePatch) -> Outcome<Device> {
+        self.run("update device", async {
+            site_config::update_device(&mut self.client().await?, id, &patch).await
+        })
+        .await
+    }
+
+    async fn delete_device(&self, id: i64) -> Outcome<()> {
+        self.run("delete device", async {
+            site_config::delete_device(&mut self.client().await?, id).await
+        })
+        .await
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

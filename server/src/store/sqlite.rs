@@ -61,8 +61,7 @@ impl SqliteStore {
     /// Opens (creating if needed, mode 0600: it holds the token hashes and every
     /// push) the database file; does not migrate.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        create_private(path)
-            .map_err(|e| StoreError::Failed(format!("{}: {e}", path.display())))?;
+        create_private(path).map_err(|e| StoreError::Failed(format!("{}: {e}", path.display())))?;
         let fail = |e: rusqlite::Error| StoreError::Failed(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(fail)?;
         // `PRAGMA journal_mode` answers with a row, so it is run as a query.

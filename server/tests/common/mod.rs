@@ -37,6 +37,14 @@ pub enum StoreAt {
 }
 
 impl StoreAt {
+    /// A new store of `kind`: a file in `dir`, or a new database in the cluster.
+    fn new(kind: StoreKind, dir: &Path) -> StoreAt {
+        match kind {
+            StoreKind::Sqlite => StoreAt::Sqlite(dir.join("store.db")),
+            StoreKind::Postgres(cluster) => StoreAt::Postgres(cluster.create_db()),
+        }
+    }
+
     pub fn url(&self) -> String {
         match self {
             StoreAt::Sqlite(path) => format!("sqlite:{}", path.display()),
@@ -89,25 +97,27 @@ impl Server {
     /// [`Server::start_at`]).
     pub fn start_on(kind: StoreKind, extra: &[&str]) -> Server {
         let dir = scratch("srv");
-        let store = match kind {
-            StoreKind::Sqlite => StoreAt::Sqlite(dir.join("store.db")),
-            StoreKind::Postgres(cluster) => StoreAt::Postgres(cluster.create_db()),
-        };
+        let store = StoreAt::new(kind, &dir);
         Server::spawn(dir, store, &[&["--no-auth"], extra].concat(), "info")
     }
 
-    /// Starts the binary with authentication (tokens: [`Server::token`]) on a SQLite
-    /// store, `extra` flags and `RUST_LOG=rust_log`.
-    pub fn start_authenticated(extra: &[&str], rust_log: &str) -> Server {
+    /// Starts the binary with authentication (tokens: [`Server::token`]) on a new store
+    /// of `kind`, `extra` flags and `RUST_LOG=rust_log`.
+    pub fn start_authenticated(kind: StoreKind, extra: &[&str], rust_log: &str) -> Server {
         let dir = scratch("srv");
-        let store = StoreAt::Sqlite(dir.join("store.db"));
+        let store = StoreAt::new(kind, &dir);
         Server::spawn(dir, store, extra, rust_log)
     }
 
     /// Starts the binary with `--no-auth`, a free port, `store` (given in DATABASE_URL,
     /// as a deployment would pass a password) and `extra` flags; waits until it listens.
     pub fn start_at(store: StoreAt, extra: &[&str]) -> Server {
-        Server::spawn(scratch("srv"), store, &[&["--no-auth"], extra].concat(), "info")
+        Server::spawn(
+            scratch("srv"),
+            store,
+            &[&["--no-auth"], extra].concat(),
+            "info",
+        )
     }
 
     fn spawn(dir: PathBuf, store: StoreAt, args: &[&str], rust_log: &str) -> Server {
@@ -155,11 +165,10 @@ impl Server {
         server
     }
 
-    /// Runs `relais-server --store <this server's store> args...` to its end.
+    /// Runs `relais-server args...` on this server's store (in DATABASE_URL) to its end.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_relais-server"))
-            .arg("--store")
-            .arg(format!("sqlite:{}", self.dir.join("store.db").display()))
+            .env("DATABASE_URL", self.store.url())
             .args(args)
             .env("RUST_LOG", "info")
             .output()
@@ -440,6 +449,13 @@ pub fn sha256_hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `text` with each ASCII digit replaced by `d`: the format of a timestamp, say.
+pub fn shape(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_digit() { 'd' } else { c })
         .collect()
 }
 
