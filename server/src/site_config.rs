@@ -16,7 +16,6 @@
 pub mod input;
 
 use miniserde::json::{Number, Object, Value};
-use sha2::{Digest as _, Sha256};
 
 use relais_wire::config_hash::{HashError, md5_hex, python_dumps};
 
@@ -202,14 +201,6 @@ pub fn served(site: &SiteFields, devices: &[DeviceFields]) -> Result<(String, St
         ("devices", Value::Array(devices.collect())),
     ]);
     Ok((hash, miniserde::json::to_string(&body)))
-}
-
-/// The SHA-256 (hex) of a site token, as stored and looked up.
-pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A site as the admin API answers it; `token` only in the answer that created it.

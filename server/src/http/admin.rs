@@ -5,8 +5,6 @@
 //! and moves the site's `config_version` in the same transaction as the change.
 //! Authentication is a layer on the `/admin/` prefix, not this module's concern.
 
-use std::io::Read as _;
-
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -19,9 +17,7 @@ use super::error::{Error, json_response};
 use crate::site_config::input::{self, Invalid};
 use crate::site_config::{self, NewSite};
 use crate::store::{Refused, Store};
-
-/// Bytes of a generated site token (hex in the answer: 64 characters).
-const TOKEN_BYTES: usize = 32;
+use crate::tokens;
 
 pub fn router<S: Store>() -> Router<App<S>> {
     Router::new()
@@ -45,11 +41,11 @@ async fn create_site<S: Store>(State(app): State<App<S>>, body: Bytes) -> Result
     let (fields, token) = input::new_site(text(&body)?)?;
     let token = match token {
         Some(token) => token,
-        None => new_token()?,
+        None => tokens::generate().map_err(Error::Internal)?,
     };
     let new = NewSite {
         fields,
-        token_sha256: site_config::token_sha256(&token),
+        token_sha256: tokens::sha256_hex(&token),
     };
     let site = app
         .store
@@ -253,17 +249,4 @@ fn query_member<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find_map(|(key, value)| (key == name).then_some(value))
-}
-
-/// A site token from the kernel's random source, in hex (URL-safe).
-fn new_token() -> Result<String, Error> {
-    let mut bytes = [0u8; TOKEN_BYTES];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| {
-            Error::Internal(format!(
-                "admin: cannot read /dev/urandom for a site token: {e}"
-            ))
-        })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -20,7 +20,7 @@ pub async fn config<S: Store>(
 ) -> Result<Response, Error> {
     let Some((site, devices)) = app
         .store
-        .site_config(site_config::token_sha256(&token))
+        .site_config(crate::tokens::sha256_hex(&token))
         .await?
     else {
         return Err(Error::Unauthorized(
