@@ -1,7 +1,7 @@
 //! The fault campaigns of issue 4: power cuts, lost answers, a backend without
 //! idempotency, a sick backend, an application that must keep working, hostile input,
-//! and the log file's cap. Each campaign runs the `relais` binary against the reference
-//! receiver, mostly through the fault-injecting proxy of `common`, then checks what
+//! and the log file's cap. Each campaign runs the `relais` binary against relais-server
+//! in-process, mostly through the fault-injecting proxy of `common`, then checks what
 //! arrived (every row once, identical bytes), the agent's tracking table and its state
 //! database.
 //!
@@ -14,7 +14,7 @@
 //!
 //! which exits non-zero on any loss, unexpected duplicate or failed check. Fault
 //! schedules are random; each campaign prints its seed, and `TORTURE_SEED=<n>` replays it.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -26,11 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Agent, AppWriter, DEVICE, FaultProxy, ProxyFault, Rng, Scratch, agent_env, cpu_time, integrity,
-    power_cut, relais_command, run_relais, send_signal, vm_hwm_kib, wait_exit, wait_for,
+    Agent, AppWriter, DEVICE, FaultProxy, ProxyFault, ReceivedRow, Receiver, Rng, Scratch,
+    agent_env, cpu_time, integrity, power_cut, relais_command, run_relais, send_signal, vm_hwm_kib,
+    wait_exit, wait_for,
 };
 use relais::demo::{Delivery, check_delivery, create_app_db, insert_events, insert_media};
-use relais::receiver::{ReceivedRow, Receiver, ReceiverOptions};
 use rusqlite::{Connection, OpenFlags};
 
 const KB: u64 = 1 << 10;
@@ -165,9 +165,7 @@ fn table(lines: &[Line]) -> String {
 // ---------------------------------------------------------------- helpers
 
 fn receiver(dir: &Scratch, idempotency: bool) -> Receiver {
-    let mut opts = ReceiverOptions::new(dir.join("receiver"));
-    opts.idempotency = idempotency;
-    Receiver::start(opts).expect("receiver starts")
+    Receiver::start_with(&dir.join("receiver"), idempotency)
 }
 
 /// A receiver and the fault-injecting proxy in front of it.

@@ -1,10 +1,11 @@
 //! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
 //! HTTP layer ([`http`]), the media directory ([`media`]) and the stores ([`store`]).
 //! The binary (`main.rs`) is a thin command line over [`open_store`] and [`serve`]; the
-//! agent's tests and demo start the same server in-process.
+//! agent's tests, demo and benchmarks start the same server in-process ([`embedded`]).
 
 pub mod cli;
 pub mod config;
+pub mod embedded;
 pub mod http;
 pub mod media;
 pub mod store;
@@ -25,10 +26,17 @@ pub fn open_store(config: &Config) -> Result<SqliteStore, String> {
     Ok(store)
 }
 
-pub fn serve(config: &Config) -> Result<(), String> {
+/// The router over the store and the media directory `config` names (both opened, the
+/// store migrated).
+pub fn open_router(config: &Config) -> Result<axum::Router, String> {
     let store = open_store(config)?;
     let media = media::MediaDir::open(&config.media_dir)
         .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
+    Ok(http::router(http::App { store, media }, config))
+}
+
+pub fn serve(config: &Config) -> Result<(), String> {
+    let router = open_router(config)?;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -36,7 +44,6 @@ pub fn serve(config: &Config) -> Result<(), String> {
             .map_err(|e| format!("listen: {}: {e}", config.listen))?;
         let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
         tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-        let router = http::router(http::App { store, media }, config);
         http::serve(
             listener,
             router,
