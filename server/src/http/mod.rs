@@ -35,6 +35,7 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready::<S>))
         .route("/api/{name}", post(push::push::<S>))
+        .fallback(not_found)
         .with_state(app)
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -50,6 +51,17 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
                 })
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
+}
+
+/// Unknown routes get their 404 once the request body is read (and dropped): hyper
+/// closes a connection whose request body was left unread, without a `Connection:
+/// close`, so a client's next request on it would fail (an agent with a wrong
+/// `BACKEND_URL` prefix would never see its three 404s in a row).
+async fn not_found(mut body: Body) -> error::Error {
+    use http_body_util::BodyExt as _;
+    // Streamed and bounded by the body size limit and the request timeout.
+    while let Some(Ok(_)) = body.frame().await {}
+    error::Error::Status(StatusCode::NOT_FOUND, "not found: no such endpoint".into())
 }
 
 /// Serves until `stop` completes (the binary passes [`shutdown_signal`]: SIGTERM or
