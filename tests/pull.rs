@@ -1,7 +1,8 @@
 //! Integration tests of the configuration pull: the tests' backend on 127.0.0.1
-//! (configurations served by tests/common/config_stub.rs until relais-server has them), real files, settings loaded as the agent loads them. Also the
-//! SIGKILL test of the atomic replacement, with the test binary re-running itself
-//! as the child that replaces the file in a loop.
+//! (configurations served by tests/common/config_stub.rs until relais-server has
+//! them), real files, settings loaded as the agent loads them. Also the SIGKILL test
+//! of the atomic replacement, with the test binary re-running itself as the child that
+//! replaces the file in a loop.
 #![cfg(feature = "demo")]
 
 mod common;

@@ -1,7 +1,7 @@
 //! Integration tests of the push engine, in process: real SQLite files, relais-server
-//! in-process on 127.0.0.1 behind the fault proxy (misbehaving on request), one `Pusher::sync_once` pass at a
-//! time. Every test asserts on what arrived at the receiver, on the agent's
-//! `sync_tracking` rows, or on both.
+//! in-process on 127.0.0.1 behind the fault proxy (misbehaving on request), one
+//! `Pusher::sync_once` pass at a time. Every test asserts on what arrived at the
+//! server, on the agent's `sync_tracking` rows, or on both.
 #![cfg(feature = "demo")]
 
 mod common;
