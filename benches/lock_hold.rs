@@ -3,14 +3,14 @@
 //! lock stalls the application's commits) and in WAL mode (where it does not).
 //!
 //! Run: `cargo bench --bench lock_hold`. Prints one line per case: the longest single
-//! hold and the whole upload's duration, against the reference receiver on loopback.
+//! hold and the whole upload's duration, against relais-server in-process on loopback.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use relais::demo::{create_app_db, insert_media, scratch_dir, settings_for};
-use relais::receiver::{Receiver, ReceiverOptions};
+use relais::received::EmbeddedServer;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -20,21 +20,20 @@ fn measure(size_mib: u64, chunk: u64, wal: bool) -> Result<(Duration, Duration),
     let conn = create_app_db(&db, wal).map_err(|e| e.to_string())?;
     insert_media(&conn, Some(size_mib * MIB)).map_err(|e| e.to_string())?;
     drop(conn);
-    let receiver =
-        Receiver::start(ReceiverOptions::new(dir.join("receiver"))).map_err(|e| e.to_string())?;
+    let server = EmbeddedServer::start(&dir.join("server"))?;
     let config = dir.join("relais.json");
     let chunk_setting = format!("{{\"blob_chunk_bytes\": {chunk}, \"log_dir\": \"-\"}}");
     std::fs::write(&config, chunk_setting).map_err(|e| e.to_string())?;
     let config_var = config.display().to_string();
     let settings = settings_for(
         &db,
-        &receiver.url(),
+        &server.url(),
         &dir,
         &[("RELAIS_CONFIG", config_var.as_str())],
     )?;
     let mut pusher = relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))?;
     let report = pusher.sync_once();
-    receiver.shutdown();
+    server.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
     let media = report
         .tables

@@ -13,10 +13,10 @@
 //!   overrides it). The baseline is `benches/baseline/sync_service.py` run by the
 //!   virtual environment `target/bench-venv/`, created and filled from
 //!   `benches/baseline/requirements.txt` on first use.
-//! - Both run as child processes against the reference receiver, started in this process
-//!   on loopback, with its data in /dev/shm (its own disk writes are not the agents').
-//!   Each measured run gets a fresh receiver, so that relais's idempotency keys never hit
-//!   a previous run's rows.
+//! - Both run as child processes against relais-server, started in this process on
+//!   loopback on its embedded store, with its data in /dev/shm (its own disk writes are
+//!   not the agents'). Each measured run gets a fresh server, so that relais's
+//!   idempotency keys never hit a previous run's rows.
 //! - Databases are generated once per figure with `relais::demo` and copied for each run
 //!   and agent; the baseline writes its `sync_tracking` into its copy, as the seed does.
 //!   Everything lives under `target/bench-push/` (a real disk: tmpfs would hide writes).
@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use miniserde::json::{Number, Value as Json};
 use relais::demo::{create_app_db, fill_pattern, insert_events, insert_media};
-use relais::receiver::{ReceivedRow, Receiver, ReceiverOptions};
+use relais::received::{self, EmbeddedServer as Receiver, ReceivedRow};
 use relais::tracking::Tracking;
 use rusqlite::{Connection, params};
 
@@ -116,11 +116,10 @@ impl Env {
         format!("{tag}-{n}")
     }
 
-    /// A fresh receiver with its data in a fresh directory.
+    /// A fresh relais-server with its data in a fresh directory.
     fn receiver(&self) -> Res<(Receiver, PathBuf)> {
         let dir = self.recv_root.join(self.unique("receiver"));
-        let r =
-            Receiver::start(ReceiverOptions::new(&dir)).map_err(|e| format!("receiver: {e}"))?;
+        let r = Receiver::start(&dir).map_err(|e| format!("relais-server: {e}"))?;
         Ok((r, dir))
     }
 
@@ -519,17 +518,16 @@ fn push_events(
     validate: bool,
 ) -> Res<Usage> {
     push_fresh(env, fixture, agent, "events", |receiver, db| {
-        let stats = receiver.stats();
-        if stats.stored != cfg.events as u64 {
+        let stored = received::stored(receiver)?;
+        if stored != cfg.events as u64 {
             return Err(format!(
-                "{}: {} events stored, {} expected",
+                "{}: {stored} events stored, {} expected",
                 agent.name(),
-                stats.stored,
                 cfg.events
             ));
         }
         if validate {
-            validate_events(&receiver.rows(), db, cfg.events)
+            validate_events(&received::rows(receiver)?, db, cfg.events)
                 .map_err(|e| format!("{}: {e}", agent.name()))?;
         }
         Ok(())
@@ -569,7 +567,7 @@ fn push_fresh(
 
 fn push_media(env: &Env, fixture: &Path, mib: u64, agent: Agent, validate: bool) -> Res<Usage> {
     push_fresh(env, fixture, agent, "media", |receiver, _| {
-        let rows = receiver.rows();
+        let rows = received::rows(receiver)?;
         if rows.len() != 1 || rows[0].blob_len != Some(mib * MIB) {
             return Err(format!("{}: media of {mib} MiB not received", agent.name()));
         }
@@ -1247,10 +1245,10 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         });
         idle_setups.push((n, setup));
     }
-    if receiver.stats().requests != 0 {
+    if receiver.requests() != 0 {
         return Err(format!(
             "a pass over already-synced rows sent {} requests: the prepared state is not what the agent expects",
-            receiver.stats().requests
+            receiver.requests()
         ));
     }
 
@@ -1275,7 +1273,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
             idle_runs_[i].push(r[i]);
         }
     }
-    if receiver.stats().requests != 0 {
+    if receiver.requests() != 0 {
         return Err("an idle agent sent requests".into());
     }
     drop(receiver);

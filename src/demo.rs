@@ -1,8 +1,8 @@
 //! `relais demo`: the agent's main job end to end on a fresh machine. It creates an
 //! application database with the contract's schema (events, and media including one
-//! large BLOB), starts the reference receiver on a free loopback port, runs one pass,
-//! checks that every row arrived exactly once with identical bytes, and runs a second
-//! pass that must push nothing.
+//! large BLOB), starts relais-server in-process on its embedded store and a free
+//! loopback port, runs one pass, checks that every row arrived exactly once with
+//! identical bytes, and runs a second pass that must push nothing.
 //!
 //! The database builders and the delivery check are public: the tests, the fault
 //! campaigns and the benchmarks use the same ones.
@@ -18,7 +18,7 @@ use miniserde::json::{Number, Value as Json};
 use rusqlite::{Connection, MAIN_DB};
 
 use crate::push::human_bytes;
-use crate::receiver::{ReceivedRow, Receiver, ReceiverOptions};
+use crate::received::{self, EmbeddedServer, ReceivedRow};
 use crate::settings::Settings;
 use crate::{daemon, logging};
 
@@ -123,7 +123,7 @@ impl Delivery {
     }
 }
 
-/// Checks that every event and media row of `db` arrived at the receiver once, with
+/// Checks that every event and media row of `db` arrived at the server once, with
 /// the contract's payload and identical BLOB bytes.
 pub fn check_delivery(
     db: &Path,
@@ -350,10 +350,14 @@ fn demo() -> Result<(), String> {
         insert_media(&conn, size).map_err(|e| e.to_string())?;
     }
     drop(conn);
-    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver")))
-        .map_err(|e| format!("start the receiver: {e}"))?;
-    println!("2. reference receiver listening on {}", receiver.url());
-    let settings = settings_for(&db, &receiver.url(), &dir, &[])?;
+    let server = EmbeddedServer::start(&dir.join("server"))
+        .map_err(|e| format!("start relais-server: {e}"))?;
+    println!(
+        "2. relais-server listening on {}, store {}",
+        server.url(),
+        server.store_path().display()
+    );
+    let settings = settings_for(&db, &server.url(), &dir, &[])?;
     if let Some(w) = logging::init(&settings.log) {
         log::warn!("{w}");
     }
@@ -361,7 +365,7 @@ fn demo() -> Result<(), String> {
     println!("3. one pass:");
     let report = pusher.sync_once();
     println!("   {report}");
-    let delivery = check_delivery(&db, &receiver.rows(), &settings.device_id)?;
+    let delivery = check_delivery(&db, &received::rows(&server)?, &settings.device_id)?;
     println!(
         "4. delivery check: {} rows expected, {} received, {} duplicates, {} missing, {} differing",
         delivery.expected,
@@ -378,94 +382,10 @@ fn demo() -> Result<(), String> {
     if second.pushed() != 0 {
         return Err("the second pass pushed rows again".into());
     }
-    demo_pull(&receiver, &db, &dir)?;
-    receiver.shutdown();
+    server.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "demo OK: every row arrived exactly once with identical bytes, and the configuration change was pulled"
-    );
+    println!("demo OK: every row arrived exactly once with identical bytes");
     Ok(())
-}
-
-const DEMO_TOKEN: &str = "demo-site-token";
-
-/// A configuration as the backend serves it (contract section 3), with `devices` devices.
-fn demo_config(devices: usize) -> String {
-    let list: Vec<String> = (0..devices)
-        .map(|i| {
-            format!(
-                r#"{{"ip": "192.168.1.{}", "name": "Projecteur {i}", "driver": "pjlink", "pjlink": {{"password": "admin", "port": 4352}}}}"#,
-                10 + i
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"site_name": "Site Paris", "timezone": "Europe/Paris", "devices": [{}]}}"#,
-        list.join(", ")
-    )
-}
-
-/// The configuration pull: a first pull writes the file, an unchanged configuration
-/// writes nothing, a change on the backend is pulled and replaces the file.
-fn demo_pull(receiver: &Receiver, db: &Path, dir: &Path) -> Result<(), String> {
-    use crate::pull::{PullOutcome, Puller};
-    let agent_config = dir.join("agent").join("config.json");
-    std::fs::create_dir_all(dir.join("agent")).map_err(|e| e.to_string())?;
-    let path = agent_config.display().to_string();
-    let settings = settings_for(
-        db,
-        &receiver.url(),
-        dir,
-        &[("SITE_TOKEN", DEMO_TOKEN), ("AGENT_CONFIG", path.as_str())],
-    )?;
-    settings.register_secrets();
-    let first_hash = receiver.set_config(DEMO_TOKEN, &demo_config(2))?;
-    let mut puller = Puller::new(&settings)?;
-    let steps = [
-        ("first pull", None),
-        ("pull again, nothing changed", None),
-        (
-            "backend configuration changed (3 devices), pull",
-            Some(demo_config(3)),
-        ),
-    ];
-    println!("6. configuration pull into {path}:");
-    let mut outcomes = Vec::new();
-    for (what, change) in steps {
-        if let Some(config) = change {
-            receiver.set_config(DEMO_TOKEN, &config)?;
-        }
-        let outcome = puller.pull_once();
-        println!("   {what}: {}", describe_pull(&outcome));
-        outcomes.push(outcome);
-    }
-    let on_disk = std::fs::read_to_string(&agent_config).map_err(|e| format!("{path}: {e}"))?;
-    match outcomes.as_slice() {
-        [
-            PullOutcome::Updated { new_hash, .. },
-            PullOutcome::Unchanged { .. },
-            PullOutcome::Updated { devices: 3, .. },
-        ] if *new_hash == first_hash && on_disk.contains("Projecteur 2") => Ok(()),
-        other => Err(format!("unexpected configuration pull outcomes: {other:?}")),
-    }
-}
-
-fn describe_pull(outcome: &crate::pull::PullOutcome) -> String {
-    use crate::pull::PullOutcome;
-    match outcome {
-        PullOutcome::Unchanged { hash } => format!("up to date (hash {hash}), file not rewritten"),
-        PullOutcome::Updated {
-            old_hash,
-            new_hash,
-            devices,
-        } => {
-            format!(
-                "changed {} -> {new_hash}, {devices} devices, file replaced atomically",
-                old_hash.as_deref().unwrap_or("(none)")
-            )
-        }
-        PullOutcome::Failed(e) => format!("FAILED: {e}"),
-    }
 }
 
 /// A scratch directory for tests and benchmarks, unique within the process; removed by

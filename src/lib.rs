@@ -44,7 +44,7 @@ pub mod transport;
 /// The configuration hash lives with the wire format both ends share.
 pub use relais_wire::config_hash;
 
-#[cfg(feature = "receiver")]
+#[cfg(feature = "demo")]
 pub mod demo;
-#[cfg(feature = "receiver")]
-pub mod receiver;
+#[cfg(feature = "demo")]
+pub mod received;

@@ -18,13 +18,14 @@ commands:
   reconcile      queue every row below the high-water mark that was never sent
   forget SOURCE  close out the unsynced rows of a source whose file is gone
   state reset    move the state database aside (relais.db.bad-<time>) and start afresh
-  demo           push a generated database to a local receiver and check every byte
-  receiver       run the reference receiver (development builds)
+  demo           push a generated database to relais-server in-process, check every byte
   help, --help   print this text
   --version      print the version
 
 Settings come from the environment (LOCAL_DB_PATH, BACKEND_URL, SYNC_INTERVAL_MINUTES,
-DEVICE_ID, SYNC_MODE, ...) and the optional JSON file given by --config or RELAIS_CONFIG.";
+DEVICE_ID, SYNC_MODE, ...) and the optional JSON file given by --config or RELAIS_CONFIG.
+A backend for a development machine: relais-server --no-auth (cargo run -p relais-server
+-- --no-auth --listen 127.0.0.1:8000).";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,9 +57,6 @@ fn run(args: &[String]) -> i32 {
     if command == "help" {
         println!("{USAGE}");
         return EXIT_OK;
-    }
-    if command == "receiver" {
-        return receiver(&rest[1..]);
     }
     if command == "demo" {
         return demo();
@@ -197,22 +195,12 @@ fn usage_error(problem: &str) -> i32 {
     EXIT_CONFIG
 }
 
-#[cfg(feature = "receiver")]
-fn receiver(args: &[String]) -> i32 {
-    relais::receiver::run_cli(args)
-}
-
-#[cfg(feature = "receiver")]
+#[cfg(feature = "demo")]
 fn demo() -> i32 {
     relais::demo::run()
 }
 
-#[cfg(not(feature = "receiver"))]
-fn receiver(_: &[String]) -> i32 {
-    usage_error("this is a device build: the reference receiver is not included")
-}
-
-#[cfg(not(feature = "receiver"))]
+#[cfg(not(feature = "demo"))]
 fn demo() -> i32 {
     usage_error("this is a device build: the demo is not included")
 }

@@ -2,16 +2,17 @@
 //! agent writes (its output, its log files, its state) at trace level, even split across
 //! lines or as hex; a symbolic link planted at a temporary file's old name is never
 //! followed; a log file deleted or moved away is opened again.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Scratch, agent_env, run_relais, send_signal, spawn_relais, wait_exit, wait_for};
+use common::{
+    Receiver, Scratch, agent_env, run_relais, send_signal, spawn_relais, wait_exit, wait_for,
+};
 use relais::demo::{create_app_db, insert_events, insert_media};
-use relais::receiver::{Receiver, ReceiverOptions};
 
 const PASS: Duration = Duration::from_secs(30);
 // Random-looking, so that no window of them occurs in a log by chance.
@@ -22,7 +23,7 @@ const CONFIG: &str = r#"{"site_name": "Site Secret", "timezone": "Europe/Paris",
  "reporting": {"ok_interval_s": 300, "ko_interval_s": 60}, "devices": []}"#;
 
 fn receiver(dir: &Scratch) -> Receiver {
-    let rx = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver");
+    let rx = Receiver::start(&dir.join("receiver"));
     rx.set_config(SITE_TOKEN, CONFIG).expect("set config");
     rx
 }

@@ -1,10 +1,10 @@
-//! What the operator sees, with the `relais` binary as a child process against the
-//! reference receiver (through the fault proxy where the receiver cannot misbehave the
-//! right way): a wrong URL prefix and a redirect on every row are one error line, not a
+//! What the operator sees, with the `relais` binary as a child process against
+//! relais-server in-process (through a second fault proxy where the test's own policy
+//! decides): a wrong URL prefix and a redirect on every row are one error line, not a
 //! warning per row, and their rows are sent as soon as the settings are right;
 //! `relais status` lists failed rows with their reason and next attempt, and says how
 //! many it did not list; a 2xx with an HTML page is worth a warning.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,17 +12,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    DEVICE, FaultProxy, ProxyFault, Scratch, agent_env, run_relais, tracking_rows, unix_now,
+    DEVICE, FaultProxy, ProxyFault, Receiver, Scratch, agent_env, run_relais, tracking_rows,
+    unix_now,
 };
 use miniserde::json::Value as Json;
 use relais::demo::{check_delivery, create_app_db, insert_events};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
 use rusqlite::types::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn receiver(dir: &Scratch) -> Receiver {
-    Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver starts")
+    Receiver::start(&dir.join("receiver"))
 }
 
 /// An application database with `events` events and no media.
@@ -143,7 +143,7 @@ fn rows_rejected_for_an_hour_are_sent_at_once_when_the_backend_url_changes() {
     let dir = Scratch::new("view-fingerprint");
     let db = app(&dir, 2);
     let rx = receiver(&dir);
-    rx.push_fault(Fault::Status(422, None));
+    rx.push_fault(ProxyFault::Status(422, None));
     let (code, log) = once(&db, &rx.url(), &dir);
     assert_eq!(code, Some(1), "{log}");
     let failed = tracking_rows(&dir.state_db());
@@ -167,7 +167,7 @@ fn status_lists_failed_rows_with_reason_and_next_attempt_and_says_how_many_more(
     let db = app(&dir, 12);
     let rx = receiver(&dir);
     for _ in 0..12 {
-        rx.push_fault(Fault::Status(422, None));
+        rx.push_fault(ProxyFault::Status(422, None));
     }
     let (code, log) = once(&db, &rx.url(), &dir);
     assert_eq!(code, Some(1), "{log}");
@@ -228,7 +228,7 @@ fn an_html_page_for_an_answer_is_a_warning_once_per_pass() {
     let db = app(&dir, 3);
     let rx = receiver(&dir);
     for _ in 0..3 {
-        rx.push_fault(Fault::HtmlOk);
+        rx.push_fault(ProxyFault::HtmlCreated);
     }
     let (code, log) = once(&db, &rx.url(), &dir);
     assert_eq!(code, Some(0), "success by the contract:\n{log}");
@@ -250,7 +250,7 @@ fn status_counts_the_media_never_read_after_an_early_stop() {
     let db = app(&dir, 2);
     relais::demo::insert_media(&rusqlite::Connection::open(&db).unwrap(), Some(1024)).unwrap();
     let rx = receiver(&dir);
-    rx.push_fault(Fault::Status(503, None));
+    rx.push_fault(ProxyFault::Status(503, None));
     let (code, log) = once(&db, &rx.url(), &dir);
     assert_eq!(code, Some(1), "{log}");
     let text = status(&db, &rx.url(), &dir, false);

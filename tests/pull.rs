@@ -1,8 +1,9 @@
-//! Integration tests of the configuration pull: a real reference receiver on
-//! 127.0.0.1, real files, settings loaded as the agent loads them. Also the
-//! SIGKILL test of the atomic replacement, with the test binary re-running itself
-//! as the child that replaces the file in a loop.
-#![cfg(feature = "receiver")]
+//! Integration tests of the configuration pull: the tests' backend on 127.0.0.1
+//! (configurations served by tests/common/config_stub.rs until relais-server has
+//! them), real files, settings loaded as the agent loads them. Also the SIGKILL test
+//! of the atomic replacement, with the test binary re-running itself as the child that
+//! replaces the file in a loop.
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -14,11 +15,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use common::Scratch;
+use common::{ConfigFault, Receiver, Scratch};
 use miniserde::json::Value;
 use relais::atomic_file;
 use relais::pull::{self, PullError, PullOutcome, PullWake, Puller, SyncStatus};
-use relais::receiver::{ConfigFault, Receiver, ReceiverOptions};
 use relais::settings::Settings;
 
 // ---------------------------------------------------------------- helpers
@@ -100,7 +100,7 @@ impl Fixture {
     fn new() -> Fixture {
         logs();
         let dir = Scratch::new("pull-agent");
-        let rx = Receiver::start(ReceiverOptions::new(dir.0.join("receiver"))).expect("receiver");
+        let rx = Receiver::start(&dir.0.join("receiver"));
         let token = format!(
             "site-token-{}-{}",
             std::process::id(),
@@ -224,54 +224,6 @@ fn mode(path: &Path) -> u32 {
 fn identity(path: &Path) -> (u64, i64, i64) {
     let m = std::fs::metadata(path).expect("metadata");
     (m.ino(), m.mtime(), m.mtime_nsec())
-}
-
-// ---------------------------------------------------------------- receiver
-
-#[test]
-fn receiver_serves_etag_304_and_401() {
-    let fx = Fixture::new();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let url = format!("{}/config/{}", fx.rx.url(), fx.token);
-    let mut put = agent.put(&url).send(site("A", 1).as_bytes()).expect("put");
-    assert_eq!(put.status().as_u16(), 200);
-    let put_body = put.body_mut().read_to_string().expect("put body");
-    let hash = fx.set(&site("A", 1));
-    assert!(put_body.contains(&hash), "{put_body}");
-
-    let mut got = agent.get(&url).call().expect("get");
-    assert_eq!(got.status().as_u16(), 200);
-    let etag = got.headers().get("etag").and_then(|v| v.to_str().ok());
-    assert_eq!(etag, Some(format!("\"{hash}\"").as_str()));
-    let body = got.body_mut().read_to_string().expect("body");
-    assert!(
-        body.starts_with(&format!("{{\"config_hash\": \"{hash}\", ")),
-        "{body}"
-    );
-    // The served object minus its hash hashes to the hash, as the backend computes it.
-    let value: Value = miniserde::json::from_str(&body).expect("json");
-    assert_eq!(relais::config_hash::config_hash(&value), Ok(hash.clone()));
-
-    let not_modified = agent
-        .get(&url)
-        .header("If-None-Match", format!("\"{hash}\""))
-        .call()
-        .expect("get");
-    assert_eq!(not_modified.status().as_u16(), 304);
-
-    let mut unknown = agent
-        .get(format!("{}/config/nobody", fx.rx.url()))
-        .call()
-        .expect("get");
-    assert_eq!(unknown.status().as_u16(), 401);
-    let detail = unknown.body_mut().read_to_string().expect("body");
-    assert!(detail.contains("unknown site token"), "{detail}");
-
-    let bad = agent.put(&url).send(&b"[1, 2]"[..]).expect("put");
-    assert_eq!(bad.status().as_u16(), 422);
 }
 
 // ---------------------------------------------------------------- pulling

@@ -2,7 +2,7 @@
 //! that trickles its answer is cut at `config_pull_timeout_s`, a pull asked for while
 //! one runs says so, and a failed or interrupted `on_config_change` hook stays due
 //! until it succeeds (exit code, `relais status`, the next start).
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{Scratch, agent_env, run_relais, send_signal, spawn_logged, wait_exit, wait_for};
+use common::{
+    Receiver, Scratch, agent_env, run_relais, send_signal, spawn_logged, wait_exit, wait_for,
+};
 use miniserde::json::Value;
 use relais::demo::create_app_db;
-use relais::receiver::{Receiver, ReceiverOptions};
 
 const TOKEN: &str = "site-token-pull-process";
 const CONFIG: &str = r#"{"site_name": "Site Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur", "pjlink": {"password": "admin"}}]}"#;
@@ -325,7 +326,7 @@ fn hook_agent(tag: &str, slow: bool) -> AgentDir {
 #[test]
 fn a_failed_hook_fails_once_shows_in_status_and_runs_again_unchanged() {
     let dir = Scratch::new("pull-hook-receiver");
-    let rx = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver");
+    let rx = Receiver::start(&dir.join("receiver"));
     let hash = rx.set_config(TOKEN, CONFIG).expect("set config");
     let agent = hook_agent("pull-hook-fails", false);
 
@@ -368,7 +369,7 @@ fn a_failed_hook_fails_once_shows_in_status_and_runs_again_unchanged() {
 #[test]
 fn a_hook_cut_by_sigkill_runs_at_the_next_start() {
     let dir = Scratch::new("pull-hook-kill-receiver");
-    let rx = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver");
+    let rx = Receiver::start(&dir.join("receiver"));
     let hash = rx.set_config(TOKEN, CONFIG).expect("set config");
     let agent = hook_agent("pull-hook-kill", true);
     let pid_file = agent.dir.join("hook.pid");

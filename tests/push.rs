@@ -1,8 +1,8 @@
-//! Integration tests of the push engine, in process: real SQLite files, the reference
-//! receiver on 127.0.0.1 (misbehaving on request), one `Pusher::sync_once` pass at a
-//! time. Every test asserts on what arrived at the receiver, on the agent's
-//! `sync_tracking` rows, or on both.
-#![cfg(feature = "receiver")]
+//! Integration tests of the push engine, in process: real SQLite files, relais-server
+//! in-process on 127.0.0.1 behind the fault proxy (misbehaving on request), one
+//! `Pusher::sync_once` pass at a time. Every test asserts on what arrived at the
+//! server, on the agent's `sync_tracking` rows, or on both.
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,10 +12,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use common::{DEVICE, Scratch, TrackRow, tracked, tracking_rows, unix_now};
+use common::{
+    DEVICE, ProxyFault, ReceivedRow, Receiver, Scratch, TrackRow, tracked, tracking_rows, unix_now,
+};
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media, settings_for};
 use relais::push::{CycleReport, Interruption, Pusher};
-use relais::receiver::{Fault, ReceivedRow, Receiver, ReceiverOptions};
 use relais::settings::Settings;
 use rusqlite::Connection;
 use rusqlite::types::Value;
@@ -76,9 +77,7 @@ fn app(tag: &str, events: usize, media: &[Option<u64>]) -> (Scratch, PathBuf) {
 }
 
 fn receiver(dir: &Scratch, idempotency: bool) -> Receiver {
-    let mut opts = ReceiverOptions::new(dir.join("receiver"));
-    opts.idempotency = idempotency;
-    Receiver::start(opts).expect("receiver starts")
+    Receiver::start_with(&dir.join("receiver"), idempotency)
 }
 
 fn settings(db: &Path, url: &str, dir: &Scratch, extra: &[(&str, &str)]) -> Settings {
@@ -93,7 +92,7 @@ fn pusher(settings: &Settings) -> Pusher {
 fn with_fault(
     dir: &Scratch,
     db: &Path,
-    fault: Fault,
+    fault: ProxyFault,
     extra: &[(&str, &str)],
 ) -> (Receiver, Pusher) {
     let rx = receiver(dir, true);
@@ -265,7 +264,7 @@ fn server_down_stops_at_the_first_row_then_everything_arrives_once() {
 #[test]
 fn server_error_500_stops_the_pass_and_the_row_is_retried_next_pass() {
     let (dir, db) = app("status-500", 3, &[]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(500, None), &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::Status(500, None), &[]);
 
     let (first, retry_after) = interrupted_pass(&mut p, "500");
     assert_eq!(retry_after, None);
@@ -288,7 +287,7 @@ fn server_error_500_stops_the_pass_and_the_row_is_retried_next_pass() {
 #[test]
 fn too_many_requests_429_honours_retry_after() {
     let (dir, db) = app("status-429", 2, &[]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(429, Some(7)), &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::Status(429, Some(7)), &[]);
     let (first, retry_after) = interrupted_pass(&mut p, "429");
     assert_eq!(retry_after, Some(Duration::from_secs(7)));
     assert_eq!(first.failed(), 1);
@@ -301,7 +300,7 @@ fn too_many_requests_429_honours_retry_after() {
 #[test]
 fn rejected_422_fails_one_row_the_pass_goes_on_and_retry_failed_makes_it_due() {
     let (dir, db) = app("status-422", 3, &[]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(422, None), &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::Status(422, None), &[]);
 
     let before = unix_now();
     let first = p.sync_once();
@@ -339,7 +338,7 @@ fn rejected_422_fails_one_row_the_pass_goes_on_and_retry_failed_makes_it_due() {
 #[test]
 fn html_answer_is_a_success_without_remote_id() {
     let (dir, db) = app("html-ok", 2, &[]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::HtmlOk, &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::HtmlCreated, &[]);
     let report = p.sync_once();
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.pushed(), 2);
@@ -353,7 +352,7 @@ fn html_answer_is_a_success_without_remote_id() {
 #[test]
 fn unauthorized_401_is_transient() {
     let (dir, db) = app("status-401", 2, &[]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::Status(401, None), &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::Status(401, None), &[]);
     let (first, _) = interrupted_pass(&mut p, "credentials");
     assert_eq!(first.failed(), 1);
     let row = tracked(&dir.state_db(), "evenement", 1).unwrap();
@@ -368,7 +367,7 @@ fn unauthorized_401_is_transient() {
 #[test]
 fn lost_answer_is_resent_under_the_same_key_and_stored_once() {
     let (dir, db) = app("lost-answer", 1, &[Some(100 * 1024)]);
-    let (rx, mut p) = with_fault(&dir, &db, Fault::LoseAnswer, &[]);
+    let (rx, mut p) = with_fault(&dir, &db, ProxyFault::LoseAnswer, &[]);
 
     let first = p.sync_once();
     backend_interruption(&first);
@@ -391,7 +390,7 @@ fn lost_answer_is_resent_under_the_same_key_and_stored_once() {
 fn lost_answer_without_idempotency_gives_exactly_one_duplicate() {
     let (dir, db) = app("lost-answer-dup", 3, &[]);
     let rx = receiver(&dir, false);
-    rx.push_fault(Fault::LoseAnswer);
+    rx.push_fault(ProxyFault::LoseAnswer);
     let mut p = pusher(&settings(&db, &rx.url(), &dir, &[]));
     p.sync_once();
     let second = p.sync_once();
@@ -745,7 +744,7 @@ fn notes_pusher(dir: &Scratch, db: &Path, extra: &str) -> (Receiver, Pusher) {
     with_fault(
         dir,
         db,
-        Fault::Status(503, None),
+        ProxyFault::Status(503, None),
         &[("RELAIS_CONFIG", &config)],
     )
 }

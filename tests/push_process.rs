@@ -3,7 +3,7 @@
 //! and WAL), a row deleted or changed mid-upload, SIGTERM mid-upload, exit codes.
 //! Uploads that must last a while go through a throttling proxy; every wait is on a
 //! condition with a deadline.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -13,17 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEVICE, Proxy, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged, tracked,
-    vm_hwm_kib, wait_exit, wait_for,
+    DEVICE, Proxy, ProxyFault, Receiver, Scratch, agent_env, log_text, run_relais, send_signal,
+    spawn_logged, tracked, vm_hwm_kib, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
 use rusqlite::Connection;
 
 const MB: u64 = 1 << 20;
 
 fn receiver(dir: &Scratch) -> Receiver {
-    Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver starts")
+    Receiver::start(&dir.join("receiver"))
 }
 
 /// An application database with one media row of `blob` bytes and `events` events.
@@ -329,7 +328,7 @@ fn once_exits_0_when_everything_is_pushed_and_1_when_a_row_fails() {
     assert!(check_delivery(&db, &rx.rows(), DEVICE).unwrap().is_exact());
 
     insert_events(&Connection::open(&db).unwrap(), 1).unwrap();
-    rx.push_fault(Fault::Status(422, None));
+    rx.push_fault(ProxyFault::Status(422, None));
     let out = run_relais(&["once"], &vars, Duration::from_secs(30));
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{log}");

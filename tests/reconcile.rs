@@ -2,8 +2,8 @@
 //! vanished: the reconciliation sweep (`relais reconcile`, the slow clock, `once`), the
 //! warning for a table whose highest id went down, ids that are both an integer and a
 //! text, respelled and renamed source files, `relais forget`. Every test asserts on what
-//! the reference receiver stored and on the agent's `sync_tracking` rows.
-#![cfg(feature = "receiver")]
+//! relais-server stored and on the agent's `sync_tracking` rows.
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,17 +12,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::{DEVICE, Scratch, agent_env, run_relais, tracking_rows};
+use common::{DEVICE, Receiver, Scratch, agent_env, run_relais, tracking_rows};
 use relais::demo::{check_delivery, create_app_db, insert_events, settings_for};
 use relais::push::Pusher;
-use relais::receiver::{Receiver, ReceiverOptions};
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
 const PASS: Duration = Duration::from_secs(30);
 
 fn receiver(dir: &Scratch) -> Receiver {
-    Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver starts")
+    Receiver::start(&dir.join("receiver"))
 }
 
 fn pusher(db: &str, url: &str, dir: &Scratch, extra: &[(&str, &str)]) -> Pusher {

@@ -1,16 +1,17 @@
 //! SIGHUP to `relais run`: the configuration file is read again and applied from the next
 //! pass, the configuration pull restarted with it; an invalid file keeps the settings in
-//! use. A real agent, the reference receiver, the log file.
-#![cfg(feature = "receiver")]
+//! use. A real agent, relais-server in-process, the log file.
+#![cfg(feature = "demo")]
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Scratch, agent_env, drain, log_text, send_signal, spawn_logged, wait_exit, wait_for};
+use common::{
+    Receiver, Scratch, agent_env, drain, log_text, send_signal, spawn_logged, wait_exit, wait_for,
+};
 use relais::demo::{create_app_db, insert_events, insert_media};
-use relais::receiver::{Receiver, ReceiverOptions};
 use relais::settings::DEFAULT_EVENT_QUERY;
 
 const TOKEN: &str = "site-token-reload";
@@ -45,7 +46,7 @@ fn sighup_reloads_the_configuration_file_and_keeps_the_old_one_when_invalid() {
     insert_events(&app, 5).unwrap();
     insert_media(&app, Some(3000)).unwrap();
     insert_media(&app, Some(5000)).unwrap();
-    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).unwrap();
+    let receiver = Receiver::start(&dir.join("receiver"));
     receiver.set_config(TOKEN, CONFIG).unwrap();
 
     // First the events alone, the pulled configuration written to a.json.

@@ -6,9 +6,11 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{Scratch, agent_env, drain, log_text, send_signal, spawn_logged, wait_exit, wait_for};
+use common::{
+    ConfigFault, Receiver, Scratch, agent_env, drain, log_text, send_signal, spawn_logged,
+    wait_exit, wait_for,
+};
 use relais::demo::{create_app_db, insert_events};
-use relais::receiver::{ConfigFault, Receiver, ReceiverOptions};
 
 const TOKEN: &str = "site-token-1234";
 const CONFIG: &str = r#"{"site_name": "Site Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur", "pjlink": {"password": "admin"}}]}"#;
@@ -18,7 +20,7 @@ fn a_hanging_config_endpoint_never_stalls_the_push_and_sigusr1_pulls_now() {
     let dir = Scratch::new("run-loop");
     let db = dir.join("surveillance.db");
     let app = create_app_db(&db, false).unwrap();
-    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).unwrap();
+    let receiver = Receiver::start(&dir.join("receiver"));
     receiver.set_config(TOKEN, CONFIG).unwrap();
     // The first pull hangs for 8 s; the push must go on meanwhile.
     receiver.push_config_fault(ConfigFault::Delay(Duration::from_secs(8)));

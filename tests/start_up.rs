@@ -1,7 +1,7 @@
 //! What `relais` refuses before it does anything, with real processes: a `BACKEND_URL`
 //! that the endpoints cannot be appended to, an empty variable that would silently mean
 //! its default, an unknown key in the configuration file; and `relais help`.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{Scratch, agent_env, run_relais};
+use common::{Receiver, Scratch, agent_env, run_relais};
 use relais::demo::{create_app_db, insert_events};
-use relais::receiver::{Receiver, ReceiverOptions};
 
 fn app(dir: &Scratch) -> PathBuf {
     let db = dir.join("surveillance.db");
@@ -36,7 +35,7 @@ fn refused(out: &Output) -> String {
 fn a_backend_url_the_endpoints_cannot_be_appended_to_stops_start_up() {
     let dir = Scratch::new("start-url");
     let db = app(&dir);
-    let receiver = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).unwrap();
+    let receiver = Receiver::start(&dir.join("receiver"));
     let url = receiver.url();
     let port = url.rsplit(':').next().unwrap();
     for (backend, problem) in [

@@ -2,7 +2,7 @@
 //! left on the default `DEVICE_ID` are still told apart, a state database that is there
 //! but unusable is refused untouched until `relais state reset`, and one process owns a
 //! state directory at a time.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,18 +12,13 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::{
-    DEVICE, Proxy, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged,
+    DEVICE, Proxy, Receiver, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged,
     tracking_rows, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
-use relais::receiver::{Receiver, ReceiverOptions};
 
 fn receiver(dir: &Scratch, idempotency: bool) -> Receiver {
-    Receiver::start(ReceiverOptions {
-        idempotency,
-        ..ReceiverOptions::new(dir.join("receiver"))
-    })
-    .expect("receiver starts")
+    Receiver::start_with(&dir.join("receiver"), idempotency)
 }
 
 /// An application database with `events` events.

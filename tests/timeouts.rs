@@ -1,7 +1,7 @@
 //! The HTTP timeouts, in process against real loopback servers: `response_timeout_s`
 //! bounds the wait for the answer counted from when the body's last byte has left the
 //! socket, `io_timeout_s` bounds a stall, and neither cuts an exchange that is moving.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use common::{DEVICE, Proxy, Scratch, tracking_rows};
+use common::{DEVICE, Proxy, ProxyFault, Receiver, Scratch, tracking_rows};
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media, settings_for};
 use relais::push::{CycleReport, Interruption, Pusher};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
 
 /// An application database with `events` events and one media row per entry of `media`.
 fn app(tag: &str, events: usize, media: &[u64]) -> (Scratch, PathBuf) {
@@ -42,11 +41,9 @@ fn pusher(dir: &Scratch, db: &Path, url: &str, io: f64, response: f64) -> Pusher
     relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false))).expect("pusher")
 }
 
-/// The reference receiver without idempotency: every request that arrives is a row.
+/// A backend without idempotency: every request that arrives is a row.
 fn receiver(dir: &Scratch) -> Receiver {
-    let mut opts = ReceiverOptions::new(dir.join("receiver"));
-    opts.idempotency = false;
-    Receiver::start(opts).expect("receiver starts")
+    Receiver::start_with(&dir.join("receiver"), false)
 }
 
 /// Every row arrived exactly once and is tracked `success` after one attempt.
@@ -121,7 +118,7 @@ fn a_backend_slower_than_io_timeout_but_within_response_timeout_gets_each_row_on
     let (dir, db) = app("slow-answer", 2, &[]);
     let rx = receiver(&dir);
     for _ in 0..2 {
-        rx.push_fault(Fault::Delay(Duration::from_millis(1500)));
+        rx.push_fault(ProxyFault::DelayAnswer(Duration::from_millis(1500)));
     }
     let report = pusher(&dir, &db, &rx.url(), 0.5, 3.0).sync_once();
     assert_delivered_once(&dir, &db, &rx, &report);
@@ -133,7 +130,7 @@ fn a_backend_slower_than_io_timeout_but_within_response_timeout_gets_each_row_on
 fn a_slow_media_upload_is_not_cut_while_the_send_queue_drains() {
     let (dir, db) = app("slow-upload", 0, &[2 << 20]);
     let rx = receiver(&dir);
-    rx.push_fault(Fault::Delay(Duration::from_millis(500)));
+    rx.push_fault(ProxyFault::DelayAnswer(Duration::from_millis(500)));
     let proxy = Proxy::start(&rx.url(), 1 << 20);
     let report = pusher(&dir, &db, &proxy.url(), 1.0, 3.0).sync_once();
     assert_delivered_once(&dir, &db, &rx, &report);

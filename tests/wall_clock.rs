@@ -3,7 +3,7 @@
 //! runs under libfaketime (Debian's `faketime` package), as a real child process, with
 //! the monotonic clock left alone as NTP leaves it. Needs the host's libfaketime in
 //! LD_PRELOAD, so build/cross-test leaves this file out under qemu-user.
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    DEVICE, Scratch, agent_env, run_relais, send_signal, spawn_logged, tracked, unix_now,
-    wait_exit, wait_for,
+    DEVICE, ProxyFault, Receiver, Scratch, agent_env, run_relais, send_signal, spawn_logged,
+    tracked, unix_now, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
 
 const TEN_YEARS: i64 = 10 * 365 * 86_400;
 
@@ -57,7 +56,7 @@ fn setup(tag: &str) -> (Scratch, PathBuf, Receiver) {
     let db = dir.join("surveillance.db");
     let conn = create_app_db(&db, false).expect("create app db");
     insert_events(&conn, 3).expect("insert events");
-    let rx = Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver");
+    let rx = Receiver::start(&dir.join("receiver"));
     (dir, db, rx)
 }
 
@@ -78,7 +77,7 @@ fn assert_all_delivered(db: &Path, rx: &Receiver) {
 fn a_row_rejected_under_a_clock_ten_years_ahead_is_retried_once_the_clock_is_right() {
     let (dir, db, rx) = setup("clock-ahead");
     let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
-    rx.push_fault(Fault::Status(422, None));
+    rx.push_fault(ProxyFault::Status(422, None));
     let (code, log) = once(&faked(&vars, "+10y"));
     assert_eq!(code, Some(1), "{log}");
     let row = tracked(&dir.state_db(), "evenement", 1).expect("tracked");
@@ -94,7 +93,7 @@ fn a_row_rejected_under_a_clock_ten_years_ahead_is_retried_once_the_clock_is_rig
 fn a_clock_gone_back_to_1970_does_not_keep_a_failed_row_waiting() {
     let (dir, db, rx) = setup("clock-behind");
     let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
-    rx.push_fault(Fault::Status(422, None));
+    rx.push_fault(ProxyFault::Status(422, None));
     let (code, log) = once(&vars);
     assert_eq!(code, Some(1), "{log}");
     let row = tracked(&dir.state_db(), "evenement", 1).expect("tracked");

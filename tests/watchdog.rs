@@ -4,7 +4,7 @@
 //! and must resume where it stopped. A binary of its own: run beside the timing-sensitive
 //! tests of push_process.rs, these two took their CPU (a 64 MB upload's read-lock holds
 //! doubled and the application's 100 ms busy timeout expired).
-#![cfg(feature = "receiver")]
+#![cfg(feature = "demo")]
 
 mod common;
 
@@ -12,17 +12,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEVICE, NotifySocket, Proxy, Scratch, agent_env, log_text, run_relais, send_signal,
-    spawn_logged, wait_exit, wait_for,
+    DEVICE, NotifySocket, Proxy, ProxyFault, Receiver, Scratch, agent_env, log_text, run_relais,
+    send_signal, spawn_logged, wait_exit, wait_for,
 };
 use relais::demo::{create_app_db, insert_events, insert_media};
-use relais::receiver::{Fault, Receiver, ReceiverOptions};
 use rusqlite::Connection;
 
 const MB: u64 = 1 << 20;
 
 fn receiver(dir: &Scratch) -> Receiver {
-    Receiver::start(ReceiverOptions::new(dir.join("receiver"))).expect("receiver starts")
+    Receiver::start(&dir.join("receiver"))
 }
 
 // ---------------------------------------------------------------- a slow uplink
@@ -74,7 +73,7 @@ fn the_watchdog_is_fed_while_the_answer_takes_long() {
     insert_events(&create_app_db(&db, false).expect("create app db"), 1).expect("insert");
     let rx = receiver(&dir);
     // The backend stores the row, then takes 2.5 s to answer: four watchdog periods.
-    rx.push_fault(Fault::Delay(Duration::from_millis(2500)));
+    rx.push_fault(ProxyFault::DelayAnswer(Duration::from_millis(2500)));
     let notify = NotifySocket::bind(dir.path());
     let watchdog = Duration::from_millis(500);
     let (socket, usec) = (

@@ -3,13 +3,14 @@
 //! backend ([`site_config`]), the stores ([`store`]), the bearer tokens ([`tokens`]) and
 //! the counters ([`metrics`]). The binary (`main.rs`) is a thin command line over
 //! [`migrate`], [`serve`] and [`token`]; the agent's tests and demo start the same
-//! server in-process.
+//! server in-process ([`embedded`]).
 //!
 //! One code path for both stores: the store `--store` names is opened (and migrated) at
 //! the top, then everything after is generic over [`Store`].
 
 pub mod cli;
 pub mod config;
+pub mod embedded;
 pub mod http;
 pub mod media;
 pub mod metrics;
@@ -87,11 +88,31 @@ fn log_migrated(config: &Config, applied: &[i64]) {
     );
 }
 
+/// The router over the embedded store (SQLite) and the media directory `config` names,
+/// both opened, the store migrated: what the in-process server ([`embedded`]) serves.
+pub fn open_router(config: &Config) -> Result<axum::Router, String> {
+    let StoreUrl::Sqlite(path) = &config.store else {
+        return Err("embedded: the in-process server runs on a sqlite: store".into());
+    };
+    let store = open_sqlite(config, path)?;
+    Ok(http::router(
+        http::App {
+            store,
+            media: open_media(config)?,
+        },
+        config,
+    ))
+}
+
+// The seam for media shared by several servers: a directory every server mounts (NFS)
+// works as is; an object store would implement MediaDir's place and remove.
+fn open_media(config: &Config) -> Result<media::MediaDir, String> {
+    media::MediaDir::open(&config.media_dir)
+        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))
+}
+
 async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
-    // The seam for media shared by several servers: a directory every server mounts
-    // (NFS) works as is; an object store would implement MediaDir's place and remove.
-    let media = media::MediaDir::open(&config.media_dir)
-        .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))?;
+    let media = open_media(config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("listen: {}: {e}", config.listen))?;

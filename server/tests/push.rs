@@ -220,6 +220,44 @@ fn bad_bodies_get_a_detail_and_store_nothing(store: StoreKind) {
     );
 }
 
+#[test]
+fn an_unknown_route_reads_the_body_and_keeps_the_connection() {
+    let server = Server::start();
+    let mut conn = std::net::TcpStream::connect(&server.addr).expect("connect");
+    let body = r#"{"date": "x", "device_id": "pi"}"#;
+    let head = format!(
+        "POST /wrong/api/evenements HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    // The body comes later, as from a client streaming it: no answer before it.
+    conn.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    let mut answer = [0u8; 1024];
+    assert!(
+        conn.read(&mut answer).is_err(),
+        "answered before the body was read"
+    );
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    for i in 0..2 {
+        if i > 0 {
+            conn.write_all(head.as_bytes()).expect("second head");
+        }
+        conn.write_all(body.as_bytes()).expect("body");
+        let n = conn.read(&mut answer).expect("answer");
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 404"), "request {i}: {text}");
+        assert!(
+            text.contains("{\"detail\": \"not found"),
+            "request {i}: {text}"
+        );
+        assert!(!text.contains("close"), "request {i}: {text}");
+    }
+    assert_eq!(server.count("SELECT count(*) FROM received"), 0);
+}
+
 fn health_and_ready_answer(store: StoreKind) {
     let server = Server::start_on(store, &[]);
     let agent = client();

@@ -1,8 +1,12 @@
 //! Helpers shared by the push tests: scratch directories, waiting on a condition,
 //! running the `relais` binary with a clean environment, a throttling TCP proxy, the
-//! peak RSS of a child process and reading the agent's `sync_tracking` table.
+//! backend (relais-server in-process behind a fault-injecting proxy), the peak RSS of a
+//! child process and reading the agent's `sync_tracking` table.
 #![allow(dead_code)] // Each test file uses a different subset.
 
+pub mod config_stub;
+
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use relais::received::EmbeddedServer;
 use rusqlite::Connection;
 use rusqlite::types::Value;
+
+pub use config_stub::ConfigFault;
+pub use relais::received::ReceivedRow;
 
 /// The device id `relais::demo::settings_for` uses; children get the same one.
 pub const DEVICE: &str = "demo-pi";
@@ -441,6 +449,14 @@ pub enum ProxyFault {
     /// Reset the connection as soon as the request head has arrived (a backend going
     /// down, a NAT dropping state).
     Refuse,
+    /// Answer here without forwarding, `after` this long: `status`, the header lines
+    /// `headers` (each ending in CRLF) and a JSON `body` (none for 304).
+    Answer {
+        after: Duration,
+        status: u16,
+        headers: String,
+        body: String,
+    },
 }
 
 impl ProxyFault {
@@ -457,6 +473,9 @@ impl ProxyFault {
             ProxyFault::Redirect(to) => format!("301 to {to}"),
             ProxyFault::HtmlCreated => "201 with HTML".into(),
             ProxyFault::Refuse => "connection reset".into(),
+            ProxyFault::Answer { status, after, .. } => {
+                format!("answered {status} here after {after:?}")
+            }
         }
     }
 }
@@ -469,6 +488,7 @@ pub struct ProxyRequest {
     pub method: String,
     pub path: String,
     pub idempotency_key: Option<String>,
+    pub if_none_match: Option<String>,
     pub content_length: u64,
 }
 
@@ -487,6 +507,11 @@ pub struct ProxyStats {
     pub resent: u64,
     /// Idempotency keys seen, with how often.
     pub keys: std::collections::HashMap<String, u64>,
+    /// `201` answers the server gave, whether the agent saw them or not.
+    pub created: u64,
+    /// With the keys stripped ([`FaultProxy::strip_idempotency_keys`]): the key each
+    /// stored row was sent with, by the row's id.
+    pub stripped_keys: std::collections::HashMap<i64, String>,
 }
 
 struct ProxyShared {
@@ -495,6 +520,7 @@ struct ProxyShared {
     stats: std::sync::Mutex<ProxyStats>,
     /// Client-to-server pacing, bytes per second (0: unthrottled).
     rate: AtomicU64,
+    strip_keys: AtomicBool,
     stopping: AtomicBool,
     seq: AtomicU64,
 }
@@ -520,6 +546,7 @@ impl FaultProxy {
             policy: std::sync::Mutex::new(Box::new(|_: &ProxyRequest| ProxyFault::Pass)),
             stats: std::sync::Mutex::new(ProxyStats::default()),
             rate: AtomicU64::new(0),
+            strip_keys: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             seq: AtomicU64::new(0),
         });
@@ -553,6 +580,12 @@ impl FaultProxy {
     /// Paces request bodies at `bytes_per_sec` (0: as fast as they come).
     pub fn set_rate(&self, bytes_per_sec: u64) {
         self.shared.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// Forwards requests without their `Idempotency-Key` header: the server behind
+    /// then stores a new row for each, like a backend without idempotency (the seed's).
+    pub fn strip_idempotency_keys(&self) {
+        self.shared.strip_keys.store(true, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> ProxyStats {
@@ -600,6 +633,7 @@ struct Head {
     first_line: String,
     content_length: Option<u64>,
     idempotency_key: Option<String>,
+    if_none_match: Option<String>,
     close: bool,
 }
 
@@ -629,7 +663,8 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let mut lines = text.lines();
     let first_line = lines.next().unwrap_or("").to_string();
-    let (mut content_length, mut idempotency_key, mut close) = (None, None, false);
+    let (mut content_length, mut idempotency_key, mut if_none_match, mut close) =
+        (None, None, None, false);
     for l in lines {
         let Some((k, v)) = l.split_once(':') else {
             continue;
@@ -638,6 +673,7 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
         match k.trim().to_ascii_lowercase().as_str() {
             "content-length" => content_length = v.parse().ok(),
             "idempotency-key" => idempotency_key = Some(v.to_string()),
+            "if-none-match" => if_none_match = Some(v.to_string()),
             "connection" => close = v.eq_ignore_ascii_case("close"),
             _ => {}
         }
@@ -647,8 +683,37 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
         first_line,
         content_length,
         idempotency_key,
+        if_none_match,
         close,
     })
+}
+
+/// `raw` (a request head) without its `Idempotency-Key` line.
+fn without_idempotency_key(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+        if !name.trim_ascii().eq_ignore_ascii_case(b"idempotency-key") {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
+/// The `id` of a `201 {"id": N}` answer (`bytes`: head and body).
+fn created_id(bytes: &[u8]) -> Option<i64> {
+    let at = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let body = std::str::from_utf8(&bytes[at + 4..]).ok()?;
+    match miniserde::json::from_str::<miniserde::json::Value>(body).ok()? {
+        miniserde::json::Value::Object(obj) => match obj.get("id")? {
+            miniserde::json::Value::Number(miniserde::json::Number::U64(n)) => {
+                i64::try_from(*n).ok()
+            }
+            miniserde::json::Value::Number(miniserde::json::Number::I64(n)) => Some(*n),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Copies `n` bytes from `r` to `w` (or discards them when `w` is `None`), paced at
@@ -689,8 +754,9 @@ fn copy_n(
     Ok(done)
 }
 
-/// Reads a whole answer from the server (head and body; answers are small).
-fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, bool)> {
+/// Reads a whole answer from the server (head and body; answers are small): its bytes,
+/// its status and whether the server closes the connection after it.
+fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, u16, bool)> {
     let head = read_head(r)?;
     let status: u16 = head
         .first_line
@@ -709,31 +775,39 @@ fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, bool)> {
         }
         None => {
             let _ = r.read_to_end(&mut bytes);
-            return Some((bytes, true));
+            return Some((bytes, status, true));
         }
     }
-    Some((bytes, head.close))
+    Some((bytes, status, head.close))
 }
 
-/// Drains the request's body and answers `code` with `extra` header lines, without
-/// forwarding; `false` when the agent's connection is gone.
+/// Drains the request's body and answers `code` with `extra` header lines and `body`
+/// (none for a 304), without forwarding; `false` when the agent's connection is gone.
 fn answer_here(
     from_client: &mut impl Read,
     client: &mut TcpStream,
     len: u64,
-    code: u16,
-    extra: &str,
+    (code, extra, body): (u16, &str, &str),
     stop: &AtomicBool,
 ) -> bool {
     if copy_n(from_client, None, len, 0, stop).is_err() {
         return false;
     }
-    let body = format!("{{\"detail\": \"injected {code}\"}}");
-    let answer = format!(
-        "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
-        body.len()
-    );
+    let content = if code == 304 {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
+    let body = if code == 304 { "" } else { body };
+    let answer = format!("HTTP/1.1 {code} Injected\r\n{content}{extra}\r\n{body}");
     client.write_all(answer.as_bytes()).is_ok()
+}
+
+fn injected(code: u16) -> String {
+    format!("{{\"detail\": \"injected {code}\"}}")
 }
 
 fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
@@ -753,6 +827,7 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             method: parts.next().unwrap_or("").to_string(),
             path: parts.next().unwrap_or("").to_string(),
             idempotency_key: head.idempotency_key.clone(),
+            if_none_match: head.if_none_match.clone(),
             content_length: head.content_length.unwrap_or(0),
         };
         let fault = (lock(&sh.policy))(&req);
@@ -790,28 +865,32 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             }
             ProxyFault::Status(code, retry_after) => {
                 let extra = retry_after.map_or(String::new(), |r| format!("Retry-After: {r}\r\n"));
-                if !answer_here(
-                    &mut from_client,
-                    &mut client,
-                    len,
-                    code,
-                    &extra,
-                    &sh.stopping,
-                ) {
+                let body = injected(code);
+                let answer = (code, extra.as_str(), body.as_str());
+                if !answer_here(&mut from_client, &mut client, len, answer, &sh.stopping) {
                     return;
                 }
                 continue;
             }
             ProxyFault::Redirect(to) => {
                 let extra = format!("Location: {to}\r\n");
-                if !answer_here(
-                    &mut from_client,
-                    &mut client,
-                    len,
-                    301,
-                    &extra,
-                    &sh.stopping,
-                ) {
+                let body = injected(301);
+                let answer = (301, extra.as_str(), body.as_str());
+                if !answer_here(&mut from_client, &mut client, len, answer, &sh.stopping) {
+                    return;
+                }
+                continue;
+            }
+            ProxyFault::Answer {
+                after,
+                status,
+                headers,
+                body,
+            } => {
+                // The fault itself: a slow backend.
+                std::thread::sleep(after);
+                let answer = (status, headers.as_str(), body.as_str());
+                if !answer_here(&mut from_client, &mut client, len, answer, &sh.stopping) {
                     return;
                 }
                 continue;
@@ -830,7 +909,13 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
         let Some((to_server, from_server)) = upstream.as_mut() else {
             return;
         };
-        if to_server.write_all(&head.raw).is_err() {
+        let strip = sh.strip_keys.load(Ordering::Relaxed);
+        let raw = if strip {
+            without_idempotency_key(&head.raw)
+        } else {
+            head.raw
+        };
+        if to_server.write_all(&raw).is_err() {
             reset(&client);
             return;
         }
@@ -851,10 +936,18 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             reset(to_server);
             return;
         }
-        let Some((answer, server_closes)) = read_answer(from_server) else {
+        let Some((answer, status, server_closes)) = read_answer(from_server) else {
             reset(&client);
             return;
         };
+        if status == 201 {
+            let mut st = lock(&sh.stats);
+            st.created += 1;
+            if let (true, Some(key), Some(id)) = (strip, &req.idempotency_key, created_id(&answer))
+            {
+                st.stripped_keys.insert(id, key.clone());
+            }
+        }
         let sent = match fault {
             ProxyFault::LoseAnswer => {
                 let _ = client.shutdown(Shutdown::Both);
@@ -887,6 +980,108 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             return;
         }
     }
+}
+
+// ---------------------------------------------------------------- the backend
+
+/// relais-server in-process on its embedded store in a directory, behind a
+/// [`FaultProxy`]: the backend the tests push to ([`Receiver::url`] is the proxy's).
+/// Faults queued with [`Receiver::push_fault`] meet the next `POST /api/...` requests,
+/// one each, in order.
+pub struct Receiver {
+    // Declared first, dropped first: no request reaches a stopped server.
+    proxy: FaultProxy,
+    server: EmbeddedServer,
+    faults: Arc<std::sync::Mutex<VecDeque<ProxyFault>>>,
+    config: config_stub::ConfigStub,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    /// HTTP requests the agent sent, whatever their outcome.
+    pub requests: u64,
+    /// Rows stored.
+    pub stored: u64,
+    /// Requests answered with an already stored row's id.
+    pub replays: u64,
+}
+
+impl Receiver {
+    /// Serves the store and media under `dir`, honouring `Idempotency-Key`.
+    pub fn start(dir: &Path) -> Receiver {
+        Receiver::start_with(dir, true)
+    }
+
+    /// Without `idempotency`, a backend without idempotency (the seed's): the proxy
+    /// strips `Idempotency-Key`, so relais-server stores every request as a new row.
+    /// [`Receiver::rows`] still shows the key each row was sent with.
+    pub fn start_with(dir: &Path, idempotency: bool) -> Receiver {
+        let server = EmbeddedServer::start(dir).expect("relais-server starts");
+        let proxy = FaultProxy::start(&server.url());
+        let faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let config = config_stub::ConfigStub::default();
+        let (queue, stub) = (Arc::clone(&faults), config.clone());
+        proxy.set_policy(move |req| {
+            if let Some(answer) = stub.answer(req) {
+                return answer;
+            }
+            let api = req.method == "POST" && req.path.starts_with("/api/");
+            let fault = api.then(|| lock(&queue).pop_front()).flatten();
+            fault.unwrap_or(ProxyFault::Pass)
+        });
+        if !idempotency {
+            proxy.strip_idempotency_keys();
+        }
+        Receiver {
+            proxy,
+            server,
+            faults,
+            config,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.proxy.url()
+    }
+
+    /// Queues a fault for a future `POST /api/...`.
+    pub fn push_fault(&self, fault: ProxyFault) {
+        lock(&self.faults).push_back(fault);
+    }
+
+    /// Every stored row, ordered by id.
+    pub fn rows(&self) -> Vec<ReceivedRow> {
+        let mut rows = relais::received::rows(&self.server).expect("read the received rows");
+        let stripped = self.proxy.stats().stripped_keys;
+        for row in rows.iter_mut().filter(|r| r.idempotency_key.is_none()) {
+            row.idempotency_key = stripped.get(&row.id).cloned();
+        }
+        rows
+    }
+
+    pub fn stats(&self) -> ReceiverStats {
+        let proxy = self.proxy.stats();
+        let stored = relais::received::stored(&self.server).expect("count the received rows");
+        ReceiverStats {
+            requests: proxy.requests,
+            stored,
+            // The server answers 201 to a new row and to a replay alike.
+            replays: proxy.created.saturating_sub(stored),
+        }
+    }
+
+    /// The configuration of site `token`, served by the [`config_stub`] remainder.
+    pub fn set_config(&self, token: &str, json_text: &str) -> Result<String, String> {
+        self.config.set(token, json_text)
+    }
+
+    pub fn push_config_fault(&self, fault: ConfigFault) {
+        self.config.push_fault(fault);
+    }
+
+    /// Stops the proxy and the server (as dropping does).
+    pub fn shutdown(self) {}
 }
 
 // ---------------------------------------------------------------- the application

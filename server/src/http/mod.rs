@@ -50,6 +50,7 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .route("/api/{name}", post(push::push::<S>))
         .route("/config/{site_token}", get(config_pull::config::<S>))
         .nest("/admin", admin::router::<S>())
+        .fallback(not_found)
         .with_state(app)
         .merge(
             Router::new()
@@ -73,6 +74,17 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
+}
+
+/// Unknown routes get their 404 once the request body is read (and dropped): hyper
+/// closes a connection whose request body was left unread, without a `Connection:
+/// close`, so a client's next request on it would fail (an agent with a wrong
+/// `BACKEND_URL` prefix would never see its three 404s in a row).
+async fn not_found(mut body: Body) -> error::Error {
+    use http_body_util::BodyExt as _;
+    // Streamed and bounded by the body size limit and the request timeout.
+    while let Some(Ok(_)) = body.frame().await {}
+    error::Error::Status(StatusCode::NOT_FOUND, "not found: no such endpoint".into())
 }
 
 /// Serves until `stop` completes (the binary passes [`shutdown_signal`]: SIGTERM or

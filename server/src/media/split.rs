@@ -1,8 +1,7 @@
 //! Streaming split of a JSON request body into a small in-memory JSON text and at most
 //! one large decoded BLOB in a temporary file, fed chunk by chunk.
 //!
-//! Ported from the reference receiver's `src/receiver/body.rs` (which goes away with the
-//! receiver): a tiny tokenizer that only tracks "inside a string or not". Text outside
+//! A tiny tokenizer that only tracks "inside a string or not". Text outside
 //! strings and short strings are copied to the JSON buffer; a string whose raw content
 //! exceeds [`INLINE_STRING_MAX`] is replaced there by `"<blob>"` and base64-decoded on
 //! the fly into a temporary file, hashed with SHA-256 as it is written and fsynced at its
