@@ -2,7 +2,9 @@
 //! application database with the contract's schema (events, and media including one
 //! large BLOB), starts relais-server in-process on its embedded store and a free
 //! loopback port, runs one pass, checks that every row arrived exactly once with
-//! identical bytes, and runs a second pass that must push nothing.
+//! identical bytes, and runs a second pass that must push nothing. Then the
+//! configuration pull: a site and a device made through the server's admin API are
+//! pulled, an unchanged configuration is not rewritten, a new device is pulled.
 //!
 //! The database builders and the delivery check are public: the tests, the fault
 //! campaigns and the benchmarks use the same ones.
@@ -382,10 +384,89 @@ fn demo() -> Result<(), String> {
     if second.pushed() != 0 {
         return Err("the second pass pushed rows again".into());
     }
+    demo_pull(&server, &db, &dir)?;
     server.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
-    println!("demo OK: every row arrived exactly once with identical bytes");
+    println!(
+        "demo OK: every row arrived exactly once with identical bytes, and the configuration change was pulled"
+    );
     Ok(())
+}
+
+const DEMO_TOKEN: &str = "demo-site-token-0001";
+
+/// The admin API's body of device `i` of site `site_id`.
+fn demo_device(site_id: i64, i: usize) -> String {
+    format!(
+        r#"{{"site_id": {site_id}, "ip": "192.168.1.{}", "name": "Projecteur {i}", "type": "projector",
+            "driver": "pjlink", "driver_config": {{"pjlink": {{"password": "admin", "port": 4352}}}}}}"#,
+        10 + i
+    )
+}
+
+/// The configuration pull: a first pull writes the file, an unchanged configuration
+/// writes nothing, a device added on the server is pulled and replaces the file.
+fn demo_pull(server: &EmbeddedServer, db: &Path, dir: &Path) -> Result<(), String> {
+    use crate::pull::{PullOutcome, Puller};
+    let agent_config = dir.join("agent").join("config.json");
+    std::fs::create_dir_all(dir.join("agent")).map_err(|e| e.to_string())?;
+    let path = agent_config.display().to_string();
+    let settings = settings_for(
+        db,
+        &server.url(),
+        dir,
+        &[("SITE_TOKEN", DEMO_TOKEN), ("AGENT_CONFIG", path.as_str())],
+    )?;
+    settings.register_secrets();
+    let admin = crate::site_admin::SiteAdmin::new(&server.url());
+    let site = admin.create_site(&format!(
+        r#"{{"name": "Site Paris", "timezone": "Europe/Paris", "token": "{DEMO_TOKEN}"}}"#
+    ))?;
+    admin.add_device(&demo_device(site, 0))?;
+    let first_hash = admin.served_hash(DEMO_TOKEN)?;
+    println!("6. site {site} with 1 device created through the admin API; pull into {path}:");
+    let mut puller = Puller::new(&settings)?;
+    let steps = [
+        ("first pull", false),
+        ("pull again, nothing changed", false),
+        ("device added on the server (2 devices), pull", true),
+    ];
+    let mut outcomes = Vec::new();
+    for (what, change) in steps {
+        if change {
+            admin.add_device(&demo_device(site, 1))?;
+        }
+        let outcome = puller.pull_once();
+        println!("   {what}: {}", describe_pull(&outcome));
+        outcomes.push(outcome);
+    }
+    let on_disk = std::fs::read_to_string(&agent_config).map_err(|e| format!("{path}: {e}"))?;
+    match outcomes.as_slice() {
+        [
+            PullOutcome::Updated { new_hash, .. },
+            PullOutcome::Unchanged { .. },
+            PullOutcome::Updated { devices: 2, .. },
+        ] if *new_hash == first_hash && on_disk.contains("Projecteur 1") => Ok(()),
+        other => Err(format!("unexpected configuration pull outcomes: {other:?}")),
+    }
+}
+
+fn describe_pull(outcome: &crate::pull::PullOutcome) -> String {
+    use crate::pull::PullOutcome;
+    match outcome {
+        PullOutcome::Unchanged { hash } => format!("up to date (hash {hash}), file not rewritten"),
+        PullOutcome::Updated {
+            old_hash,
+            new_hash,
+            devices,
+        } => {
+            format!(
+                "changed {} -> {new_hash}, {devices} devices, file replaced atomically",
+                old_hash.as_deref().unwrap_or("(none)")
+            )
+        }
+        PullOutcome::Failed(e) => format!("FAILED: {e}"),
+    }
 }
 
 /// A scratch directory for tests and benchmarks, unique within the process; removed by

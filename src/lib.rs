@@ -48,3 +48,5 @@ pub use relais_wire::config_hash;
 pub mod demo;
 #[cfg(feature = "demo")]
 pub mod received;
+#[cfg(feature = "demo")]
+pub mod site_admin;

@@ -578,6 +578,12 @@ impl Puller {
         }
         self.status.file_md5 = Some(md5_hex(body));
         self.status.config_updated_at = Some(clock::now_iso8601());
+        if self.hook.is_some() {
+            // Saved before the hook runs: a power cut during the hook must not leave
+            // the file we wrote unrecognised (a backend hash that is not the body's,
+            // as relais-server's, only matches through `file_md5`).
+            self.save_status();
+        }
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! Integration tests of the configuration pull: the tests' backend on 127.0.0.1
-//! (configurations served by tests/common/config_stub.rs until relais-server has
-//! them), real files, settings loaded as the agent loads them. Also the SIGKILL test
+//! (relais-server's sites and devices, a misbehaving endpoint through the proxy's
+//! faults), real files, settings loaded as the agent loads them. Also the SIGKILL test
 //! of the atomic replacement, with the test binary re-running itself as the child that
 //! replaces the file in a loop.
 #![cfg(feature = "demo")]
@@ -77,7 +77,7 @@ fn site(tag: &str, devices: usize) -> String {
         .map(|i| {
             format!(
                 r#"{{"ip": "192.168.1.{i}", "name": "Projecteur {i} {tag} é 📽", "building": "Bâtiment A",
-                   "driver": "pjlink", "pjlink": {{"password": "pw-secret-{i}", "port": 4352, "timeout_s": 2.5}},
+                   "type": "projector", "driver": "pjlink", "pjlink": {{"password": "pw-secret-{i}", "port": 4352, "timeout_s": 2.5}},
                    "expectations": {{"always_on": false, "alert_after_s": 300, "note": null}}}}"#
             )
         })
@@ -102,7 +102,7 @@ impl Fixture {
         let dir = Scratch::new("pull-agent");
         let rx = Receiver::start(&dir.0.join("receiver"));
         let token = format!(
-            "site-token-{}-{}",
+            "site-token-pull-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
@@ -405,7 +405,9 @@ fn bad_bodies_keep_the_file() {
 fn wrong_shape_from_the_backend_keeps_the_file() {
     let fx = failure_keeps_file(
         |fx| {
-            fx.set(r#"{"site_name": "no devices"}"#);
+            fx.rx.push_config_fault(ConfigFault::Body(
+                r#"{"config_hash": "0123456789abcdef", "site_name": "no devices"}"#.into(),
+            ))
         },
         |e| matches!(e, PullError::Shape(m) if m == "devices is missing or not an array"),
     );

@@ -23,7 +23,8 @@ use miniserde::json::Value;
 use relais::demo::create_app_db;
 
 const TOKEN: &str = "site-token-pull-process";
-const CONFIG: &str = r#"{"site_name": "Site Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur", "pjlink": {"password": "admin"}}]}"#;
+const CONFIG: &str = r#"{"site_name": "Site Paris", "timezone": "Europe/Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur",
+ "type": "projector", "driver": "pjlink", "pjlink": {"password": "admin"}}]}"#;
 
 /// A config endpoint that announces a 10 MiB body and sends one byte every 200 ms, on
 /// every connection; counts the connections.

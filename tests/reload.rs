@@ -15,8 +15,8 @@ use relais::demo::{create_app_db, insert_events, insert_media};
 use relais::settings::DEFAULT_EVENT_QUERY;
 
 const TOKEN: &str = "site-token-reload";
-const CONFIG: &str =
-    r#"{"site_name": "Site Lyon", "devices": [{"ip": "192.168.1.11", "name": "Ecran"}]}"#;
+const CONFIG: &str = r#"{"site_name": "Site Lyon", "timezone": "Europe/Paris",
+ "devices": [{"ip": "192.168.1.11", "name": "Ecran", "type": "screen", "driver": "ping"}]}"#;
 
 /// Replaces the configuration file whole, as an editor or a deployment tool would.
 fn write_config(path: &Path, text: &str) {

@@ -12,8 +12,9 @@ use common::{
 };
 use relais::demo::{create_app_db, insert_events};
 
-const TOKEN: &str = "site-token-1234";
-const CONFIG: &str = r#"{"site_name": "Site Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur", "pjlink": {"password": "admin"}}]}"#;
+const TOKEN: &str = "site-token-run-loop";
+const CONFIG: &str = r#"{"site_name": "Site Paris", "timezone": "Europe/Paris", "devices": [{"ip": "192.168.1.10", "name": "Projecteur",
+ "type": "projector", "driver": "pjlink", "pjlink": {"password": "admin"}}]}"#;
 
 #[test]
 fn a_hanging_config_endpoint_never_stalls_the_push_and_sigusr1_pulls_now() {

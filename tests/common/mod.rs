@@ -4,9 +4,7 @@
 //! child process and reading the agent's `sync_tracking` table.
 #![allow(dead_code)] // Each test file uses a different subset.
 
-pub mod config_stub;
-
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,11 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use miniserde::json::{Number, Object, Value as Json};
 use relais::received::EmbeddedServer;
+use relais::site_admin::SiteAdmin;
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
-pub use config_stub::ConfigFault;
 pub use relais::received::ReceivedRow;
 
 /// The device id `relais::demo::settings_for` uses; children get the same one.
@@ -449,14 +448,9 @@ pub enum ProxyFault {
     /// Reset the connection as soon as the request head has arrived (a backend going
     /// down, a NAT dropping state).
     Refuse,
-    /// Answer here without forwarding, `after` this long: `status`, the header lines
-    /// `headers` (each ending in CRLF) and a JSON `body` (none for 304).
-    Answer {
-        after: Duration,
-        status: u16,
-        headers: String,
-        body: String,
-    },
+    /// Answer `200` with this body without forwarding (a backend serving what it
+    /// should not).
+    Body(String),
 }
 
 impl ProxyFault {
@@ -473,9 +467,7 @@ impl ProxyFault {
             ProxyFault::Redirect(to) => format!("301 to {to}"),
             ProxyFault::HtmlCreated => "201 with HTML".into(),
             ProxyFault::Refuse => "connection reset".into(),
-            ProxyFault::Answer { status, after, .. } => {
-                format!("answered {status} here after {after:?}")
-            }
+            ProxyFault::Body(body) => format!("200 with {} bytes here", body.len()),
         }
     }
 }
@@ -488,7 +480,6 @@ pub struct ProxyRequest {
     pub method: String,
     pub path: String,
     pub idempotency_key: Option<String>,
-    pub if_none_match: Option<String>,
     pub content_length: u64,
 }
 
@@ -633,7 +624,6 @@ struct Head {
     first_line: String,
     content_length: Option<u64>,
     idempotency_key: Option<String>,
-    if_none_match: Option<String>,
     close: bool,
 }
 
@@ -663,8 +653,7 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let mut lines = text.lines();
     let first_line = lines.next().unwrap_or("").to_string();
-    let (mut content_length, mut idempotency_key, mut if_none_match, mut close) =
-        (None, None, None, false);
+    let (mut content_length, mut idempotency_key, mut close) = (None, None, false);
     for l in lines {
         let Some((k, v)) = l.split_once(':') else {
             continue;
@@ -673,7 +662,6 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
         match k.trim().to_ascii_lowercase().as_str() {
             "content-length" => content_length = v.parse().ok(),
             "idempotency-key" => idempotency_key = Some(v.to_string()),
-            "if-none-match" => if_none_match = Some(v.to_string()),
             "connection" => close = v.eq_ignore_ascii_case("close"),
             _ => {}
         }
@@ -683,7 +671,6 @@ fn read_head(r: &mut impl std::io::BufRead) -> Option<Head> {
         first_line,
         content_length,
         idempotency_key,
-        if_none_match,
         close,
     })
 }
@@ -781,8 +768,8 @@ fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, u16, bool)> {
     Some((bytes, status, head.close))
 }
 
-/// Drains the request's body and answers `code` with `extra` header lines and `body`
-/// (none for a 304), without forwarding; `false` when the agent's connection is gone.
+/// Drains the request's body and answers `code` with `extra` header lines and `body`,
+/// without forwarding; `false` when the agent's connection is gone.
 fn answer_here(
     from_client: &mut impl Read,
     client: &mut TcpStream,
@@ -793,16 +780,10 @@ fn answer_here(
     if copy_n(from_client, None, len, 0, stop).is_err() {
         return false;
     }
-    let content = if code == 304 {
-        String::new()
-    } else {
-        format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        )
-    };
-    let body = if code == 304 { "" } else { body };
-    let answer = format!("HTTP/1.1 {code} Injected\r\n{content}{extra}\r\n{body}");
+    let answer = format!(
+        "HTTP/1.1 {code} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    );
     client.write_all(answer.as_bytes()).is_ok()
 }
 
@@ -827,7 +808,6 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             method: parts.next().unwrap_or("").to_string(),
             path: parts.next().unwrap_or("").to_string(),
             idempotency_key: head.idempotency_key.clone(),
-            if_none_match: head.if_none_match.clone(),
             content_length: head.content_length.unwrap_or(0),
         };
         let fault = (lock(&sh.policy))(&req);
@@ -881,15 +861,8 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
                 }
                 continue;
             }
-            ProxyFault::Answer {
-                after,
-                status,
-                headers,
-                body,
-            } => {
-                // The fault itself: a slow backend.
-                std::thread::sleep(after);
-                let answer = (status, headers.as_str(), body.as_str());
+            ProxyFault::Body(body) => {
+                let answer = (200, "", body.as_str());
                 if !answer_here(&mut from_client, &mut client, len, answer, &sh.stopping) {
                     return;
                 }
@@ -985,15 +958,42 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
 // ---------------------------------------------------------------- the backend
 
 /// relais-server in-process on its embedded store in a directory, behind a
-/// [`FaultProxy`]: the backend the tests push to ([`Receiver::url`] is the proxy's).
-/// Faults queued with [`Receiver::push_fault`] meet the next `POST /api/...` requests,
-/// one each, in order.
+/// [`FaultProxy`]: the backend the tests push to and pull from ([`Receiver::url`] is
+/// the proxy's). Faults queued with [`Receiver::push_fault`] meet the next `POST
+/// /api/...` requests, those queued with [`Receiver::push_config_fault`] the next `GET
+/// /config/...` requests, one each, in order. Configurations are the server's own
+/// sites and devices, set through its admin API ([`Receiver::set_config`]).
 pub struct Receiver {
     // Declared first, dropped first: no request reaches a stopped server.
     proxy: FaultProxy,
     server: EmbeddedServer,
     faults: Arc<std::sync::Mutex<VecDeque<ProxyFault>>>,
-    config: config_stub::ConfigStub,
+    config_faults: Arc<std::sync::Mutex<VecDeque<ConfigFault>>>,
+    admin: SiteAdmin,
+    /// The site id of each token set so far.
+    sites: std::sync::Mutex<HashMap<String, i64>>,
+}
+
+/// A misbehaving configuration endpoint: what the proxy does with one `GET /config/...`
+/// instead of forwarding it as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFault {
+    /// Answer this status with `{"detail": "injected <code>"}`.
+    Status(u16),
+    /// Answer 200 with this body instead of the server's.
+    Body(String),
+    /// Hold the server's answer this long.
+    Delay(Duration),
+}
+
+impl ConfigFault {
+    fn proxied(self) -> ProxyFault {
+        match self {
+            ConfigFault::Status(code) => ProxyFault::Status(code, None),
+            ConfigFault::Body(body) => ProxyFault::Body(body),
+            ConfigFault::Delay(d) => ProxyFault::DelayAnswer(d),
+        }
+    }
 }
 
 /// Counters since start.
@@ -1020,24 +1020,28 @@ impl Receiver {
         let server = EmbeddedServer::start(dir).expect("relais-server starts");
         let proxy = FaultProxy::start(&server.url());
         let faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
-        let config = config_stub::ConfigStub::default();
-        let (queue, stub) = (Arc::clone(&faults), config.clone());
+        let config_faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let (queue, config_queue) = (Arc::clone(&faults), Arc::clone(&config_faults));
         proxy.set_policy(move |req| {
-            if let Some(answer) = stub.answer(req) {
-                return answer;
-            }
-            let api = req.method == "POST" && req.path.starts_with("/api/");
-            let fault = api.then(|| lock(&queue).pop_front()).flatten();
+            let fault = match req.method.as_str() {
+                "POST" if req.path.starts_with("/api/") => lock(&queue).pop_front(),
+                "GET" if req.path.starts_with("/config/") => {
+                    lock(&config_queue).pop_front().map(ConfigFault::proxied)
+                }
+                _ => None,
+            };
             fault.unwrap_or(ProxyFault::Pass)
         });
         if !idempotency {
             proxy.strip_idempotency_keys();
         }
         Receiver {
+            admin: SiteAdmin::new(&server.url()),
             proxy,
             server,
             faults,
-            config,
+            config_faults,
+            sites: Default::default(),
         }
     }
 
@@ -1071,17 +1075,91 @@ impl Receiver {
         }
     }
 
-    /// The configuration of site `token`, served by the [`config_stub`] remainder.
+    /// Makes `json_text`, a configuration as the contract serves it (section 3), the
+    /// server's configuration of site `token`: the site is created with that token the
+    /// first time, its members updated and its devices replaced afterwards (members a
+    /// later configuration leaves out keep their values). Returns the hash the server
+    /// serves now. Anything else a test wants served goes through [`ConfigFault::Body`].
     pub fn set_config(&self, token: &str, json_text: &str) -> Result<String, String> {
-        self.config.set(token, json_text)
+        let (mut site, devices) = admin_bodies(json_text)?;
+        let mut sites = lock(&self.sites);
+        let site_id = match sites.get(token) {
+            Some(&id) => {
+                self.admin
+                    .update_site(id, &miniserde::json::to_string(&site))?;
+                self.admin.remove_devices(id)?;
+                id
+            }
+            None => {
+                site.insert("token".into(), Json::String(token.into()));
+                let id = self.admin.create_site(&miniserde::json::to_string(&site))?;
+                sites.insert(token.into(), id);
+                id
+            }
+        };
+        for mut device in devices {
+            let id = Json::Number(Number::I64(site_id));
+            device.insert("site_id".into(), id);
+            self.admin
+                .add_device(&miniserde::json::to_string(&device))?;
+        }
+        self.admin.served_hash(token)
     }
 
+    /// Queues a fault for a future `GET /config/...`.
     pub fn push_config_fault(&self, fault: ConfigFault) {
-        self.config.push_fault(fault);
+        lock(&self.config_faults).push_back(fault);
     }
 
     /// Stops the proxy and the server (as dropping does).
     pub fn shutdown(self) {}
+}
+
+/// The admin API's bodies for a configuration as the contract serves it: the site's
+/// (`site_name` as `name`, the intervals of `reporting` as its own members) and each
+/// device's (its `snmp` and `pjlink` in `driver_config`). `config_hash` is dropped: the
+/// server computes its own. The server judges every other member (422).
+fn admin_bodies(json_text: &str) -> Result<(Object, Vec<Object>), String> {
+    let not_seed = |why: &str| {
+        format!(
+            "set_config: {why}: not a configuration the admin API can hold (serve it with ConfigFault::Body)"
+        )
+    };
+    let Ok(Json::Object(mut config)) = miniserde::json::from_str::<Json>(json_text) else {
+        return Err(not_seed("not a JSON object"));
+    };
+    config.remove(relais::config_hash::HASH_MEMBER);
+    let Some(Json::Array(devices)) = config.remove("devices") else {
+        return Err(not_seed("devices is missing or not an array"));
+    };
+    let mut site = Object::new();
+    for (key, value) in config {
+        match (key.as_str(), value) {
+            ("site_name", name) => {
+                site.insert("name".into(), name);
+            }
+            ("reporting", Json::Object(intervals)) => site.extend(intervals),
+            (_, value) => {
+                site.insert(key, value);
+            }
+        }
+    }
+    let devices = devices.into_iter().map(|device| {
+        let Json::Object(mut device) = device else {
+            return Err(not_seed("a device is not an object"));
+        };
+        let mut driver_config = Object::new();
+        for member in ["snmp", "pjlink"] {
+            if let Some(value) = device.remove(member) {
+                driver_config.insert(member.into(), value);
+            }
+        }
+        if !driver_config.is_empty() {
+            device.insert("driver_config".into(), Json::Object(driver_config));
+        }
+        Ok(device)
+    });
+    Ok((site, devices.collect::<Result<_, _>>()?))
 }
 
 // ---------------------------------------------------------------- the application
