@@ -34,14 +34,7 @@ fn push(server: &Server, token: Option<&str>, device: &str) -> (u16, Option<Stri
     if let Some(token) = token {
         req = req.header("Authorization", format!("Bearer {token}"));
     }
-    let mut resp = req.send(event(device, 1).as_bytes()).expect("request");
-    let challenge = resp
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = resp.body_mut().read_to_string().expect("body");
-    (resp.status().as_u16(), challenge, body)
+    common::answer(req.send(event(device, 1).as_bytes()).expect("request"))
 }
 
 fn tokens_are_added_listed_and_revoked_by_the_binary_and_stored_hashed(store: StoreKind) {

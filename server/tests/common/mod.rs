@@ -407,7 +407,11 @@ pub fn get_as(
     if let Some(token) = token {
         req = req.header("Authorization", format!("Bearer {token}"));
     }
-    let mut resp = req.call().expect("request");
+    answer(req.call().expect("request"))
+}
+
+/// An answer's status, `WWW-Authenticate` header and body.
+pub fn answer(mut resp: ureq::http::Response<ureq::Body>) -> (u16, Option<String>, String) {
     let challenge = resp
         .headers()
         .get("www-authenticate")
