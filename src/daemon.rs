@@ -422,7 +422,8 @@ fn log_clock_jump(seconds: i64) {
     );
 }
 
-fn log_report(report: &CycleReport) {
+/// Logs a pass's problems and its report, as `relais run` and `relais once` do.
+pub fn log_report(report: &CycleReport) {
     for e in &report.errors {
         log::error!("{e}");
     }

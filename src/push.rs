@@ -50,6 +50,9 @@ pub struct TableReport {
     pub html: u64,
     /// The first row the backend rejected, and why (`relais status`'s last error).
     pub rejection: Option<String>,
+    /// The table is not in the source file (dropped by the application): said in one
+    /// line when it goes and one when it is back, shown in every pass's report between.
+    pub gone: bool,
 }
 
 /// Why a pass ended before it was done.
@@ -102,7 +105,10 @@ impl CycleReport {
 
     /// Whether everything due was pushed.
     pub fn is_clean(&self) -> bool {
-        self.failed() == 0 && self.errors.is_empty() && self.interrupted.is_none()
+        self.failed() == 0
+            && self.errors.is_empty()
+            && self.interrupted.is_none()
+            && self.tables.iter().all(|t| !t.gone)
     }
 }
 
@@ -114,7 +120,8 @@ impl fmt::Display for CycleReport {
             if self.tables.iter().any(|o| o.source != t.source) {
                 write!(f, "@{}", file_name(&t.source))?;
             }
-            write!(f, " pushed {} failed {};", t.pushed, t.failed)?;
+            write!(f, " pushed {} failed {}", t.pushed, t.failed)?;
+            write!(f, "{};", if t.gone { ", table gone" } else { "" })?;
         }
         write!(
             f,
@@ -152,6 +159,8 @@ enum Halt {
     Table(String),
     /// The table's endpoint looks wrong; the line says why.
     WrongUrl(String),
+    /// The source file has no such table (SQLite's message).
+    Gone(String),
 }
 
 impl From<TrackingError> for Halt {
@@ -165,7 +174,10 @@ impl From<TrackingError> for Halt {
 
 impl From<SourceError> for Halt {
     fn from(e: SourceError) -> Halt {
-        Halt::Table(e.to_string())
+        match e.missing_table() {
+            Some(message) => Halt::Gone(message.to_string()),
+            None => Halt::Table(e.to_string()),
+        }
     }
 }
 
@@ -293,6 +305,9 @@ impl Pusher {
                 let clock = self.retry_clock();
                 match reconcile::sweep_table(&mut self.tracking, &t, clock) {
                     Ok(n) => report.queued += n,
+                    // Nothing to queue in a table the file does not have (the pass says it
+                    // is gone); counted as swept, or every pass would sweep again.
+                    Err(SweepError::Source(e)) if e.missing_table().is_some() => {}
                     Err(SweepError::Source(e)) => errors.push(e.to_string()),
                     Err(SweepError::State(e)) => errors.push(e.to_string()),
                 }
@@ -419,10 +434,17 @@ impl Pusher {
                 .into_iter()
                 .try_for_each(|held| self.reject(&ctx, &table, held, &mut tr));
             let flushed = self.flush(&ctx.key, &mut group);
+            let outcome = result.and(settled).and(flushed);
+            tr.gone = matches!(outcome, Err(Halt::Gone(_)));
             report.tables.push(tr);
-            match result.and(settled).and(flushed) {
+            let outcome = match outcome {
+                Ok(()) => self.table_back(&ctx, &table),
+                Err(Halt::Gone(message)) => self.table_gone(&ctx, &table, &message, report),
+                other => other,
+            };
+            match outcome {
                 Ok(()) => {}
-                Err(Halt::Table(e)) => report.errors.push(e),
+                Err(Halt::Table(e) | Halt::Gone(e)) => report.errors.push(e),
                 Err(Halt::WrongUrl(e)) => {
                     report.errors.push(e);
                     report.wrong_url.push(table.name.clone());
@@ -431,6 +453,56 @@ impl Pusher {
             }
         }
         None
+    }
+
+    /// A table the source file does not have: one error line the first time, with what
+    /// was sent of it and what waits, remembered in the state database so that neither
+    /// the passes of `run` nor the `once` runs of a cron job repeat it.
+    fn table_gone(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        message: &str,
+        report: &mut CycleReport,
+    ) -> Result<(), Halt> {
+        let key = gone_key(ctx, table);
+        if self.tracking.meta(&key)?.is_some_and(|v| !v.is_empty()) {
+            return Ok(());
+        }
+        let (mut sent, mut waiting) = (0, 0);
+        for c in self.tracking.counts()? {
+            if c.source == ctx.key && c.table == table.name {
+                match c.status.as_str() {
+                    "success" => sent += c.rows,
+                    _ => waiting += c.rows,
+                }
+            }
+        }
+        let waiting = match waiting {
+            0 => "no row read from it waits to be sent".to_string(),
+            n => format!("{n} rows read from it but not sent yet wait until it is back"),
+        };
+        self.tracking.set_meta(&[(&key, "gone")])?;
+        report.errors.push(format!(
+            "source {} table {}: {message} (dropped by the application, or never created in this file): {sent} of its rows were sent and stay recorded as sent, {waiting}, rows written since the last read are gone with it; the other tables and files are pushed as usual. Said once; another line says when the table is back",
+            ctx.path.display(),
+            table.name
+        ));
+        Ok(())
+    }
+
+    /// A table read again after [`Pusher::table_gone`]: one line.
+    fn table_back(&mut self, ctx: &SourceCtx, table: &TableSpec) -> Result<(), Halt> {
+        let key = gone_key(ctx, table);
+        if self.tracking.meta(&key)?.is_some_and(|v| !v.is_empty()) {
+            self.tracking.set_meta(&[(&key, "")])?;
+            log::info!(
+                "source {} table {}: the table is back; its rows are pushed again",
+                ctx.path.display(),
+                table.name
+            );
+        }
+        Ok(())
     }
 
     fn push_table(
@@ -786,6 +858,11 @@ impl Pusher {
         group.since = None;
         result.map_err(Halt::from)
     }
+}
+
+/// The `agent_meta` entry of a table gone from a source.
+fn gone_key(ctx: &SourceCtx, table: &TableSpec) -> String {
+    format!("table_gone:{}:{}", ctx.key, table.name)
 }
 
 fn id_text(v: &Value) -> String {

@@ -60,6 +60,23 @@ impl fmt::Display for SourceError {
 
 impl std::error::Error for SourceError {}
 
+impl SourceError {
+    /// SQLite's `no such table: NAME` when the table's query names a table the file does
+    /// not have (dropped by the application, or never created in this file); the message
+    /// alone, without the query SQLite quotes after it.
+    pub fn missing_table(&self) -> Option<&str> {
+        let SourceError::Query { error, .. } = self else {
+            return None;
+        };
+        let message = match error {
+            rusqlite::Error::SqliteFailure(_, Some(m)) => m.as_str(),
+            rusqlite::Error::SqlInputError { msg, .. } => msg.as_str(),
+            _ => return None,
+        };
+        message.starts_with("no such table: ").then_some(message)
+    }
+}
+
 /// SQLite's messages, with a hint where the operator's next step is not obvious.
 fn describe(e: &rusqlite::Error) -> String {
     let text = e.to_string();

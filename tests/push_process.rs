@@ -336,3 +336,84 @@ fn once_exits_0_when_everything_is_pushed_and_1_when_a_row_fails() {
     let row = tracked(&dir.state_db(), "evenement", 4).expect("tracked");
     assert_eq!(row.status, "failed");
 }
+
+/// Seed 004's bug 5: the application drops a table. `relais once` from cron says it in
+/// one line the first time (what was sent, what waits), not at every run, and once more
+/// when the table is back; the other table is pushed meanwhile.
+#[test]
+fn a_dropped_table_is_said_once_and_again_when_it_is_back() {
+    let dir = Scratch::new("dropped-table");
+    let db = app(&dir, false, 4096, 3);
+    let rx = receiver(&dir);
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
+    let once = || {
+        let out = run_relais(&["once"], &vars, Duration::from_secs(30));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let lines = |log: &str, needle: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    };
+    let (code, log) = once();
+    assert_eq!(code, Some(0), "{log}");
+
+    let app = Connection::open(&db).expect("app db");
+    app.execute_batch("DROP TABLE media").expect("drop");
+    insert_events(&app, 2).expect("events");
+    let (code, log) = once();
+    assert_eq!(code, Some(1), "a table gone is not a clean pass: {log}");
+    let said = lines(&log, "no such table");
+    assert_eq!(said.len(), 1, "{log}");
+    let expected = format!(
+        "ERROR source {} table media: no such table: media (dropped by the application, or never created in this file): 1 of its rows were sent and stay recorded as sent, no row read from it waits to be sent, rows written since the last read are gone with it; the other tables and files are pushed as usual",
+        db.display()
+    );
+    assert!(said[0].contains(&expected), "{}", said[0]);
+    let events = |rx: &Receiver| {
+        rx.rows()
+            .iter()
+            .filter(|r| r.endpoint == "evenements")
+            .count()
+    };
+    assert_eq!(events(&rx), 5, "the other table is pushed");
+
+    let (code, log) = once();
+    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(
+        lines(&log, "no such table"),
+        Vec::<String>::new(),
+        "said once"
+    );
+    assert_eq!(
+        lines(&log, "media pushed 0 failed 0, table gone;").len(),
+        1,
+        "{log}"
+    );
+
+    // The application creates the table again, its ids continuing.
+    app.execute_batch(relais::demo::SCHEMA).expect("schema");
+    app.execute(
+        "INSERT INTO media (id_media, date, id_capteur, numero_camera) VALUES (2, '2025-12-19T08:00:00.000000', 4, 1)",
+        [],
+    )
+    .expect("media 2");
+    let (code, log) = once();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        lines(
+            &log,
+            "table media: the table is back; its rows are pushed again"
+        )
+        .len(),
+        1,
+        "{log}"
+    );
+    assert!(check_delivery(&db, &rx.rows(), DEVICE).unwrap().is_exact());
+    let media = rx.rows().iter().filter(|r| r.endpoint == "media").count();
+    assert_eq!(media, 2);
+}

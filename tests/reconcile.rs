@@ -322,3 +322,38 @@ fn the_backlog_counts_rows_no_pass_has_read() {
         "{status}"
     );
 }
+
+/// A table dropped from its file has nothing to sweep: the sweep is done without it,
+/// or it would stay due and run again, whole, at every pass.
+#[test]
+fn a_dropped_table_does_not_keep_the_sweep_due() {
+    let dir = Scratch::new("sweep-dropped");
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, false).unwrap();
+    insert_events(&conn, 3).unwrap();
+    relais::demo::insert_media(&conn, None).unwrap();
+    let rx = receiver(&dir);
+    let mut p = pusher(&db.display().to_string(), &rx.url(), &dir, &[]);
+    assert!(p.sync_once().is_clean());
+    conn.execute_batch("DROP TABLE media").unwrap();
+    let state = Connection::open(dir.state_db()).unwrap();
+    state
+        .execute(
+            "UPDATE agent_meta SET value = '0' WHERE key = 'last_sweep_at'",
+            [],
+        )
+        .unwrap();
+    let swept = p.reconcile();
+    assert!(swept.errors.is_empty(), "{:?}", swept.errors);
+    let last: i64 = state
+        .query_row(
+            "SELECT CAST(value AS INTEGER) FROM agent_meta WHERE key = 'last_sweep_at'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        last >= common::unix_now() - 5,
+        "the sweep was recorded done"
+    );
+}
