@@ -110,9 +110,10 @@ fn racing_the_same_keys_to_both_servers_stores_each_once_with_one_id() {
             let (rows, start) = (Arc::clone(&rows), Arc::clone(&start));
             std::thread::spawn(move || {
                 let agent = client();
-                start.wait();
                 rows.iter()
                     .map(|(key, path, body)| {
+                        // All clients at once on every key, half of them on each server.
+                        start.wait();
                         let (status, answer) = post(&agent, &url, path, Some(key), body.as_bytes());
                         assert_eq!(status, 201, "{key} via {url}: {answer}");
                         (key.clone(), id_of(&answer))
@@ -155,6 +156,7 @@ fn racing_the_same_keys_to_both_servers_stores_each_once_with_one_id() {
         metric(&b, "relais_server_rows_stored_total"),
     );
     assert_eq!(won_a + won_b, rows.len() as u64);
+    eprintln!("rows stored by A: {won_a}, by B: {won_b}");
     assert!(won_a > 0 && won_b > 0, "A stored {won_a}, B {won_b}");
     let replays =
         metric(&a, "relais_server_replays_total") + metric(&b, "relais_server_replays_total");
@@ -217,13 +219,17 @@ impl Device {
     /// is set (the test added its last rows); gives up after a minute. Returns how many
     /// passes were interrupted (a 502 from the balancer for a request the kill cut).
     fn run_agent(&self, backend: &str, last: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> {
-        let settings = settings_for(
+        let mut settings = settings_for(
             &self.dir.join("surveillance.db"),
             backend,
             &self.dir,
             &[("DEVICE_ID", &self.id)],
         )
         .expect("settings");
+        // An upload the balancer stops reading when its server dies stalls: given up
+        // after 2 s, not the default 30, on loopback where nothing else is that slow.
+        settings.http.io_timeout = Duration::from_secs(2);
+        settings.http.response_timeout = Duration::from_secs(5);
         std::thread::spawn(move || {
             let mut pusher =
                 relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))
