@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Server, StoreKind, client, media, pattern, post, sha256_hex, wait_for};
+use common::{Server, StoreKind, client, media, pattern, post, send_head, sha256_hex, wait_for};
 
 common::on_both_stores!(
     a_20_mb_media_body_streams_to_a_file_in_bounded_memory,
@@ -54,21 +54,10 @@ fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory(store: StoreKind) {
     );
 }
 
-/// Connects and sends the head of a POST to `endpoint` announcing a body of `len` bytes.
-fn send_head(server: &Server, endpoint: &str, key: &str, len: usize) -> TcpStream {
-    let mut conn = TcpStream::connect(&server.addr).expect("connect");
-    let head = format!(
-        "POST {endpoint} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Idempotency-Key: {key}\r\nContent-Length: {len}\r\n\r\n"
-    );
-    conn.write_all(head.as_bytes()).expect("head");
-    conn
-}
-
 /// Sends the head of a media request announcing the whole body, then `cut` bytes of it,
 /// then closes the connection.
 fn send_cut(server: &Server, body: &[u8], cut: usize) {
-    let mut conn = send_head(server, "/api/media", "pi:media:1", body.len());
+    let mut conn = send_head(&server.addr, "/api/media", "pi:media:1", body.len());
     conn.write_all(&body[..cut]).expect("part of the body");
     // Past the diversion threshold the server is writing a temporary file: wait until
     // it exists, so the cut hits a file being written, not a request not yet read.
@@ -123,7 +112,12 @@ fn a_media_body_cut_anywhere_leaves_no_row_and_no_file(store: StoreKind) {
 fn sigterm_lets_a_slow_request_in_flight_finish_and_exits_0(store: StoreKind) {
     let mut server = Server::start_on(store, &["--shutdown-grace-s", "5"]);
     let body = common::event("pi", 3).into_bytes();
-    let mut conn = send_head(&server, "/api/evenements", "pi:evenement:3", body.len());
+    let mut conn = send_head(
+        &server.addr,
+        "/api/evenements",
+        "pi:evenement:3",
+        body.len(),
+    );
     conn.write_all(&body[..10]).expect("first bytes");
     std::thread::sleep(Duration::from_millis(100));
     server.signal(libc::SIGTERM);

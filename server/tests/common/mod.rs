@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod haproxy;
 pub mod pg;
 
 use std::io::{BufRead, BufReader};
@@ -81,6 +82,7 @@ pub struct Server {
     pub addr: String,
     pub dir: PathBuf,
     pub store: StoreAt,
+    media: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -120,12 +122,32 @@ impl Server {
         )
     }
 
+    /// Starts the binary with `--no-auth` as one server of a fleet: on `store` (shared
+    /// with the others), listening on `listen` (`127.0.0.1:0` for a free port, a killed
+    /// server's `addr` to restart it there), its media in `media` (shared too).
+    pub fn start_member(store: StoreAt, listen: &str, media: &Path) -> Server {
+        let dir = scratch("srv");
+        Server::spawn_at(dir, store, listen, media, &["--no-auth"], "info")
+    }
+
     fn spawn(dir: PathBuf, store: StoreAt, args: &[&str], rust_log: &str) -> Server {
+        let media = dir.join("media");
+        Server::spawn_at(dir, store, "127.0.0.1:0", &media, args, rust_log)
+    }
+
+    fn spawn_at(
+        dir: PathBuf,
+        store: StoreAt,
+        listen: &str,
+        media: &Path,
+        args: &[&str],
+        rust_log: &str,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_relais-server"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env("DATABASE_URL", store.url())
             .arg("--media-dir")
-            .arg(dir.join("media"))
+            .arg(media)
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
@@ -147,6 +169,7 @@ impl Server {
             addr: String::new(),
             dir,
             store,
+            media: media.to_path_buf(),
             log,
         };
         assert!(
@@ -220,7 +243,7 @@ impl Server {
     }
 
     pub fn media_dir(&self) -> PathBuf {
-        self.dir.join("media")
+        self.media.clone()
     }
 
     /// The SQLite store (for a test about SQLite alone).
@@ -393,6 +416,19 @@ pub fn post_as(
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().expect("answer body");
     (status, text)
+}
+
+/// Connects to `addr` and sends the head of a POST to `endpoint` announcing a body of
+/// `len` bytes: the body is the caller's to send (or cut).
+pub fn send_head(addr: &str, endpoint: &str, key: &str, len: usize) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    let head = format!(
+        "POST {endpoint} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Idempotency-Key: {key}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn
 }
 
 /// GETs `url` + `path`, with a bearer token when given; returns the status, the
