@@ -104,10 +104,17 @@ pub fn open_router(config: &Config) -> Result<axum::Router, String> {
     ))
 }
 
+/// How long a partial upload file may sit unwritten before it is a leftover: twice the
+/// longest a request may take, a margin for the clocks of a shared (NFS) directory's
+/// clients, whose server sets the files' times.
+fn stale_upload(config: &Config) -> std::time::Duration {
+    config.request_timeout * 2
+}
+
 // The seam for media shared by several servers: a directory every server mounts (NFS)
 // works as is; an object store would implement MediaDir's place and remove.
 fn open_media(config: &Config) -> Result<media::MediaDir, String> {
-    media::MediaDir::open(&config.media_dir)
+    media::MediaDir::open(&config.media_dir, stale_upload(config))
         .map_err(|e| format!("media: {}: {e}", config.media_dir.display()))
 }
 
@@ -121,6 +128,7 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
         store.clone(),
         config.store_check_interval,
     ));
+    let sweep = tokio::spawn(media.clone().sweep_every(stale_upload(config)));
     if config.no_auth {
         tracing::warn!(
             "auth: --no-auth: no token needed, anyone who reaches {addr} may push for any \
@@ -138,5 +146,6 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
     )
     .await;
     watch.abort();
+    sweep.abort();
     served
 }

@@ -14,6 +14,7 @@ mod split;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use http_body_util::BodyExt as _;
@@ -66,21 +67,50 @@ pub struct MediaDir {
 struct Inner {
     root: PathBuf,
     spool: split::Spool,
+    /// See [`instance_tag`].
+    instance: String,
     counter: AtomicU64,
 }
 
 impl MediaDir {
-    /// Creates the directory if needed and clears temporary files left by a previous run.
-    pub fn open(root: &Path) -> std::io::Result<MediaDir> {
+    /// Creates the directory if needed and removes the temporary files of requests that
+    /// cannot be running any more: idle for longer than `stale_after`, which must exceed
+    /// the longest request of every server sharing the directory.
+    pub fn open(root: &Path, stale_after: Duration) -> std::io::Result<MediaDir> {
         std::fs::create_dir_all(root)?;
-        let spool = split::Spool::new(root.join(INCOMING))?;
+        let instance = instance_tag();
+        let spool = split::Spool::new(root.join(INCOMING), instance.clone(), stale_after)?;
         Ok(MediaDir {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 spool,
+                instance,
                 counter: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Sweeps the stale temporary files every `period`, forever: a server killed
+    /// mid-upload leaves its partial file for whichever server sweeps next.
+    pub async fn sweep_every(self, period: Duration) {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let inner = Arc::clone(&self.inner);
+            match tokio::task::spawn_blocking(move || inner.spool.sweep()).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(
+                    "media: removed {n} partial upload file(s) of requests that ended without a \
+                     body (a server killed mid-upload)"
+                ),
+                Ok(Err(e)) => tracing::warn!(
+                    "media: cannot sweep {}: {e}",
+                    self.inner.root.join(INCOMING).display()
+                ),
+                Err(e) => tracing::warn!("media: the sweep failed: {e}"),
+            }
+        }
     }
 
     /// Streams `body` through the splitter in a blocking thread.
@@ -134,16 +164,28 @@ impl MediaDir {
 }
 
 impl Inner {
-    /// Unique across restarts (time) and within a run (counter); says nothing about the
-    /// row, which is found through the row's `media_path`.
+    /// Unique across restarts (time), across the servers sharing the directory
+    /// (instance) and within a run (counter), since the rename into place would replace
+    /// a file of the same name; says nothing about the row, which is found through the
+    /// row's `media_path`.
     fn unique_name(&self) -> String {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{nanos:x}-{}-{n}.bin", std::process::id())
+        format!("{nanos:x}-{}-{n}.bin", self.instance)
     }
+}
+
+/// 64 random bits naming this process's files: a pid repeats across the containers of a
+/// fleet sharing one media directory (each server pid 1). std's `RandomState` is keyed
+/// from the operating system's random source.
+fn instance_tag() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
 }
 
 /// Sends the body's data frames to the splitter; stops at the first body error.

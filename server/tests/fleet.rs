@@ -27,8 +27,8 @@ fn fleet() -> Option<(Server, Server, PathBuf)> {
     let cluster = pg::shared()?;
     let store = StoreAt::Postgres(cluster.create_db());
     let media = common::scratch("fleet-media");
-    let a = Server::start_member(store.clone(), "127.0.0.1:0", &media);
-    let b = Server::start_member(store, "127.0.0.1:0", &media);
+    let a = Server::start_member(store.clone(), "127.0.0.1:0", &media, &[]);
+    let b = Server::start_member(store, "127.0.0.1:0", &media, &[]);
     Some((a, b, media))
 }
 
@@ -41,9 +41,14 @@ fn kill(server: &mut Server) {
     );
 }
 
-/// The same server again: same store, same port, same media directory.
-fn restart(server: &Server) -> Server {
-    Server::start_member(server.store.clone(), &server.addr, &server.media_dir())
+/// The same server again: same store, same port, same media directory, `extra` flags.
+fn restart(server: &Server, extra: &[&str]) -> Server {
+    Server::start_member(
+        server.store.clone(),
+        &server.addr,
+        &server.media_dir(),
+        extra,
+    )
 }
 
 /// The media files a listing shows: the directory's own files, not `.incoming/`.
@@ -380,7 +385,7 @@ fn agents_through_the_balancer_lose_nothing_while_a_server_is_killed_and_restart
         wait_for(Duration::from_secs(5), || !balancer.is_up("s0")),
         "haproxy still sends to the killed server"
     );
-    let a = restart(&a);
+    let a = restart(&a, &[]);
     assert!(
         wait_for(Duration::from_secs(5), || balancer.is_up("s0")),
         "haproxy does not take the restarted server back"
@@ -413,32 +418,57 @@ fn agents_through_the_balancer_lose_nothing_while_a_server_is_killed_and_restart
     let _ = std::fs::remove_dir_all(&media_dir);
 }
 
+/// Sends the first half of `body` to `addr` as a media push with `key`; returns the
+/// connection, its upload in flight.
+fn half_upload(addr: &str, key: &str, body: &[u8]) -> std::net::TcpStream {
+    let mut conn = send_head(addr, "/api/media", key, body.len());
+    for chunk in body[..body.len() / 2].chunks(64 * 1024) {
+        conn.write_all(chunk).expect("half the body");
+    }
+    conn
+}
+
+/// The status line and headers of the answer on `conn` (the connection stays open).
+fn answer_head(conn: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The `.part` files of `.incoming` with at least `bytes` written.
+fn parts_over(media: &Path, bytes: u64) -> Vec<PathBuf> {
+    incoming_files(media)
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= bytes))
+        .collect()
+}
+
 #[test]
 fn a_media_upload_cut_by_sigkill_leaves_no_row_and_no_visible_file() {
     let Some(cluster) = pg::shared() else {
         return;
     };
     let media_dir = common::scratch("fleet-media");
-    let mut a = Server::start_member(
-        StoreAt::Postgres(cluster.create_db()),
-        "127.0.0.1:0",
-        &media_dir,
-    );
+    let store = StoreAt::Postgres(cluster.create_db());
+    // Requests of at most 2 s: a partial file idle for 4 s is a leftover.
+    let short = ["--request-timeout-s", "2"];
+    let mut a = Server::start_member(store.clone(), "127.0.0.1:0", &media_dir, &short);
+    let b = Server::start_member(store, "127.0.0.1:0", &media_dir, &[]);
     let data = pattern(4 << 20, 13);
     let body = media("cut", &STANDARD.encode(&data)).into_bytes();
     let key = relais_wire::idempotency_key("cut", "media", None, "1");
-    let mut conn = send_head(&a.addr, "/api/media", &key, body.len());
-    for chunk in body[..body.len() / 2].chunks(64 * 1024) {
-        conn.write_all(chunk).expect("half the body");
-    }
+    let conn = half_upload(&a.addr, &key, &body);
     // The kill must hit a file being written: wait until the server has spooled some.
-    let spooled = || {
-        incoming_files(&media_dir)
-            .iter()
-            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 1 << 20))
-    };
     assert!(
-        wait_for(Duration::from_secs(10), spooled),
+        wait_for(Duration::from_secs(10), || parts_over(&media_dir, 1 << 20)
+            .len()
+            == 1),
         "no temporary file being written: {:?}",
         incoming_files(&media_dir)
     );
@@ -451,33 +481,61 @@ fn a_media_upload_cut_by_sigkill_leaves_no_row_and_no_visible_file() {
         "a row for a cut body"
     );
     assert_eq!(visible_files(&media_dir), BTreeSet::new(), "a visible file");
-    // SIGKILL runs no destructor: the partial file stays in .incoming until a start.
+    // SIGKILL runs no destructor: the partial file stays in .incoming.
     let left = incoming_files(&media_dir);
     assert!(
         left.len() == 1 && left[0].extension().is_some_and(|e| e == "part"),
         "{left:?}"
     );
 
-    let a = restart(&a);
-    assert_eq!(
-        incoming_files(&media_dir),
-        Vec::<PathBuf>::new(),
-        "leftover kept"
+    // B is receiving another upload while A starts again: A's start must not take B's
+    // partial file for a leftover, nor A's own fresh one yet.
+    let other = pattern(4 << 20, 14);
+    let other_body = media("live", &STANDARD.encode(&other)).into_bytes();
+    let other_key = relais_wire::idempotency_key("live", "media", None, "1");
+    let mut live = half_upload(&b.addr, &other_key, &other_body);
+    assert!(
+        wait_for(Duration::from_secs(10), || parts_over(&media_dir, 1 << 20)
+            .len()
+            == 2),
+        "B is not writing: {:?}",
+        incoming_files(&media_dir)
+    );
+    let a = restart(&a, &short);
+    assert_eq!(incoming_files(&media_dir).len(), 2, "a live upload removed");
+    live.write_all(&other_body[other_body.len() / 2..])
+        .expect("the rest of the body");
+    let head = answer_head(&mut live);
+    assert!(
+        head.starts_with("HTTP/1.1 201"),
+        "B's upload across A's restart: {head}"
+    );
+
+    // The killed upload's file, idle since the kill, goes at A's next sweep.
+    assert!(
+        wait_for(Duration::from_secs(15), || incoming_files(&media_dir)
+            .is_empty()),
+        "leftover kept: {:?}",
+        incoming_files(&media_dir)
+    );
+    assert!(
+        a.logged("media: removed 1 partial upload file(s)"),
+        "{}",
+        a.log_text()
     );
     let (status, answer) = post(&client(), &a.url, "/api/media", Some(&key), &body);
     assert_eq!(status, 201, "{answer}");
-    let row =
-        a.row("SELECT count(*), min(media_size), min(media_sha256), min(media_path) FROM media");
+    let row = a.row(
+        "SELECT count(*), min(media_size), min(media_sha256), min(media_path) FROM media
+         WHERE device_id = 'cut'",
+    );
     assert_eq!(
         row[..3],
         ["1".to_string(), data.len().to_string(), sha256_hex(&data)]
     );
     let files = visible_files(&media_dir);
-    assert_eq!(
-        files,
-        BTreeSet::from([row[3].clone()]),
-        "one file, the row's"
-    );
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.contains(&row[3]), "the row's file: {files:?}");
     let file = std::fs::read(media_dir.join(&row[3])).expect("file");
     assert_eq!(sha256_hex(&file), sha256_hex(&data), "the file's bytes");
     assert_eq!(incoming_files(&media_dir), Vec::<PathBuf>::new());

@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -31,34 +32,59 @@ pub const BLOB_PLACEHOLDER: &[u8] = b"<blob>";
 const DECODE_BLOCK: usize = 48 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// Creates uniquely named temporary files in one directory.
+/// Creates uniquely named temporary files in one directory, which several servers may
+/// share (one media directory mounted on every server of a fleet).
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
+    /// This process's part of every name: a pid alone repeats across containers (each
+    /// server pid 1) sharing the directory.
+    instance: String,
     counter: AtomicU64,
+    stale_after: Duration,
 }
 
 impl Spool {
-    /// Uses `dir` (created if missing) and removes leftovers of a previous run, which can
-    /// only be partial files of interrupted requests.
-    pub fn new(dir: PathBuf) -> io::Result<Spool> {
+    /// Uses `dir` (created if missing) for files named after `instance`, and removes the
+    /// leftovers of interrupted requests: see [`Spool::sweep`].
+    pub fn new(dir: PathBuf, instance: String, stale_after: Duration) -> io::Result<Spool> {
         fs::create_dir_all(&dir)?;
-        for entry in fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|ext| ext == "part") {
-                // Best effort: a leftover that cannot be removed is harmless.
-                let _ = fs::remove_file(&path);
+        let spool = Spool {
+            dir,
+            instance,
+            counter: AtomicU64::new(0),
+            stale_after,
+        };
+        spool.sweep()?;
+        Ok(spool)
+    }
+
+    /// Removes the partial files not written to for `stale_after`: those of requests
+    /// that can no longer be running (a killed server's, which no destructor removed).
+    /// A younger one may be another server's upload in flight, and is kept.
+    pub fn sweep(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if path.extension().is_none_or(|ext| ext != "part") {
+                continue;
+            }
+            let idle = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default());
+            // Best effort: a leftover that cannot be removed is harmless.
+            if idle.is_ok_and(|idle| idle > self.stale_after) && fs::remove_file(&path).is_ok() {
+                removed += 1;
             }
         }
-        Ok(Spool {
-            dir,
-            counter: AtomicU64::new(0),
-        })
+        Ok(removed)
     }
 
     fn create(&self) -> io::Result<(TempPath, File)> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{}-{n}.part", std::process::id()));
+        let path = self.dir.join(format!("{}-{n}.part", self.instance));
         // create_new: never write through a file someone else left under that name.
         let file = OpenOptions::new()
             .write(true)
@@ -442,7 +468,10 @@ mod tests {
             .unwrap_or(0);
         let dir =
             std::env::temp_dir().join(format!("relais-split-test-{}-{n}", std::process::id()));
-        (Spool::new(dir.clone()).expect("spool dir"), dir)
+        (
+            Spool::new(dir.clone(), "test".into(), Duration::from_secs(60)).expect("spool dir"),
+            dir,
+        )
     }
 
     /// Feeds in awkward 7-byte chunks to exercise state carried across chunks.
@@ -452,6 +481,27 @@ mod tests {
             splitter.feed(chunk);
         }
         splitter.finish()
+    }
+
+    #[test]
+    fn a_sweep_removes_only_partial_files_idle_for_longer_than_a_request_may_take() {
+        let (spool, dir) = spool();
+        let touch = |name: &str, idle: Duration| {
+            let file = File::create(dir.join(name)).expect("create");
+            let written = std::time::SystemTime::now() - idle;
+            file.set_modified(written).expect("mtime");
+        };
+        touch("old.part", Duration::from_secs(61));
+        touch("live.part", Duration::from_secs(5));
+        touch("old.bin", Duration::from_secs(3600));
+        assert_eq!(spool.sweep().expect("sweep"), 1);
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["live.part", "old.bin"]);
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -124,10 +124,12 @@ impl Server {
 
     /// Starts the binary with `--no-auth` as one server of a fleet: on `store` (shared
     /// with the others), listening on `listen` (`127.0.0.1:0` for a free port, a killed
-    /// server's `addr` to restart it there), its media in `media` (shared too).
-    pub fn start_member(store: StoreAt, listen: &str, media: &Path) -> Server {
+    /// server's `addr` to restart it there), its media in `media` (shared too), with
+    /// `extra` flags.
+    pub fn start_member(store: StoreAt, listen: &str, media: &Path, extra: &[&str]) -> Server {
         let dir = scratch("srv");
-        Server::spawn_at(dir, store, listen, media, &["--no-auth"], "info")
+        let args: Vec<&str> = ["--no-auth"].iter().chain(extra).copied().collect();
+        Server::spawn_at(dir, store, listen, media, &args, "info")
     }
 
     fn spawn(dir: PathBuf, store: StoreAt, args: &[&str], rust_log: &str) -> Server {
