@@ -115,15 +115,7 @@ impl Options {
                 "--bench" => {}
                 "--quick" => quick = true,
                 "--devices" => devices = Some(parse_devices(&value()?)?),
-                "--seconds" => {
-                    let v = value()?;
-                    seconds = Some(
-                        v.parse::<u64>()
-                            .ok()
-                            .filter(|&s| s > 0)
-                            .ok_or(format!("--seconds: {v:?} is not a positive number"))?,
-                    );
-                }
+                "--seconds" => seconds = Some(positive("--seconds", &value()?)? as u64),
                 "--store" => {
                     stores = Some(match value()?.as_str() {
                         "sqlite" => vec![Kind::Sqlite],
@@ -156,15 +148,15 @@ impl Options {
 }
 
 fn parse_devices(list: &str) -> Res<Vec<usize>> {
-    list.split(',')
-        .map(|n| {
-            n.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or(format!("--devices: {n:?} is not a positive number"))
-        })
-        .collect()
+    list.split(',').map(|n| positive("--devices", n)).collect()
+}
+
+fn positive(flag: &str, text: &str) -> Res<usize> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(format!("{flag}: {text:?} is not a positive number"))
 }
 
 fn main() -> ExitCode {
