@@ -49,6 +49,12 @@ pub fn shared() -> Option<&'static Cluster> {
 impl Cluster {
     /// A new running cluster, or `None` (see the module doc) without the binaries.
     pub fn start() -> Option<Cluster> {
+        Cluster::start_with("")
+    }
+
+    /// [`Cluster::start`] with `settings` (postgresql.conf lines) appended after the
+    /// tests' own, so they win: the load benchmark turns durability back on.
+    pub fn start_with(settings: &str) -> Option<Cluster> {
         let Some(bin) = find_bin() else {
             let reason = "PostgreSQL binaries (initdb, pg_ctl) not found via pg_config \
                           --bindir, /usr/lib/postgresql/*/bin or PATH; install Debian's \
@@ -80,12 +86,12 @@ impl Cluster {
             databases: AtomicU32::new(0),
             dir,
         };
-        cluster.init();
+        cluster.init(settings);
         cluster.resume();
         Some(cluster)
     }
 
-    fn init(&self) {
+    fn init(&self, settings: &str) {
         let pwfile = self.dir.join("pwfile");
         std::fs::write(&pwfile, &self.password).expect("pwfile");
         if self.as_nobody {
@@ -120,6 +126,7 @@ impl Cluster {
         let path = self.data().join("postgresql.conf");
         let mut text = std::fs::read_to_string(&path).expect("postgresql.conf");
         text.push_str(&conf);
+        text.push_str(settings);
         std::fs::write(&path, text).expect("postgresql.conf");
     }
 
