@@ -395,7 +395,7 @@ impl PostgresStore {
             })
             .await?;
         let mut answers: Vec<Option<Result<Stored, StoreError>>> = vec![None; batch.len()];
-        answer_from(batch, &mut answers, &key_rows(&inserted), true);
+        answer_from(batch, &mut answers, key_rows(&inserted), true);
         let missing: Vec<&NewPush> = batch
             .iter()
             .zip(&answers)
@@ -415,7 +415,7 @@ impl PostgresStore {
                 })
                 .await;
             match originals {
-                Ok(rows) => answer_from(batch, &mut answers, &key_rows(&rows), false),
+                Ok(rows) => answer_from(batch, &mut answers, key_rows(&rows), false),
                 Err(e) => answers.iter_mut().for_each(|a| {
                     a.get_or_insert_with(|| Err(e.clone()));
                 }),
@@ -507,10 +507,9 @@ fn key_rows(rows: &[Row]) -> KeyRows {
 fn answer_from(
     batch: &[NewPush],
     answers: &mut [Option<Result<Stored, StoreError>>],
-    rows: &KeyRows,
+    mut rows: KeyRows,
     inserted: bool,
 ) {
-    let mut rows = rows.clone();
     for (push, answer) in batch.iter().zip(answers.iter_mut()) {
         let (Some(key), None) = (&push.idempotency_key, &answer) else {
             continue;
