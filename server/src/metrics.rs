@@ -2,7 +2,8 @@
 //! series do not justify a crate). [`track`] is a middleware on every route: it counts
 //! requests by route template and status, times them, and counts the body bytes as the
 //! handlers read them; handlers report what the middleware cannot see (a row stored, a
-//! replay, a store failure) as an [`Outcome`] response extension.
+//! replay, a store failure) as an [`Outcome`] response extension; the store's group
+//! commit keeps its own counters ([`crate::store::group_commit::Counts`]), read here.
 //!
 //! A route is its template (`/api/{name}`), never the request's path: a path may hold a
 //! secret (`/config/{site_token}`), and a label per path would grow without bound. A
@@ -20,6 +21,8 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
+
+use crate::store::group_commit::Counts;
 
 /// The route label of a request that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -46,6 +49,8 @@ pub struct Metrics {
     counters: Mutex<Counters>,
     /// Updated as body chunks arrive, outside the lock.
     received_bytes: AtomicU64,
+    /// The store's group commit.
+    commits: Arc<Counts>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +78,14 @@ pub fn route_of<B>(req: &axum::http::Request<B>) -> &str {
 }
 
 impl Metrics {
+    /// The counters of a server whose store's group commit counts in `commits`.
+    pub fn new(commits: Arc<Counts>) -> Metrics {
+        Metrics {
+            commits,
+            ..Metrics::default()
+        }
+    }
+
     /// A poisoned lock only means a thread panicked while adding to a counter.
     fn lock(&self) -> MutexGuard<'_, Counters> {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
@@ -162,6 +175,16 @@ impl Metrics {
                 "relais_server_store_errors_total",
                 "Requests answered 503 because the store failed.",
                 c.store_errors,
+            ),
+            (
+                "relais_server_store_commits_total",
+                "Transactions the group commit committed, each for a batch of pushes.",
+                self.commits.commits(),
+            ),
+            (
+                "relais_server_store_committed_pushes_total",
+                "Pushes answered by those transactions; divided by the commits, the mean batch size.",
+                self.commits.pushes(),
             ),
         ] {
             header_lines(&mut out, name, "counter", help);

@@ -37,7 +37,7 @@ pub struct App<S> {
 }
 
 pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(app.store.commit_counts()));
     let gate = auth::Gate {
         store: app.store.clone(),
         open: config.no_auth,

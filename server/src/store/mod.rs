@@ -6,7 +6,8 @@
 //! Exactly once is the schema's job: `received` has a UNIQUE (device_id,
 //! idempotency_key) constraint and the insert is `INSERT ... ON CONFLICT DO NOTHING
 //! RETURNING id`, so of racing pushes with one key exactly one inserts; the others read
-//! the original afterwards. No application read-then-write decides.
+//! the original afterwards. No application read-then-write decides. Concurrent pushes
+//! share a transaction ([`group_commit`]): one commit answers a batch.
 //!
 //! The configuration backend (seed 001, [`crate::site_config`]) is stored the same way:
 //! UNIQUE constraints decide a duplicate token or (site, ip), and every change to a
@@ -14,11 +15,13 @@
 //! [`crate::site_config::config_hash`] in the change's own transaction, updating
 //! `config_version` and `config_updated_at` only when the hash moved.
 
+pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 pub mod watch;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
@@ -157,6 +160,9 @@ pub type Outcome<T> = Result<Result<T, Refused>, StoreError>;
 pub trait Store: Clone + Send + Sync + 'static {
     /// Stores `push` once per (device_id, idempotency_key).
     fn store_push(&self, push: NewPush) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+
+    /// The group commit's counters, for `/metrics`.
+    fn commit_counts(&self) -> Arc<group_commit::Counts>;
 
     /// Stores a new token; returns its id.
     fn add_token(&self, token: NewToken) -> impl Future<Output = Result<i64, StoreError>> + Send;

@@ -4,6 +4,10 @@
 //! duplicate's insert waits on the unique index for the original's commit, then does
 //! nothing and reads the original.
 //!
+//! Pushes with an Idempotency-Key go through [`super::group_commit`]: a batch is one
+//! `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING` ([`INSERT_BATCH`]), then
+//! one read of the originals of the rows it did not insert ([`ORIGINALS`]).
+//!
 //! Surviving the store: the pool checks a connection before handing it out again
 //! (`RecyclingMethod::Verified`) and opens new ones by itself when the server is back;
 //! connecting, waiting for a pooled connection and every statement are bounded (a
@@ -20,8 +24,10 @@
 
 mod site_config;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -31,6 +37,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
@@ -61,6 +68,11 @@ const MIGRATION_LOCK: i64 = 0x7265_6c61_6973;
 
 /// Connections per server: a push holds one for two short statements.
 const POOL_SIZE: usize = 16;
+/// Batches of pushes being stored at once. More than one: a batch waits for its commit's
+/// WAL flush, and PostgreSQL's own group commit shares that flush between connections.
+/// Well below [`POOL_SIZE`]: every authenticated request looks its token up, keyless
+/// pushes and the admin API need connections too.
+const FLUSHES_IN_FLIGHT: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request waits for a free connection before it gets a 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
@@ -76,6 +88,20 @@ const INSERT: &str = "INSERT INTO received (device_id, endpoint, idempotency_key
      RETURNING id";
 const ORIGINAL: &str =
     "SELECT id, body_sha256 FROM received WHERE device_id = $1 AND idempotency_key = $2";
+/// A batch of pushes, one array per column. Two pushes with one key in a batch: the
+/// unique index skips the second as it skips a committed row. `body_sha256` is returned
+/// so that of two such pushes with different bodies the one inserted is known.
+const INSERT_BATCH: &str = "INSERT INTO received (device_id, endpoint, idempotency_key,
+         local_id, body, body_sha256, media_path, media_size, media_sha256)
+     SELECT d, e, k, l, b::json, s, mp, ms, mh
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::text[], $8::bigint[], $9::text[]) AS u(d, e, k, l, b, s, mp, ms, mh)
+     ON CONFLICT (device_id, idempotency_key) DO NOTHING
+     RETURNING id, device_id, idempotency_key, body_sha256";
+/// The stored rows of the (device_id, idempotency_key) pairs a batch did not insert:
+/// committed before the batch's insert ended (it waited on the unique index for them).
+const ORIGINALS: &str = "SELECT id, device_id, idempotency_key, body_sha256 FROM received
+     WHERE (device_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
      version BIGINT PRIMARY KEY, name TEXT NOT NULL,
      applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
@@ -162,6 +188,7 @@ pub struct PostgresStore {
     pool: Pool,
     /// The redacted URL, for error lines.
     target: String,
+    pushes: Arc<GroupCommit>,
 }
 
 impl PostgresStore {
@@ -198,7 +225,11 @@ impl PostgresStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Failed(format!("{target}: pool: {e}")))?;
-        Ok(PostgresStore { pool, target })
+        Ok(PostgresStore {
+            pool,
+            target,
+            pushes: Arc::new(GroupCommit::new(FLUSHES_IN_FLIGHT)),
+        })
     }
 
     /// Applies the migrations not applied yet; returns their versions. Each one runs in
@@ -299,6 +330,110 @@ impl PostgresStore {
         })
     }
 
+    /// Stores a batch of keyed pushes with [`INSERT_BATCH`] and answers the rows it did
+    /// not insert from [`ORIGINALS`]. `Err`: the insert failed, nothing of the batch
+    /// is stored. A failed read of the originals fails only the pushes it would have
+    /// answered: the new rows are committed, and their callers must know it (a media
+    /// push answered with an error would delete the file its row names).
+    async fn insert_batch(
+        &self,
+        batch: &[NewPush],
+    ) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
+        let client = self.client().await?;
+        let fail = |e: tokio_postgres::Error| self.error("push batch", &e);
+        // Inserted in one order, (device_id, key), in every batch of every server: two
+        // batches waiting on each other's keys in opposite orders would deadlock.
+        let mut order: Vec<&NewPush> = batch.iter().collect();
+        order.sort_by(|a, b| {
+            (&a.device_id, &a.idempotency_key).cmp(&(&b.device_id, &b.idempotency_key))
+        });
+        let column = |f: fn(&NewPush) -> Option<&str>| order.iter().map(|p| f(p)).collect();
+        let media_size: Vec<Option<i64>> = order
+            .iter()
+            .map(|p| p.media.as_ref().map(|m| m.size as i64))
+            .collect();
+        let columns: [Vec<Option<&str>>; 8] = [
+            column(|p| Some(&p.device_id)),
+            column(|p| Some(&p.endpoint)),
+            column(|p| p.idempotency_key.as_deref()),
+            column(|p| p.local_id.as_deref()),
+            column(|p| Some(&p.body)),
+            column(|p| Some(&p.body_sha256)),
+            column(|p| p.media.as_ref().map(|m| m.path.as_str())),
+            column(|p| p.media.as_ref().map(|m| m.sha256.as_str())),
+        ];
+        let [
+            device,
+            endpoint,
+            key,
+            local,
+            body,
+            sha,
+            media_path,
+            media_sha,
+        ] = &columns;
+        let inserted = self
+            .bounded(async {
+                let insert = client.prepare_cached(INSERT_BATCH).await.map_err(fail)?;
+                client
+                    .query(
+                        &insert,
+                        &[
+                            device,
+                            endpoint,
+                            key,
+                            local,
+                            body,
+                            sha,
+                            media_path,
+                            &media_size,
+                            media_sha,
+                        ],
+                    )
+                    .await
+                    .map_err(fail)
+            })
+            .await?;
+        let mut answers: Vec<Option<Result<Stored, StoreError>>> = vec![None; batch.len()];
+        answer_from(batch, &mut answers, key_rows(&inserted), true);
+        let missing: Vec<&NewPush> = batch
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        if !missing.is_empty() {
+            let devices: Vec<&str> = missing.iter().map(|p| p.device_id.as_str()).collect();
+            let keys: Vec<Option<&str>> = missing
+                .iter()
+                .map(|p| p.idempotency_key.as_deref())
+                .collect();
+            let originals = self
+                .bounded(async {
+                    let read = client.prepare_cached(ORIGINALS).await.map_err(fail)?;
+                    client.query(&read, &[&devices, &keys]).await.map_err(fail)
+                })
+                .await;
+            match originals {
+                Ok(rows) => answer_from(batch, &mut answers, key_rows(&rows), false),
+                Err(e) => answers.iter_mut().for_each(|a| {
+                    a.get_or_insert_with(|| Err(e.clone()));
+                }),
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(StoreError::Failed(format!(
+                        "{}: push batch: a row neither inserted nor found",
+                        self.target
+                    )))
+                })
+            })
+            .collect())
+    }
+
     fn error(&self, what: &str, e: &tokio_postgres::Error) -> StoreError {
         let detail = format!("{} ({what}): {}", self.target, describe(e));
         if is_unreachable(e) {
@@ -355,6 +490,71 @@ impl From<StoreError> for Fault {
     }
 }
 
+/// `(id, device_id, idempotency_key, body_sha256)` rows of [`INSERT_BATCH`] or
+/// [`ORIGINALS`] by (device_id, idempotency_key), with whether a push of the batch was
+/// answered as the new row yet.
+type KeyRows = HashMap<(String, String), (i64, String, bool)>;
+
+fn key_rows(rows: &[Row]) -> KeyRows {
+    rows.iter()
+        .map(|r| ((r.get(1), r.get(2)), (r.get(0), r.get(3), false)))
+        .collect()
+}
+
+/// Answers each unanswered push of `batch` whose key is in `rows`: with the same body,
+/// the first one is the new row when `inserted` and every other one a replay; with
+/// another body, a mismatch.
+fn answer_from(
+    batch: &[NewPush],
+    answers: &mut [Option<Result<Stored, StoreError>>],
+    mut rows: KeyRows,
+    inserted: bool,
+) {
+    for (push, answer) in batch.iter().zip(answers.iter_mut()) {
+        let (Some(key), None) = (&push.idempotency_key, &answer) else {
+            continue;
+        };
+        let Some((id, sha, claimed)) = rows.get_mut(&(push.device_id.clone(), key.clone())) else {
+            continue;
+        };
+        *answer = Some(Ok(if *sha != push.body_sha256 {
+            Stored::Mismatch(*id)
+        } else if inserted && !*claimed {
+            *claimed = true;
+            Stored::New(*id)
+        } else {
+            Stored::Replay(*id)
+        }));
+    }
+}
+
+impl Flush for PostgresStore {
+    /// A batch whose insert fails for another reason than the connection (one bad row)
+    /// is stored row by row, so only the bad row fails; a lost connection fails them all
+    /// with [`StoreError::Unreachable`] (503: the agents retry).
+    async fn flush(&self, batch: Vec<NewPush>) -> Flushed {
+        match self.insert_batch(&batch).await {
+            Ok(answers) => Flushed {
+                answers,
+                commits: 1,
+            },
+            Err(e @ StoreError::Unreachable(_)) => Flushed::failed(batch.len(), e),
+            Err(StoreError::Failed(detail)) => {
+                tracing::warn!(
+                    "{detail}; storing the batch's {} pushes one by one",
+                    batch.len()
+                );
+                let mut answers = Vec::with_capacity(batch.len());
+                for push in &batch {
+                    answers.push(self.bounded(self.insert(push)).await);
+                }
+                let commits = answers.iter().filter(|a| a.is_ok()).count() as u64;
+                Flushed { answers, commits }
+            }
+        }
+    }
+}
+
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// The first row of the named query `sql` (prepared once per connection), if any.
@@ -406,7 +606,16 @@ fn token_row(r: &Row) -> Result<TokenInfo, Fault> {
 
 impl Store for PostgresStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
-        self.bounded(self.insert(&push)).await
+        if push.idempotency_key.is_none() {
+            // A keyless push is a new row every time: nothing in a batch's RETURNING
+            // rows (the table's columns only) would say which request a row is.
+            return self.bounded(self.insert(&push)).await;
+        }
+        self.pushes.push(self, push).await
+    }
+
+    fn commit_counts(&self) -> Arc<group_commit::Counts> {
+        self.pushes.counts()
     }
 
     async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {

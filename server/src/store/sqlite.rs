@@ -1,8 +1,10 @@
 //! The embedded store: one SQLite database file (WAL, `synchronous=FULL`: a 201 tells
 //! the device it may forget the row, so the commit must survive a power cut). One
 //! connection behind a mutex, used from `spawn_blocking`: SQLite has a single writer
-//! anyway, and a push's insert is a few hundred microseconds. The configuration
-//! backend's queries are in [`site_config`].
+//! anyway, and a push's insert is a few hundred microseconds. Pushes go through
+//! [`super::group_commit`], one batch at a time (the single writer): the batch's rows in
+//! one `BEGIN IMMEDIATE` transaction, one commit, so one fsync for them all. The
+//! configuration backend's queries are in [`site_config`].
 
 mod site_config;
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
@@ -55,6 +58,7 @@ const TOKEN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM tokens WHERE id = ?1)";
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    pushes: Arc<GroupCommit>,
 }
 
 impl SqliteStore {
@@ -75,6 +79,8 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            // One writer: a second batch would only wait for the lock.
+            pushes: Arc::new(GroupCommit::new(1)),
         })
     }
 
@@ -101,9 +107,22 @@ impl SqliteStore {
     }
 }
 
+impl Flush for SqliteStore {
+    async fn flush(&self, batch: Vec<NewPush>) -> Flushed {
+        let n = batch.len();
+        self.blocking(move |conn| Ok(insert_batch(conn, &batch)))
+            .await
+            .unwrap_or_else(|e| Flushed::failed(n, e))
+    }
+}
+
 impl Store for SqliteStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
-        self.blocking(move |conn| insert(conn, &push)).await
+        self.pushes.push(self, push).await
+    }
+
+    fn commit_counts(&self) -> Arc<group_commit::Counts> {
+        self.pushes.counts()
     }
 
     async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {
@@ -266,8 +285,33 @@ pub fn path_of(url: &str) -> Option<PathBuf> {
     (!rest.is_empty()).then(|| PathBuf::from(rest))
 }
 
-fn insert(conn: &mut Connection, p: &NewPush) -> rusqlite::Result<Stored> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// The pushes of `batch` in one IMMEDIATE transaction, each through [`insert`]: a row's
+/// failed statement is rolled back alone and fails its push only, unless SQLite rolled
+/// the whole transaction back (disk full, I/O error), which fails them all, as does a
+/// failed commit.
+fn insert_batch(conn: &mut Connection, batch: &[NewPush]) -> Flushed {
+    let fail_all = |e: rusqlite::Error| Flushed::failed(batch.len(), store_error(e));
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(e),
+    };
+    let mut answers = Vec::with_capacity(batch.len());
+    for push in batch {
+        match insert(&tx, push) {
+            Err(e) if tx.is_autocommit() => return fail_all(e),
+            stored => answers.push(stored.map_err(store_error)),
+        }
+    }
+    match tx.commit() {
+        Ok(()) => Flushed {
+            answers,
+            commits: 1,
+        },
+        Err(e) => fail_all(e),
+    }
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, p: &NewPush) -> rusqlite::Result<Stored> {
     let media = p.media.as_ref();
     let inserted: Option<i64> = tx
         .query_row(
@@ -305,7 +349,6 @@ fn insert(conn: &mut Connection, p: &NewPush) -> rusqlite::Result<Stored> {
             }
         }
     };
-    tx.commit()?;
     Ok(stored)
 }
 
