@@ -38,6 +38,11 @@ pub struct Cli {
     /// no admin token (the demo, and the seed backend's behaviour).
     #[arg(long, env = "RELAIS_SERVER_NO_AUTH")]
     pub no_auth: bool,
+    /// How long a token found in the store is trusted without asking the store again, in
+    /// seconds: a revoked token is refused by every server within this time. 0: the
+    /// store is asked at every request.
+    #[arg(long, env = "RELAIS_SERVER_TOKEN_CACHE_S", default_value_t = 2)]
+    pub token_cache_s: u64,
     /// Largest request body accepted, in bytes (a media push is its BLOB in base64,
     /// 4/3 of its size).
     #[arg(long, env = "RELAIS_SERVER_MAX_BODY_BYTES", default_value_t = 1 << 30)]

@@ -37,6 +37,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `--no-auth`: every route open.
     pub no_auth: bool,
+    /// `--token-cache-s`.
+    pub token_cache: Duration,
     /// What the accept loop enforces per connection.
     pub limits: Limits,
     pub store_check_interval: Duration,
@@ -64,6 +66,7 @@ impl Config {
             request_timeout: Duration::from_secs(cli.request_timeout_s),
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_s),
             no_auth: cli.no_auth,
+            token_cache: Duration::from_secs(cli.token_cache_s),
             limits: Limits {
                 max_header_bytes: cli.max_header_bytes,
                 header_timeout: Duration::from_secs(cli.header_timeout_s),

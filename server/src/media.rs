@@ -115,6 +115,12 @@ impl MediaDir {
 
     /// Streams `body` through the splitter in a blocking thread.
     pub async fn receive(&self, body: Body) -> Result<Received, ReceiveError> {
+        if axum::body::HttpBody::size_hint(&body)
+            .upper()
+            .is_some_and(|n| n <= split::INLINE_STRING_MAX as u64)
+        {
+            return self.receive_small(body).await;
+        }
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let inner = Arc::clone(&self.inner);
         let worker = tokio::task::spawn_blocking(move || {
@@ -135,6 +141,18 @@ impl MediaDir {
             .map_err(|e| ReceiveError::Worker(format!("media: the body reader failed: {e}")))?;
         streamed?;
         Ok(Received { split, body_sha256 })
+    }
+
+    /// A body too small to hold a string the splitter diverts to a file (most pushes:
+    /// events) is split here: no file I/O, so no hop to a blocking thread and back.
+    async fn receive_small(&self, body: Body) -> Result<Received, ReceiveError> {
+        let bytes = body.collect().await.map_err(body_error)?.to_bytes();
+        let mut splitter = split::Splitter::new(&self.inner.spool);
+        splitter.feed(&bytes);
+        Ok(Received {
+            split: splitter.finish(),
+            body_sha256: split::hex(&Sha256::digest(&bytes)),
+        })
     }
 
     /// Moves `blob` into the media directory under a new unique name (fsyncing the
@@ -191,14 +209,7 @@ fn instance_tag() -> String {
 /// Sends the body's data frames to the splitter; stops at the first body error.
 async fn forward(mut body: Body, tx: &mpsc::Sender<Bytes>) -> Result<(), ReceiveError> {
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            ReceiveError::Body {
-                limit,
-                detail: e.to_string(),
-            }
-        })?;
+        let frame = frame.map_err(body_error)?;
         if let Ok(data) = frame.into_data() {
             if tx.send(data).await.is_err() {
                 return Err(ReceiveError::Worker(
@@ -208,4 +219,14 @@ async fn forward(mut body: Body, tx: &mpsc::Sender<Bytes>) -> Result<(), Receive
         }
     }
     Ok(())
+}
+
+/// A body that could not be read: cut, failed, or over the size limit.
+fn body_error(e: axum::Error) -> ReceiveError {
+    let limit =
+        std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+    ReceiveError::Body {
+        limit,
+        detail: e.to_string(),
+    }
 }

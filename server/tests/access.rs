@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -113,6 +113,20 @@ fn a_push_needs_a_valid_device_token(store: StoreKind) {
     let (status, _, body) = push(&server, Some(&token), "pi-1");
     assert_eq!(status, 201, "{body}");
     assert!(server.cli(&["token", "revoke", "1"]).status.success());
+    // The server trusts a token it found for --token-cache-s (2 s): a push for another
+    // device, refused either way (403 while the token is trusted, 401 once it is not),
+    // tells when the revocation has reached it without storing anything.
+    let revoked_at = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || push(
+            &server,
+            Some(&token),
+            "pi-2"
+        )
+        .0 == 401),
+        "the revoked token still accepted"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(4));
     let (status, challenge, body) = push(&server, Some(&token), "pi-1");
     assert_eq!(
         (status, challenge.as_deref()),

@@ -41,6 +41,7 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
     let gate = auth::Gate {
         store: app.store.clone(),
         open: config.no_auth,
+        cache: Arc::new(auth::TokenCache::new(config.token_cache)),
     };
     // `Router::layer` wraps every route (and the fallback) after routing, so each layer
     // sees the route template; the last added runs first.
