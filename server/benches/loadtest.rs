@@ -24,9 +24,11 @@
 //!   the store under the id it answered, and a replay of a sample of acknowledged rows
 //!   answers the same id.
 
-#[allow(dead_code)] // the tests' shared cluster and its stop/resume are not used here
-#[path = "../tests/common/pg.rs"]
-mod pg;
+// The tests' helpers: their throwaway PostgreSQL cluster and their incompressible bytes.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::pg;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -573,17 +575,9 @@ fn device_loop(
     load
 }
 
-/// Deterministic bytes (xorshift): a camera clip does not compress either.
+/// A camera clip does not compress either.
 fn media_bytes() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..MEDIA_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(MEDIA_BYTES, 0x9e37_79b9_7f4a_7c15)
 }
 
 /// Pushes a spread sample of acknowledged rows again: how many answered their id.

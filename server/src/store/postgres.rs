@@ -366,36 +366,17 @@ impl PostgresStore {
             column(|p| p.media.as_ref().map(|m| m.path.as_str())),
             column(|p| p.media.as_ref().map(|m| m.sha256.as_str())),
         ];
-        let [
-            device,
-            endpoint,
-            key,
-            local,
-            body,
-            sha,
-            media_path,
-            media_sha,
-        ] = &columns;
+        // In INSERT_BATCH's order: the media size, the one integer column, is eighth.
+        let (text, media_sha) = columns.split_at(7);
+        let params: Vec<&(dyn ToSql + Sync)> = text
+            .iter()
+            .map(|c| c as &(dyn ToSql + Sync))
+            .chain([&media_size as &(dyn ToSql + Sync), &media_sha[0]])
+            .collect();
         let inserted = self
             .bounded(async {
                 let insert = client.prepare_cached(INSERT_BATCH).await.map_err(fail)?;
-                client
-                    .query(
-                        &insert,
-                        &[
-                            device,
-                            endpoint,
-                            key,
-                            local,
-                            body,
-                            sha,
-                            media_path,
-                            &media_size,
-                            media_sha,
-                        ],
-                    )
-                    .await
-                    .map_err(fail)
+                client.query(&insert, &params).await.map_err(fail)
             })
             .await?;
         let mut answers: Vec<Option<Result<Stored, StoreError>>> = vec![None; batch.len()];
