@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::{Server, StoreAt, client, pg, sha256_hex, wait_for};
+use common::{Server, client, sha256_hex, wait_for};
 use relais::demo::{create_app_db, insert_events, insert_media, settings_for};
 use relais::push::{CycleReport, Interruption};
 
@@ -34,13 +34,9 @@ type Row = (String, String, i64, String);
 
 #[test]
 fn day_files_reach_postgresql_exactly_once_through_a_dropped_table_and_a_restart() {
-    let Some(cluster) = pg::Cluster::start() else {
+    let Some((cluster, server)) = common::on_own_cluster() else {
         return;
     };
-    let server = Server::start_at(
-        StoreAt::Postgres(cluster.create_db()),
-        &["--store-check-interval-s", "1"],
-    );
     let dir = common::scratch("dbsync");
     let days = dir.join("days");
     std::fs::create_dir_all(dir.join("log")).expect("log dir");

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Server, StoreAt, client, event, pg, post, wait_for};
+use common::{Server, client, event, pg, post, wait_for};
 use relais::demo::{create_app_db, insert_events, insert_media, settings_for};
 use relais::push::Interruption;
 
@@ -144,14 +144,9 @@ fn ready_status(server: &Server) -> u16 {
 
 #[test]
 fn postgres_stopped_and_restarted_during_an_agent_run_loses_and_doubles_nothing() {
-    // Its own cluster: stopping the shared one would fail the other tests.
-    let Some(cluster) = pg::Cluster::start() else {
+    let Some((cluster, server)) = common::on_own_cluster() else {
         return;
     };
-    let server = Server::start_at(
-        StoreAt::Postgres(cluster.create_db()),
-        &["--store-check-interval-s", "1"],
-    );
     // What the start logs (the --no-auth warning among it) is not the outage's.
     let start_lines = server.log_lines().len();
     let dir = common::scratch("outage");

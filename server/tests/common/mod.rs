@@ -346,6 +346,18 @@ fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Option<String>>>
     .expect("query")
 }
 
+/// A server on a PostgreSQL cluster of its own, checking its store every second: for
+/// a test that stops and restarts PostgreSQL (stopping the shared cluster would fail
+/// the other tests). `None` when PostgreSQL tests are skipped.
+pub fn on_own_cluster() -> Option<(pg::Cluster, Server)> {
+    let cluster = pg::Cluster::start()?;
+    let server = Server::start_at(
+        StoreAt::Postgres(cluster.create_db()),
+        &["--store-check-interval-s", "1"],
+    );
+    Some((cluster, server))
+}
+
 pub fn postgres_rows(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
     let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
     client
