@@ -1245,6 +1245,12 @@ fn log_disk_full(line: &mut Line) {
     line.check(resumed, || {
         "the log file never got lines again after space came back".into()
     });
+    // A pass's line is not the pass that read the three new rows: stopping at the first
+    // line raced the agent (3 rows "lost" on a loaded CI machine).
+    let all = wait_synced(&dir, 34, Duration::from_secs(30));
+    line.check(all, || {
+        "the rows written after space came back not pushed".into()
+    });
     tail.stop_checked(line);
     let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery");
     line.add_counts(&d);
