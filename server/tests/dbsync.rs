@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::{Server, client, sha256_hex, wait_for};
+use common::{Server, sha256_hex, wait_for};
 use relais::demo::{create_app_db, insert_events, insert_media, settings_for};
 use relais::push::{CycleReport, Interruption};
 
 /// The store check's lines (server/src/store/watch.rs).
-const DOWN_LINE: &str = "/ready answers 503 until it answers again";
-const BACK_LINE: &str = "store: answering again";
+use common::{STORE_BACK_LINE as BACK_LINE, STORE_DOWN_LINE as DOWN_LINE};
 
 const DAY1: &str = "2025_12_18.db";
 const DAY2: &str = "2025_12_19.db";
@@ -102,15 +101,7 @@ fn day_files_reach_postgresql_exactly_once_through_a_dropped_table_and_a_restart
     assert_gone(&dropped, DAY1, "media");
 
     // 4. PostgreSQL is back: the server reconnects by itself. A third day file appears.
-    cluster.resume();
-    assert!(
-        wait_for(Duration::from_secs(10), || ready(&server) == 200),
-        "/ready after the restart"
-    );
-    assert!(
-        wait_for(Duration::from_secs(5), || server.logged(BACK_LINE)),
-        "no info line from the server's store check"
-    );
+    common::resume_until_ready(&cluster, &server);
     let _day3 = day_file(&days.join(DAY3), 5, &[Some(64 * KIB)]);
     let back = pass();
     assert_eq!(back.interrupted, None, "{back}");
@@ -317,13 +308,4 @@ fn acked(state: &Path) -> BTreeSet<(String, String, i64)> {
 
 fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
-}
-
-fn ready(server: &Server) -> u16 {
-    client()
-        .get(format!("{}/ready", server.url))
-        .call()
-        .expect("ready")
-        .status()
-        .as_u16()
 }

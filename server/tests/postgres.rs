@@ -18,8 +18,7 @@ use relais::push::Interruption;
 const BIN: &str = env!("CARGO_BIN_EXE_relais-server");
 
 /// The warning line of the store check (store/watch.rs).
-const DOWN_LINE: &str = "/ready answers 503 until it answers again";
-const BACK_LINE: &str = "store: answering again";
+use common::{STORE_BACK_LINE as BACK_LINE, STORE_DOWN_LINE as DOWN_LINE};
 
 #[test]
 fn servers_migrating_one_database_at_once_apply_each_migration_once() {
@@ -133,15 +132,6 @@ fn assert_unavailable(server: &Server) {
     }
 }
 
-fn ready_status(server: &Server) -> u16 {
-    client()
-        .get(format!("{}/ready", server.url))
-        .call()
-        .expect("ready")
-        .status()
-        .as_u16()
-}
-
 #[test]
 fn postgres_stopped_and_restarted_during_an_agent_run_loses_and_doubles_nothing() {
     let Some((cluster, server)) = common::on_own_cluster() else {
@@ -209,17 +199,9 @@ fn postgres_stopped_and_restarted_during_an_agent_run_loses_and_doubles_nothing(
     );
     // Absence cannot be waited on: a few more checks (1 s apart) while still down.
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(ready_status(&server), 503);
+    assert_eq!(server.ready_status(), 503);
 
-    cluster.resume();
-    assert!(
-        wait_for(Duration::from_secs(10), || ready_status(&server) == 200),
-        "/ready after the restart"
-    );
-    assert!(
-        wait_for(Duration::from_secs(5), || server.logged(BACK_LINE)),
-        "no info line when the store is back"
-    );
+    common::resume_until_ready(&cluster, &server);
     let all_there =
         || server.count("SELECT count(*) FROM evenements WHERE device_id = 'demo-pi'") == 350;
     assert!(

@@ -240,6 +240,16 @@ impl Server {
         self.log.lock().expect("log").clone()
     }
 
+    /// The status `/ready` answers.
+    pub fn ready_status(&self) -> u16 {
+        client()
+            .get(format!("{}/ready", self.url))
+            .call()
+            .expect("ready")
+            .status()
+            .as_u16()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -344,6 +354,24 @@ fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Option<String>>>
     })
     .and_then(|rows| rows.collect())
     .expect("query")
+}
+
+/// The store check's line when the store stops answering, and when it is back.
+pub const STORE_DOWN_LINE: &str = "/ready answers 503 until it answers again";
+pub const STORE_BACK_LINE: &str = "store: answering again";
+
+/// Starts `cluster` again and waits until `server` answers `/ready` and its store check
+/// has said the store is back: the server reconnects by itself.
+pub fn resume_until_ready(cluster: &pg::Cluster, server: &Server) {
+    cluster.resume();
+    assert!(
+        wait_for(Duration::from_secs(10), || server.ready_status() == 200),
+        "/ready after the restart"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || server.logged(STORE_BACK_LINE)),
+        "no info line from the server's store check when the store is back"
+    );
 }
 
 /// A server on a PostgreSQL cluster of its own, checking its store every second: for
