@@ -28,12 +28,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::pg;
+use common::{StoreAt, pg};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -255,20 +255,15 @@ fn describe_setup(cluster: &pg::Cluster) -> Res<String> {
     ))
 }
 
-/// What a store is, for `DATABASE_URL` and for the checks.
-enum StoreAt {
-    Sqlite(PathBuf),
-    Postgres(String),
+/// What the bench does to a store, beside the server: migrate it, give the devices their
+/// tokens, read back what was stored.
+trait BenchStore {
+    fn migrate(&self) -> Res<()>;
+    fn add_tokens(&self, fleet: &Fleet) -> Res<()>;
+    fn stored(&self) -> Res<Vec<(String, String, i64)>>;
 }
 
-impl StoreAt {
-    fn url(&self) -> String {
-        match self {
-            StoreAt::Sqlite(path) => format!("sqlite:{}", path.display()),
-            StoreAt::Postgres(url) => url.clone(),
-        }
-    }
-
+impl BenchStore for StoreAt {
     /// `relais-server migrate`.
     fn migrate(&self) -> Res<()> {
         let out = Command::new(SERVER)
@@ -371,13 +366,6 @@ fn event(device: &str, n: u64) -> String {
     )
 }
 
-/// A media push carrying `b64`.
-fn media(device: &str, b64: &str) -> String {
-    format!(
-        r#"{{"date": "2025-12-18T17:30:00.123456", "capteur": {{"id": 4, "nom": "Caméra 1"}}, "numero_camera": 1, "video_data": "{b64}", "device_id": "{device}", "source": "sync_service"}}"#
-    )
-}
-
 /// Push `n` of a device: its path and Idempotency-Key.
 fn path_and_key(device: &str, n: u64) -> (&'static str, String) {
     if n % MEDIA_EVERY == 0 {
@@ -391,7 +379,7 @@ fn path_and_key(device: &str, n: u64) -> (&'static str, String) {
 fn push_of(device: &str, n: u64, media_b64: &str) -> (&'static str, String, String) {
     let (path, key) = path_and_key(device, n);
     let body = if n % MEDIA_EVERY == 0 {
-        media(device, media_b64)
+        common::media(device, media_b64)
     } else {
         event(device, n)
     };
@@ -443,13 +431,7 @@ impl Server {
 
     /// VmHWM, in KiB.
     fn peak_rss_kib(&self) -> Res<u64> {
-        let path = format!("/proc/{}/status", self.child.id());
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or(format!("{path}: no VmHWM"))
+        common::peak_rss_kib(self.child.id())
     }
 }
 

@@ -93,7 +93,8 @@ impl MediaDir {
     /// Sweeps the stale temporary files every `period`, forever: a server killed
     /// mid-upload leaves its partial file for whichever server sweeps next.
     pub async fn sweep_every(self, period: Duration) {
-        let mut ticks = tokio::time::interval(period);
+        // The first sweep is the one `open` did.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;

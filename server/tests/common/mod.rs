@@ -298,13 +298,7 @@ impl Server {
 
     /// The child's peak resident set (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+        peak_rss_kib(self.child.id()).expect("VmHWM")
     }
 
     pub fn signal(&self, sig: i32) {
@@ -354,6 +348,17 @@ fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Option<String>>>
     })
     .and_then(|rows| rows.collect())
     .expect("query")
+}
+
+/// The peak resident set (VmHWM) of process `pid`, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or(format!("{path}: no VmHWM"))
 }
 
 /// The store check's line when the store stops answering, and when it is back.
