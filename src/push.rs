@@ -493,9 +493,7 @@ impl Pusher {
 
     /// A table read again after [`Pusher::table_gone`]: one line.
     fn table_back(&mut self, ctx: &SourceCtx, table: &TableSpec) -> Result<(), Halt> {
-        let key = gone_key(ctx, table);
-        if self.tracking.meta(&key)?.is_some_and(|v| !v.is_empty()) {
-            self.tracking.set_meta(&[(&key, "")])?;
+        if self.tracking.clear_meta(&gone_key(ctx, table))? {
             log::info!(
                 "source {} table {}: the table is back; its rows are pushed again",
                 ctx.path.display(),

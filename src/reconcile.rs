@@ -163,9 +163,7 @@ pub fn check_high_water(tracking: &mut Tracking, t: &SweptTable) -> Result<(), S
     };
     let key = format!("high_water_down:{}:{}", t.key, t.table.name);
     if top >= high_water {
-        if tracking.meta(&key)?.is_some_and(|v| !v.is_empty()) {
-            tracking.set_meta(&[(&key, "")])?;
-        }
+        tracking.clear_meta(&key)?;
         return Ok(());
     }
     if tracking.meta(&key)?.as_deref() == Some(top.to_string().as_str()) {

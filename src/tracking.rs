@@ -586,6 +586,16 @@ impl Tracking {
         tx.commit().map_err(sql("write agent metadata"))
     }
 
+    /// Empties the entry `key` if it holds a value (a condition said once and now over);
+    /// returns whether it did. A read, and a write only when there is one to make.
+    pub fn clear_meta(&mut self, key: &str) -> Result<bool, TrackingError> {
+        if self.meta(key)?.is_none_or(|v| v.is_empty()) {
+            return Ok(false);
+        }
+        self.set_meta(&[(key, "")])?;
+        Ok(true)
+    }
+
     /// Row counts per source, table and status.
     pub fn counts(&self) -> Result<Vec<Count>, TrackingError> {
         // Grouping the whole history by status would sort every row in a temporary
