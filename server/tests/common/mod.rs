@@ -350,6 +350,15 @@ fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Option<String>>>
     .expect("query")
 }
 
+/// A test that cannot run here without `tool` says so in a loud line and is skipped,
+/// except under `CI=true`, where that is a failure: CI installs what the tests need.
+pub fn skip_without(tool: &str, reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true: the {tool} tests cannot be skipped: {reason}");
+    }
+    eprintln!("\n!!! SKIPPED a {tool} test: {reason} !!!\n");
+}
+
 /// The peak resident set (VmHWM) of process `pid`, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Result<u64, String> {
     let path = format!("/proc/{pid}/status");
