@@ -33,6 +33,8 @@ use common::{StoreAt, pg};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Barrier};
@@ -442,42 +444,108 @@ impl Drop for Server {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(REQUEST_TIMEOUT))
-        .build()
-        .into()
+/// One device's keep-alive connection: a minimal HTTP/1.1 client, so the load generator
+/// takes as little of the machine's cores as pgbench's libpq does (ureq took a sixth of
+/// both cores at 16 devices, CPU the server and PostgreSQL then lacked). It speaks only
+/// what relais-server answers: a status line, headers, a `Content-Length` body.
+struct Conn {
+    addr: String,
+    stream: Option<BufReader<TcpStream>>,
+    request: Vec<u8>,
 }
 
-/// POSTs a push; its status and the id answered, or a transport error.
-fn post(
-    agent: &ureq::Agent,
-    url: &str,
-    token: &str,
-    path: &str,
-    key: &str,
-    body: &str,
-) -> Res<(u16, Option<i64>)> {
-    let mut resp = agent
-        .post(format!("{url}{path}"))
-        .header("Content-Type", "application/json")
-        .header("Authorization", format!("Bearer {token}"))
-        .header("Idempotency-Key", key)
-        .send(body.as_bytes())
-        .map_err(|e| format!("{path}: {e}"))?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| format!("{path}: answer: {e}"))?;
-    // The server's `{"id": N}`.
-    let id = text
-        .trim()
-        .strip_prefix("{\"id\": ")
-        .and_then(|s| s.strip_suffix('}'))
-        .and_then(|n| n.trim().parse().ok());
-    Ok((status, id))
+impl Conn {
+    fn new(url: &str) -> Conn {
+        Conn {
+            addr: url.trim_start_matches("http://").to_string(),
+            stream: None,
+            request: Vec::new(),
+        }
+    }
+
+    /// POSTs a push; its status and the id answered, or a transport error (the
+    /// connection is then opened again for the next push).
+    fn post(&mut self, token: &str, path: &str, key: &str, body: &str) -> Res<(u16, Option<i64>)> {
+        let answer = self.exchange(token, path, key, body);
+        if answer.is_err() {
+            self.stream = None;
+        }
+        answer.map_err(|e| format!("{path}: {e}"))
+    }
+
+    fn exchange(
+        &mut self,
+        token: &str,
+        path: &str,
+        key: &str,
+        body: &str,
+    ) -> Res<(u16, Option<i64>)> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(&self.addr).map_err(|e| format!("connect: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("nodelay: {e}"))?;
+            stream
+                .set_read_timeout(Some(REQUEST_TIMEOUT))
+                .map_err(|e| format!("timeout: {e}"))?;
+            self.stream = Some(BufReader::new(stream));
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err("no connection".into());
+        };
+        self.request.clear();
+        write!(
+            self.request,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Authorization: Bearer {token}\r\nIdempotency-Key: {key}\r\n\
+             Content-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        )
+        .map_err(|e| format!("request: {e}"))?;
+        self.request.extend_from_slice(body.as_bytes());
+        stream
+            .get_mut()
+            .write_all(&self.request)
+            .map_err(|e| format!("send: {e}"))?;
+        let mut line = String::new();
+        stream
+            .read_line(&mut line)
+            .map_err(|e| format!("answer: {e}"))?;
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("answer: status line {line:?}"))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            stream
+                .read_line(&mut line)
+                .map_err(|e| format!("answer: {e}"))?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let length = length.ok_or("answer: no Content-Length")?;
+        let mut text = vec![0; length];
+        stream
+            .read_exact(&mut text)
+            .map_err(|e| format!("answer body: {e}"))?;
+        // The server's `{"id": N}`.
+        let id = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| t.trim().strip_prefix("{\"id\": "))
+            .and_then(|s| s.strip_suffix('}'))
+            .and_then(|n| n.trim().parse().ok());
+        Ok((status, id))
+    }
 }
 
 /// A push answered 201 with `id`.
@@ -534,7 +602,7 @@ fn device_loop(
     seconds: u64,
 ) -> DeviceLoad {
     let (device, token) = (&fleet.devices[i], &fleet.tokens[i]);
-    let agent = agent();
+    let mut conn = Conn::new(url);
     let mut load = DeviceLoad::default();
     barrier.wait();
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -543,7 +611,7 @@ fn device_loop(
         n += 1;
         let (path, key, body) = push_of(device, n, media_b64);
         let sent = Instant::now();
-        let answer = post(&agent, url, token, path, &key, &body);
+        let answer = conn.post(token, path, &key, &body);
         load.latencies_us
             .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
         match answer {
@@ -565,7 +633,7 @@ fn media_bytes() -> Vec<u8> {
 /// Pushes a spread sample of acknowledged rows again: how many answered their id.
 fn replay(url: &str, fleet: &Fleet, acks: &[&Ack]) -> (usize, usize) {
     let media_b64 = base64::engine::general_purpose::STANDARD.encode(media_bytes());
-    let agent = agent();
+    let mut conn = Conn::new(url);
     let step = (acks.len() / REPLAY_SAMPLE).max(1);
     let sample: Vec<&&Ack> = acks.iter().step_by(step).take(REPLAY_SAMPLE).collect();
     let same = sample
@@ -574,7 +642,7 @@ fn replay(url: &str, fleet: &Fleet, acks: &[&Ack]) -> (usize, usize) {
             let device = &fleet.devices[ack.device];
             let (path, key, body) = push_of(device, ack.n, &media_b64);
             matches!(
-                post(&agent, url, &fleet.tokens[ack.device], path, &key, &body),
+                conn.post(&fleet.tokens[ack.device], path, &key, &body),
                 Ok((201, Some(id))) if id == ack.id
             )
         })

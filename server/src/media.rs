@@ -21,7 +21,7 @@ use http_body_util::BodyExt as _;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-pub use split::{BLOB_PLACEHOLDER, SplitBody, SpooledBlob, hex};
+pub use split::{BLOB_PLACEHOLDER, SplitBody, SpooledBlob};
 
 /// Chunks in flight between the connection and the splitter thread: with hyper's reads
 /// of at most a few hundred KiB, this bounds the body bytes held in memory.
@@ -131,7 +131,7 @@ impl MediaDir {
                 sha256.update(&chunk);
                 splitter.feed(&chunk);
             }
-            (splitter.finish(), split::hex(&sha256.finalize()))
+            (splitter.finish(), relais_wire::hex(&sha256.finalize()))
         });
         let streamed = forward(body, &tx).await;
         // Closing the channel ends the worker, whether the body was complete or not; a
@@ -152,7 +152,7 @@ impl MediaDir {
         splitter.feed(&bytes);
         Ok(Received {
             split: splitter.finish(),
-            body_sha256: split::hex(&Sha256::digest(&bytes)),
+            body_sha256: relais_wire::hex(&Sha256::digest(&bytes)),
         })
     }
 

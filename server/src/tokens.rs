@@ -7,8 +7,8 @@ use std::io::{Read as _, Write};
 use sha2::{Digest as _, Sha256};
 
 use crate::cli::{TokenAdd, TokenCommand};
-use crate::media::hex;
 use crate::store::{NewToken, Revoked, Store, TokenInfo, TokenKind};
+use relais_wire::hex;
 
 /// 256 bits: guessing is hopeless, so the hash needs no salt nor slow function.
 const TOKEN_BYTES: usize = 32;

@@ -167,12 +167,7 @@ fn exp_notation(digits: &str, exp: i32) -> String {
 
 /// The MD5 digest of `data` in lowercase hex.
 pub fn md5_hex(data: &[u8]) -> String {
-    md5(data)
-        .iter()
-        .fold(String::with_capacity(32), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    crate::hex(&md5(data))
 }
 
 /// Per-round left rotations (RFC 1321, section 3.4).

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use relais_wire::hex;
 use sha2::{Digest, Sha256};
 
 /// Strings whose raw content is longer than this are diverted to disk.
@@ -444,17 +445,6 @@ impl Base64Sink {
             Err(e) => Err(SinkError::Storage(format!("cannot write media: {e}"))),
         }
     }
-}
-
-/// Lowercase hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]

@@ -190,8 +190,8 @@ fn redact(url: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    /// The redacted URL, for error lines.
-    target: String,
+    /// The redacted URL, for error lines (shared: the store is cloned for every request).
+    target: Arc<str>,
     pushes: Arc<GroupCommit>,
 }
 
@@ -231,7 +231,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::Failed(format!("{target}: pool: {e}")))?;
         Ok(PostgresStore {
             pool,
-            target,
+            target: target.into(),
             pushes: Arc::new(GroupCommit::new(FLUSHES_IN_FLIGHT)),
         })
     }
