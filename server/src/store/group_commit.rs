@@ -275,6 +275,29 @@ mod tests {
         }
     }
 
+    /// A group commit with one flush slot, and a flusher that holds it on "hold".
+    fn one_slot() -> (Arc<GroupCommit>, Numbering) {
+        let flusher = Numbering {
+            release: Arc::new(Semaphore::new(0)),
+        };
+        (Arc::new(GroupCommit::new(1)), flusher)
+    }
+
+    /// A push for "hold" from its own task, once it holds the only slot.
+    async fn holding(
+        group: &Arc<GroupCommit>,
+        flusher: &Numbering,
+    ) -> tokio::task::JoinHandle<Result<Stored, StoreError>> {
+        let hold = {
+            let (group, flusher) = (Arc::clone(group), flusher.clone());
+            tokio::spawn(async move { group.push(&flusher, push("hold")).await })
+        };
+        while group.slots.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        hold
+    }
+
     /// `n` pushes for `device` sent from their own tasks, queued once this returns.
     async fn queued(
         group: &Arc<GroupCommit>,
@@ -296,19 +319,10 @@ mod tests {
 
     #[tokio::test]
     async fn pushes_queued_behind_a_busy_flush_share_one_and_a_lone_one_is_flushed_at_once() {
-        let flusher = Numbering {
-            release: Arc::new(Semaphore::new(0)),
-        };
-        let group = Arc::new(GroupCommit::new(1));
+        let (group, flusher) = one_slot();
         assert_eq!(group.push(&flusher, push("d")).await, Ok(Stored::New(0)));
         // "hold" takes the only slot; the three after it wait in the queue.
-        let hold = {
-            let (group, flusher) = (Arc::clone(&group), flusher.clone());
-            tokio::spawn(async move { group.push(&flusher, push("hold")).await })
-        };
-        while group.slots.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
+        let hold = holding(&group, &flusher).await;
         let waiting = queued(&group, &flusher, "d", 3).await;
         flusher.release.add_permits(1);
         assert_eq!(hold.await.ok(), Some(Ok(Stored::New(0))));
@@ -324,17 +338,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_flush_answers_its_queued_pushes_with_an_error_and_frees_its_slot() {
-        let flusher = Numbering {
-            release: Arc::new(Semaphore::new(0)),
-        };
-        let group = Arc::new(GroupCommit::new(1));
-        let hold = {
-            let (group, flusher) = (Arc::clone(&group), flusher.clone());
-            tokio::spawn(async move { group.push(&flusher, push("hold")).await })
-        };
-        while group.slots.available_permits() > 0 {
-            tokio::task::yield_now().await;
-        }
+        let (group, flusher) = one_slot();
+        let hold = holding(&group, &flusher).await;
         let panicking = queued(&group, &flusher, "panic", 1).await;
         flusher.release.add_permits(1);
         assert!(hold.await.is_ok_and(|a| a.is_ok()));
