@@ -152,6 +152,19 @@ fn new_rows_are_stored_once_and_replayed_with_their_ids(store: StoreKind) {
         metric(&server, &admin, "relais_server_batch_rows_rejected_total"),
         "0"
     );
+
+    // A full batch shares the group commit's transactions (256 rows at most each).
+    let commits = |s: &Server| -> u64 {
+        metric(s, &admin, "relais_server_store_commits_total")
+            .parse()
+            .expect("a count")
+    };
+    let before = commits(&server);
+    let (status, text) = send(&server, &token, events(100..600).as_bytes(), false);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(server.count("SELECT count(*) FROM received"), 505);
+    let full = commits(&server) - before;
+    assert!(full <= 10, "500 rows in {full} transactions");
 }
 
 fn a_batch_partly_accepted_answers_each_rows_own_result(store: StoreKind) {
