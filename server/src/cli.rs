@@ -67,7 +67,8 @@ pub struct Cli {
     /// Rows one batch (`POST /api/batch`) may hold at most: 413 above.
     #[arg(long, env = "RELAIS_SERVER_BATCH_MAX_ROWS", default_value_t = batch::MAX_ROWS)]
     pub batch_max_rows: usize,
-    /// Largest batch body, in bytes, both as sent and decompressed: 413 above.
+    /// Largest batch body, in bytes, both as sent and decompressed: 413 above (at most
+    /// --max-body-bytes).
     #[arg(long, env = "RELAIS_SERVER_BATCH_MAX_BYTES", default_value_t = batch::MAX_BYTES)]
     pub batch_max_bytes: usize,
     /// How often the store is checked while nothing is pushed, in seconds (one warning

@@ -87,7 +87,9 @@ impl Config {
             store_check_interval: Duration::from_secs(cli.store_check_interval_s.max(1)),
             batch: batch::Limits {
                 max_rows: cli.batch_max_rows,
-                max_bytes: cli.batch_max_bytes,
+                // A batch is a request body too: what the capability document
+                // announces must pass `--max-body-bytes`.
+                max_bytes: cli.batch_max_bytes.min(cli.max_body_bytes),
             },
         })
     }
