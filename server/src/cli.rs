@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::accept;
+use crate::http::{accept, batch};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +64,13 @@ pub struct Cli {
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds.
     #[arg(long, env = "RELAIS_SERVER_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Rows one batch (`POST /api/batch`) may hold at most: 413 above.
+    #[arg(long, env = "RELAIS_SERVER_BATCH_MAX_ROWS", default_value_t = batch::MAX_ROWS)]
+    pub batch_max_rows: usize,
+    /// Largest batch body, in bytes, both as sent and decompressed: 413 above (at most
+    /// --max-body-bytes).
+    #[arg(long, env = "RELAIS_SERVER_BATCH_MAX_BYTES", default_value_t = batch::MAX_BYTES)]
+    pub batch_max_bytes: usize,
     /// How often the store is checked while nothing is pushed, in seconds (one warning
     /// line when it stops answering, one info line when it is back).
     #[arg(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::cli::Cli;
 use crate::http::accept::{self, Limits};
+use crate::http::batch;
 use crate::store::postgres::PostgresUrl;
 use crate::store::sqlite;
 
@@ -42,6 +43,8 @@ pub struct Config {
     /// What the accept loop enforces per connection.
     pub limits: Limits,
     pub store_check_interval: Duration,
+    /// What `POST /api/batch` accepts.
+    pub batch: batch::Limits,
 }
 
 impl Config {
@@ -56,6 +59,15 @@ impl Config {
             return Err(format!(
                 "config: --max-header-bytes must be at least {}",
                 accept::MIN_HEADER_BYTES
+            ));
+        }
+        if cli.batch_max_rows == 0 {
+            return Err("config: --batch-max-rows must be at least 1".into());
+        }
+        if cli.batch_max_bytes < batch::MAX_ROW_BYTES {
+            return Err(format!(
+                "config: --batch-max-bytes must be at least {} (one row of the largest size)",
+                batch::MAX_ROW_BYTES
             ));
         }
         Ok(Config {
@@ -73,6 +85,12 @@ impl Config {
                 max_connections: cli.max_connections,
             },
             store_check_interval: Duration::from_secs(cli.store_check_interval_s.max(1)),
+            batch: batch::Limits {
+                max_rows: cli.batch_max_rows,
+                // A batch is a request body too: what the capability document
+                // announces must pass `--max-body-bytes`.
+                max_bytes: cli.batch_max_bytes.min(cli.max_body_bytes),
+            },
         })
     }
 }

@@ -21,7 +21,7 @@ use http_body_util::BodyExt as _;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-pub use split::{BLOB_PLACEHOLDER, SplitBody, SpooledBlob};
+pub use split::{BLOB_PLACEHOLDER, INLINE_STRING_MAX, SplitBody, SpooledBlob};
 
 /// Chunks in flight between the connection and the splitter thread: with hyper's reads
 /// of at most a few hundred KiB, this bounds the body bytes held in memory.

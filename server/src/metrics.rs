@@ -42,6 +42,16 @@ pub enum Outcome {
     Replay,
     /// The store failed.
     StoreError,
+    /// A batch was answered, each row with its own result.
+    Batch(BatchRows),
+}
+
+/// A batch's rows by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchRows {
+    pub stored: u64,
+    pub replayed: u64,
+    pub rejected: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +70,8 @@ struct Counters {
     rows_stored: u64,
     replays: u64,
     store_errors: u64,
+    batches: u64,
+    batch_rows_rejected: u64,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +121,12 @@ impl Metrics {
             Some(Outcome::Stored) => c.rows_stored += 1,
             Some(Outcome::Replay) => c.replays += 1,
             Some(Outcome::StoreError) => c.store_errors += 1,
+            Some(Outcome::Batch(rows)) => {
+                c.batches += 1;
+                c.rows_stored += rows.stored;
+                c.replays += rows.replayed;
+                c.batch_rows_rejected += rows.rejected;
+            }
             None => {}
         }
     }
@@ -158,13 +176,23 @@ impl Metrics {
         for (name, help, value) in [
             (
                 "relais_server_rows_stored_total",
-                "Pushes stored as a new row.",
+                "Pushes stored as a new row, alone or in a batch.",
                 c.rows_stored,
             ),
             (
                 "relais_server_replays_total",
-                "Replays answered with the original row.",
+                "Replays answered with the original row, alone or in a batch.",
                 c.replays,
+            ),
+            (
+                "relais_server_batches_total",
+                "Batches answered 200, each row with its own result.",
+                c.batches,
+            ),
+            (
+                "relais_server_batch_rows_rejected_total",
+                "Rows of those batches rejected with a 4xx result (stored and replayed rows are counted above).",
+                c.batch_rows_rejected,
             ),
             (
                 "relais_server_received_bytes_total",

@@ -47,9 +47,11 @@ fn a_20_mb_media_body_streams_to_a_file_in_bounded_memory(store: StoreKind) {
         "server VmHWM: {before} KiB at start, {peak} KiB after a {} KiB body",
         body.len() / 1024
     );
+    // The growth, not the absolute figure: the binary's own pages at start move with
+    // its size (they were 10 MiB, the peak within 0.2 MiB of a fixed 16 MiB bound).
     assert!(
-        peak < 16 * 1024,
-        "peak RSS {peak} KiB for a {} KiB body",
+        peak < before + 8 * 1024,
+        "peak RSS {peak} KiB (from {before} KiB) for a {} KiB body",
         body.len() / 1024
     );
 }

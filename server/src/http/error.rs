@@ -43,7 +43,7 @@ pub enum Error {
 }
 
 impl Error {
-    fn status(&self) -> StatusCode {
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -58,7 +58,7 @@ impl Error {
         }
     }
 
-    fn detail(&self) -> String {
+    pub(super) fn detail(&self) -> String {
         match self {
             Error::BadRequest(d)
             | Error::Unauthorized(d)

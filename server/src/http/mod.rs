@@ -6,6 +6,7 @@
 pub mod accept;
 mod admin;
 mod auth;
+pub mod batch;
 mod config_pull;
 mod error;
 mod health;
@@ -42,6 +43,10 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         open: config.no_auth,
         cache: Arc::new(auth::TokenCache::new(config.token_cache)),
     };
+    let batches = batch::Batches {
+        app: app.clone(),
+        limits: config.batch,
+    };
     // `Router::layer` wraps every route (and the fallback) after routing, so each layer
     // sees the route template; the last added runs first.
     Router::new()
@@ -52,6 +57,12 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .nest("/admin", admin::router::<S>())
         .fallback(not_found)
         .with_state(app)
+        .merge(
+            Router::new()
+                .route("/api/batch", post(batch::batch::<S>))
+                .route("/api/capabilities", get(batch::capabilities::<S>))
+                .with_state(batches),
+        )
         .merge(
             Router::new()
                 .route("/metrics", get(metrics::render))

@@ -8,7 +8,7 @@
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use miniserde::json::{Object, Value};
 
@@ -27,10 +27,10 @@ pub async fn push<S: Store>(
     body: Body,
 ) -> Result<Response, Error> {
     let endpoint = format!("/api/{name}");
-    let key = idempotency_key(&headers)?;
-    if let Some(key) = &key {
-        caller.may_use_key(key)?;
-    }
+    let key = headers
+        .get(relais_wire::IDEMPOTENCY_KEY_HEADER)
+        .map(|value| usable_key(&caller, value))
+        .transpose()?;
     let received = app.media.receive(body).await?;
     // Once the body is in, the rest runs as its own task: a client hanging up must not
     // cancel it between placing a media file and committing the row naming it.
@@ -39,17 +39,20 @@ pub async fn push<S: Store>(
         .map_err(|e| Error::Internal(format!("push: the storing task failed: {e}")))?
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Error> {
-    let Some(value) = headers.get(relais_wire::IDEMPOTENCY_KEY_HEADER) else {
-        return Ok(None);
+/// An Idempotency-Key, as the header or a batch row carries it, checked: visible ASCII
+/// (400), of `caller`'s device (403).
+pub(super) fn usable_key(caller: &Caller, value: &HeaderValue) -> Result<String, Error> {
+    let key = match value.to_str() {
+        Ok(key) if !key.trim().is_empty() => key.to_string(),
+        _ => {
+            return Err(Error::BadRequest(format!(
+                "{}: must be non-empty visible ASCII",
+                relais_wire::IDEMPOTENCY_KEY_HEADER
+            )));
+        }
     };
-    match value.to_str() {
-        Ok(key) if !key.trim().is_empty() => Ok(Some(key.to_string())),
-        _ => Err(Error::BadRequest(format!(
-            "{}: must be non-empty visible ASCII",
-            relais_wire::IDEMPOTENCY_KEY_HEADER
-        ))),
-    }
+    caller.may_use_key(&key)?;
+    Ok(key)
 }
 
 async fn store<S: Store>(
@@ -71,11 +74,8 @@ async fn store<S: Store>(
     }
     let text =
         String::from_utf8(split.json).map_err(|_| Error::BadRequest("body: not UTF-8".into()))?;
-    let value: Value = miniserde::json::from_str(&text)
-        .map_err(|_| Error::BadRequest("body: not valid JSON".into()))?;
-    let device_id = check_payload(&value, &endpoint)?;
     // Refused here, the spooled media file (if any) is deleted as `split.blob` drops.
-    caller.may_write(&device_id)?;
+    let device_id = writable_payload(&caller, &text, &endpoint)?;
     let placed = match split.blob {
         Some(blob) => Some(
             app.media
@@ -85,7 +85,47 @@ async fn store<S: Store>(
         ),
         None => None,
     };
-    let push = NewPush {
+    let body = with_media_reference(text, split.blob_at, placed.as_ref());
+    let mut push = new_push(device_id, endpoint, key, body, body_sha256);
+    push.media = placed.as_ref().map(|p| MediaMeta {
+        path: p.name.clone(),
+        size: p.size,
+        sha256: p.sha256.clone(),
+    });
+    let stored = app.store.store_push(push).await;
+    if let (Some(placed), false) = (&placed, matches!(stored, Ok(Stored::New(_)))) {
+        app.media.remove(placed).await;
+    }
+    let (id, outcome) = answered(stored?)?;
+    let mut resp = json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"));
+    resp.extensions_mut().insert(outcome);
+    Ok(resp)
+}
+
+/// The row's JSON text parsed and checked ([`check_payload`]), and its device one
+/// `caller` may write: what a per-row push and a batch row both go through. Returns
+/// the device id.
+pub(super) fn writable_payload(
+    caller: &Caller,
+    text: &str,
+    endpoint: &str,
+) -> Result<String, Error> {
+    let value: Value = miniserde::json::from_str(text)
+        .map_err(|_| Error::BadRequest("body: not valid JSON".into()))?;
+    let device_id = check_payload(&value, endpoint)?;
+    caller.may_write(&device_id)?;
+    Ok(device_id)
+}
+
+/// The push of a row without media.
+pub(super) fn new_push(
+    device_id: String,
+    endpoint: String,
+    key: Option<String>,
+    body: String,
+    body_sha256: String,
+) -> NewPush {
+    NewPush {
         device_id,
         endpoint,
         local_id: key
@@ -93,38 +133,29 @@ async fn store<S: Store>(
             .and_then(relais_wire::local_id_of)
             .map(str::to_string),
         idempotency_key: key,
-        body: with_media_reference(text, split.blob_at, placed.as_ref()),
+        body,
         body_sha256,
-        media: placed.as_ref().map(|p| MediaMeta {
-            path: p.name.clone(),
-            size: p.size,
-            sha256: p.sha256.clone(),
-        }),
-    };
-    let stored = app.store.store_push(push).await;
-    if let (Some(placed), false) = (&placed, matches!(stored, Ok(Stored::New(_)))) {
-        app.media.remove(placed).await;
+        media: None,
     }
-    match stored? {
+}
+
+/// What the store did, as the answer's row id and the counters' outcome; a key used
+/// with another body is the client's error.
+pub(super) fn answered(stored: Stored) -> Result<(i64, Outcome), Error> {
+    match stored {
         Stored::New(id) => {
             tracing::debug!(id, "push stored");
-            Ok(created(id, Outcome::Stored))
+            Ok((id, Outcome::Stored))
         }
         Stored::Replay(id) => {
             tracing::debug!(id, "push replayed");
-            Ok(created(id, Outcome::Replay))
+            Ok((id, Outcome::Replay))
         }
         Stored::Mismatch(id) => Err(Error::Unprocessable(format!(
             "{}: already used for row {id} with a different body",
             relais_wire::IDEMPOTENCY_KEY_HEADER
         ))),
     }
-}
-
-fn created(id: i64, outcome: Outcome) -> Response {
-    let mut resp = json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"));
-    resp.extensions_mut().insert(outcome);
-    resp
 }
 
 /// The payload's shape: an object with a non-empty `device_id` string, `source` a string
