@@ -4,16 +4,18 @@
 //! A pass first retries the rows that are due (interrupted, reset by hand, or failed
 //! and past their retry time), then reads new rows above the table's high-water mark in
 //! short batches. Each batch is recorded `pending` in one transaction before anything
-//! is sent; acknowledgements are recorded in small groups (the idempotency key makes a
-//! group lost in a power cut harmless). The first transient failure ends the pass:
+//! is sent; its event rows go up to `http.in_flight` at once, on sender threads of
+//! their own, and their answers are settled as they arrive; acknowledgements are
+//! recorded in small groups (the idempotency key makes a group lost in a power cut
+//! harmless). The first transient failure ends the pass:
 //! failing every remaining row against a dead server helps nobody. Likewise a table
 //! whose endpoint looks wrong ([`crate::rejections`]) stops at the evidence.
 
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -203,8 +205,13 @@ struct AckGroup {
 pub struct Pusher {
     settings: Settings,
     tracking: Tracking,
-    transport: Transport,
+    /// Shared by the sender threads of [`Pusher::send_events`].
+    transport: Arc<Transport>,
     stop: Arc<AtomicBool>,
+    /// The backend stored a row in this pass: until then rows go one at a time, so a
+    /// backend that is down costs one failed row per pass, not one per request in flight,
+    /// and a wrong URL is found out after three rows (see [`crate::rejections`]).
+    answered: bool,
 }
 
 impl Pusher {
@@ -217,8 +224,9 @@ impl Pusher {
         Pusher {
             settings,
             tracking,
-            transport,
+            transport: Arc::new(transport),
             stop,
+            answered: false,
         }
     }
 
@@ -230,6 +238,7 @@ impl Pusher {
     /// in the report, one line each.
     pub fn sync_once(&mut self) -> CycleReport {
         let began = Instant::now();
+        self.answered = false;
         let mut report = CycleReport::default();
         let found = match source::discover(&self.settings.local_db_path) {
             Ok(p) => p,
@@ -522,9 +531,10 @@ impl Pusher {
                 self.retry_clock(),
                 batch,
             )?;
+            let mut rows = Vec::with_capacity(ids.len());
             for id in &ids {
                 match source::read_one(ctx.conn, ctx.path, table, id)? {
-                    Some(row) => self.send_row(ctx, table, row, tr, group, rejections)?,
+                    Some(row) => rows.push(row),
                     None => {
                         let delay = self.settings.retry.permanent_retry;
                         let message = "the row no longer exists in the source database";
@@ -532,6 +542,7 @@ impl Pusher {
                     }
                 }
             }
+            self.send_events(ctx, table, rows, tr, group, rejections)?;
             match ids.last() {
                 Some(last) if ids.len() == batch => after = Some(last.clone()),
                 _ => break,
@@ -573,9 +584,8 @@ impl Pusher {
             let due =
                 self.tracking
                     .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
-            for row in rows.into_iter().filter(|r| due.contains(&r.local_id)) {
-                self.send_row(ctx, table, row, tr, group, rejections)?;
-            }
+            let rows = rows.into_iter().filter(|r| due.contains(&r.local_id));
+            self.send_events(ctx, table, rows.collect(), tr, group, rejections)?;
             if !full {
                 break;
             }
@@ -602,11 +612,7 @@ impl Pusher {
         if self.stop.load(Ordering::Relaxed) {
             return Err(Halt::Pass(Interruption::Shutdown));
         }
-        let row_id = id_text(&row.local_id);
-        for w in &row.warnings {
-            log::warn!("source {} table {} row {row_id}: {w}", ctx.key, table.name);
-        }
-        let key = self.idempotency_key(ctx, table, &row_id);
+        let key = self.prepare(ctx, table, &row);
         let sent = match &table.blob {
             None => {
                 let body = self.small_body(&row.fields);
@@ -617,6 +623,106 @@ impl Pusher {
             }
             Some(_) => self.send_media(ctx, table, &row, &key, tr),
         };
+        self.settle(ctx, table, row, sent, tr, group, rejections)
+    }
+
+    /// Logs the row's conversion warnings; its idempotency key.
+    fn prepare(&self, ctx: &SourceCtx, table: &TableSpec, row: &RowPayload) -> String {
+        let row_id = id_text(&row.local_id);
+        for w in &row.warnings {
+            log::warn!("source {} table {} row {row_id}: {w}", ctx.key, table.name);
+        }
+        self.idempotency_key(ctx, table, &row_id)
+    }
+
+    /// Sends the event rows of one read, up to `http.in_flight` requests at once, each
+    /// on a connection of its own; settles each answer as it arrives, in whatever order
+    /// (every row was recorded pending before it is sent, so a row never acknowledged is
+    /// sent again at the next pass). The first halt stops the sending: the answers
+    /// already in flight are still settled, the rows not sent stay pending.
+    fn send_events(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        rows: Vec<RowPayload>,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+        rejections: &mut Rejections,
+    ) -> Result<(), Halt> {
+        let mut rows = rows.into_iter();
+        if table.blob.is_some() || self.settings.http.in_flight == 1 {
+            return rows.try_for_each(|row| self.send_row(ctx, table, row, tr, group, rejections));
+        }
+        while !self.answered {
+            let Some(row) = rows.next() else {
+                return Ok(());
+            };
+            self.send_row(ctx, table, row, tr, group, rejections)?;
+        }
+        let senders = self.settings.http.in_flight.min(rows.len());
+        let jobs: Vec<(RowPayload, String, String)> = rows
+            .map(|row| {
+                let key = self.prepare(ctx, table, &row);
+                let body = self.small_body(&row.fields);
+                (row, key, body)
+            })
+            .collect();
+        let queue = Mutex::new(jobs.into_iter());
+        let halted = AtomicBool::new(false);
+        let (answered, answers) = mpsc::channel();
+        let outcome = std::thread::scope(|scope| {
+            for _ in 0..senders {
+                let (transport, stop) = (Arc::clone(&self.transport), Arc::clone(&self.stop));
+                let (queue, halted, answered) = (&queue, &halted, answered.clone());
+                let endpoint = table.endpoint.as_str();
+                scope.spawn(move || {
+                    while !halted.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        let next = queue.lock().ok().and_then(|mut q| q.next());
+                        let Some((row, key, body)) = next else { break };
+                        let len = body.len() as u64;
+                        let body = notify::Progress(body.as_bytes());
+                        let outcome = transport.post(endpoint, &key, len, &mut { body });
+                        if answered.send((row, outcome, len)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(answered);
+            let mut outcome = Ok(());
+            for (row, answer, len) in answers {
+                notify::keepalive();
+                let settled =
+                    self.settle(ctx, table, row, Ok((answer, len)), tr, group, rejections);
+                if settled.is_err() {
+                    halted.store(true, Ordering::Relaxed);
+                    outcome = outcome.and(settled);
+                }
+            }
+            outcome
+        });
+        outcome?;
+        let unsent = queue.lock().map_or(0, |q| q.len());
+        if unsent > 0 && self.stop.load(Ordering::Relaxed) {
+            return Err(Halt::Pass(Interruption::Shutdown));
+        }
+        Ok(())
+    }
+
+    /// Records what became of one row's upload.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        row: RowPayload,
+        sent: Result<(Outcome, u64), BlobError>,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+        rejections: &mut Rejections,
+    ) -> Result<(), Halt> {
+        let row_id = id_text(&row.local_id);
+        self.answered |= matches!(sent, Ok((Outcome::Stored { .. }, _)));
         match sent {
             Ok((Outcome::Stored { remote_id, html }, bytes)) => {
                 for held in rejections.stored() {

@@ -88,7 +88,10 @@ impl Transport {
             .max_redirects(0)
             // Covers the TLS handshake too; the other timeouts are the TCP transport's.
             .timeout_connect(Some(http.connect_timeout))
-            .timeout_recv_response(Some(NEVER));
+            .timeout_recv_response(Some(NEVER))
+            // One kept-alive connection per upload in flight (ureq keeps 3 by default).
+            .max_idle_connections(http.in_flight.max(3))
+            .max_idle_connections_per_host(http.in_flight.max(3));
         if let Some(ca) = &http.ca_file {
             config = config.tls_config(TlsConfig::builder().root_certs(load_ca(ca)?).build());
         }

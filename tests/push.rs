@@ -829,3 +829,98 @@ fn a_row_without_a_usable_local_id_is_reported_and_does_not_hold_back_the_others
         report.errors
     );
 }
+
+// ---------------------------------------------------------------- requests in flight
+
+/// Each tracked row's remote id is the id the receiver stored its key under.
+fn assert_remote_ids(dir: &Scratch, rx: &Receiver) {
+    let by_key: std::collections::HashMap<String, i64> = rx
+        .rows()
+        .iter()
+        .map(|r| (r.idempotency_key.clone().unwrap_or_default(), r.id))
+        .collect();
+    let rows = tracking_rows(&dir.state_db());
+    assert!(!rows.is_empty());
+    for t in rows {
+        let Value::Integer(id) = t.local_id else {
+            panic!("integer ids: {t:?}")
+        };
+        let key = format!("{DEVICE}:{}:{id}", t.table);
+        assert_eq!(t.status, "success", "{t:?}");
+        assert_eq!(t.remote_id, by_key.get(&key).copied(), "{key}");
+    }
+}
+
+#[test]
+fn answers_arriving_out_of_order_are_each_recorded_with_their_own_remote_id() {
+    let (dir, db) = app("out-of-order", 60, &[]);
+    let rx = receiver(&dir, true);
+    // One answer in three is held back: the requests sent after it are answered first.
+    for i in 0..60 {
+        rx.push_fault(match i % 3 {
+            0 => ProxyFault::DelayAnswer(Duration::from_millis(150)),
+            _ => ProxyFault::Pass,
+        });
+    }
+    let mut p = pusher(&settings(
+        &db,
+        &rx.url(),
+        &dir,
+        &[("RELAIS_IN_FLIGHT", "8")],
+    ));
+    let report = p.sync_once();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.pushed(), 60);
+    assert_exact(&db, &rx);
+    assert_remote_ids(&dir, &rx);
+    let stats = rx.stats();
+    assert!(
+        (2..=8).contains(&stats.max_in_flight),
+        "requests at once: {stats:?}"
+    );
+    assert_eq!(stats.requests, 60, "nothing sent twice");
+}
+
+#[test]
+fn one_request_at_a_time_when_in_flight_is_1() {
+    let (dir, db) = app("in-flight-1", 20, &[]);
+    let rx = receiver(&dir, true);
+    let mut p = pusher(&settings(
+        &db,
+        &rx.url(),
+        &dir,
+        &[("RELAIS_IN_FLIGHT", "1")],
+    ));
+    assert!(p.sync_once().is_clean());
+    assert_exact(&db, &rx);
+    assert_eq!(rx.stats().max_in_flight, 1);
+}
+
+#[test]
+fn a_transient_error_with_requests_in_flight_stops_the_pass_and_loses_nothing() {
+    let (dir, db) = app("in-flight-503", 80, &[]);
+    let rx = receiver(&dir, true);
+    for i in 0..10 {
+        rx.push_fault(match i {
+            5 => ProxyFault::Status(503, Some(1)),
+            _ => ProxyFault::Pass,
+        });
+    }
+    let mut p = pusher(&settings(
+        &db,
+        &rx.url(),
+        &dir,
+        &[("RELAIS_IN_FLIGHT", "4")],
+    ));
+    let (first, retry_after) = interrupted_pass(&mut p, "503");
+    assert_eq!(retry_after, Some(Duration::from_secs(1)));
+    // The sending stopped: the rows not sent yet wait for the next pass.
+    assert!(first.pushed() < 80, "{first:?}");
+    let tracked = tracking_rows(&dir.state_db());
+    let acked = with_status(&tracked, "success").len() as u64;
+    assert_eq!(acked, first.pushed(), "every acknowledged row recorded");
+    let second = p.sync_once();
+    assert!(second.is_clean(), "{second:?}");
+    assert_exact(&db, &rx);
+    assert_remote_ids(&dir, &rx);
+}

@@ -314,6 +314,51 @@ fn sigterm_mid_upload_stops_quickly_and_the_row_is_sent_later_once() {
     );
 }
 
+// ---------------------------------------------------------------- requests in flight
+
+/// A power cut with 8 uploads in flight: the next run sends again what was not
+/// recorded, under the same keys, and the idempotent backend stores every row once.
+#[test]
+fn sigkill_with_requests_in_flight_then_every_row_is_stored_once() {
+    let dir = Scratch::new("kill-in-flight");
+    let db = app(&dir, false, 4096, 400);
+    let rx = receiver(&dir);
+    // Every answer 50 ms late: 8 requests are in flight at any time.
+    for _ in 0..400 {
+        rx.push_fault(ProxyFault::DelayAnswer(Duration::from_millis(50)));
+    }
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[("RELAIS_IN_FLIGHT", "8")]);
+    let (mut child, stderr) = spawn_logged(&["run"], &vars);
+    assert!(
+        wait_for(Duration::from_secs(30), || rx.stats().stored >= 60),
+        "the push did not start"
+    );
+    common::power_cut(&mut child);
+    let log = log_text(stderr);
+    assert!(rx.stats().max_in_flight >= 4, "{:?}\n{log}", rx.stats());
+    assert!(rx.stats().stored < 401, "killed before the end");
+
+    let out = run_relais(&["once"], &vars, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery check");
+    assert!(d.is_exact(), "{d:?}");
+    assert_eq!(
+        rx.stats().stored,
+        401,
+        "400 events and the media, once each"
+    );
+    for id in [1, 200, 400] {
+        let row = tracked(&dir.state_db(), "evenement", id).expect("tracked");
+        assert_eq!(row.status, "success", "{row:?}");
+        assert!(row.remote_id.is_some(), "{row:?}");
+    }
+}
+
 // ---------------------------------------------------------------- 13. exit codes
 
 #[test]

@@ -503,6 +503,8 @@ pub struct ProxyStats {
     /// With the keys stripped ([`FaultProxy::strip_idempotency_keys`]): the key each
     /// stored row was sent with, by the row's id.
     pub stripped_keys: std::collections::HashMap<i64, String>,
+    /// Most requests between their head's arrival and their answer at one time.
+    pub max_in_flight: u64,
 }
 
 struct ProxyShared {
@@ -514,6 +516,26 @@ struct ProxyShared {
     strip_keys: AtomicBool,
     stopping: AtomicBool,
     seq: AtomicU64,
+    /// Requests whose head arrived and whose answer is not sent yet.
+    busy: AtomicU64,
+}
+
+/// One request in the proxy's hands, counted in [`ProxyStats::max_in_flight`].
+struct Busy<'a>(&'a ProxyShared);
+
+impl<'a> Busy<'a> {
+    fn enter(sh: &'a ProxyShared) -> Busy<'a> {
+        let now = sh.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut st = lock(&sh.stats);
+        st.max_in_flight = st.max_in_flight.max(now);
+        Busy(sh)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// An HTTP/1.1-aware proxy on 127.0.0.1 in front of the receiver: parses each request
@@ -540,6 +562,7 @@ impl FaultProxy {
             strip_keys: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             seq: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         });
         let sh = shared.clone();
         let accept = std::thread::spawn(move || {
@@ -802,6 +825,7 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
     let mut client = client;
     let mut upstream: Option<(TcpStream, std::io::BufReader<TcpStream>)> = None;
     while let Some(head) = read_head(&mut from_client) {
+        let _busy = Busy::enter(sh);
         let mut parts = head.first_line.split_whitespace();
         let req = ProxyRequest {
             seq: sh.seq.fetch_add(1, Ordering::SeqCst),
@@ -1005,6 +1029,8 @@ pub struct ReceiverStats {
     pub stored: u64,
     /// Requests answered with an already stored row's id.
     pub replays: u64,
+    /// Most requests in the proxy's hands at one time.
+    pub max_in_flight: u64,
 }
 
 impl Receiver {
@@ -1072,6 +1098,7 @@ impl Receiver {
             stored,
             // The server answers 201 to a new row and to a replay alike.
             replays: proxy.created.saturating_sub(stored),
+            max_in_flight: proxy.max_in_flight,
         }
     }
 
