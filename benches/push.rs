@@ -4,7 +4,8 @@
 //! the size of the device binary.
 //!
 //! Run: `cargo bench --bench push` (about 10 minutes; `RELAIS_BENCH_QUICK=1` for a
-//! smoke test of about 2 minutes). See the README section "Benchmark".
+//! smoke test of about 2 minutes; `RELAIS_BENCH_ONLY=uplink` for figure 8 alone, about
+//! 2 minutes). See the README section "Benchmark".
 //!
 //! How it measures:
 //! - relais is the device build (`cargo build --release --no-default-features`), built by
@@ -26,6 +27,8 @@
 //!   `/proc/<pid>/task/*/{schedstat,status}` between two snapshots of a running child.
 //! - Runs alternate relais, baseline, relais, ...; figures are medians. The two idle
 //!   `run` children of figure 5 run at the same time, over the same window.
+//! - Figure 8 reaches the server through `common/link.rs`, a delaying TCP proxy (this
+//!   machine has no `tc netem`), one run per agent: each is tens of seconds long.
 
 use std::collections::HashSet;
 use std::fs;
@@ -41,6 +44,9 @@ use relais::received::{self, EmbeddedServer as Receiver, ReceivedRow};
 use relais::tracking::Tracking;
 use rusqlite::{Connection, params};
 
+#[path = "common/link.rs"]
+mod link;
+
 type Res<T> = Result<T, String>;
 
 const MIB: u64 = 1 << 20;
@@ -55,6 +61,9 @@ struct Config {
     media_mib: Vec<u64>,
     idle_rows: Vec<usize>,
     idle_secs: u64,
+    uplink_events: usize,
+    /// `RELAIS_BENCH_ONLY=uplink`: figure 8 alone.
+    only_uplink: bool,
 }
 
 impl Config {
@@ -76,6 +85,8 @@ impl Config {
                 vec![10_000, 100_000, 1_000_000]
             },
             idle_secs: num("RELAIS_BENCH_IDLE_SECS").unwrap_or(if quick { 10 } else { 60 }),
+            uplink_events: if quick { 60 } else { 300 },
+            only_uplink: std::env::var("RELAIS_BENCH_ONLY").is_ok_and(|v| v == "uplink"),
         }
     }
 }
@@ -510,40 +521,43 @@ fn validate_media(rows: &[ReceivedRow], size: u64) -> Res<()> {
 // ---------------------------------------------------------------------------------------
 // Figures 1 and 4: 10,000 events, fresh state each run.
 
+/// `n` events from `fixture`, through a link of `shape` if given (figure 8).
 fn push_events(
     env: &Env,
-    cfg: &Config,
     fixture: &Path,
+    n: usize,
     agent: Agent,
     validate: bool,
-) -> Res<Usage> {
-    push_fresh(env, fixture, agent, "events", |receiver, db| {
+    shape: Option<link::Shape>,
+) -> Res<(Usage, [u64; 2])> {
+    push_fresh(env, fixture, agent, "events", shape, |receiver, db| {
         let stored = received::stored(receiver)?;
-        if stored != cfg.events as u64 {
+        if stored != n as u64 {
             return Err(format!(
-                "{}: {stored} events stored, {} expected",
-                agent.name(),
-                cfg.events
+                "{}: {stored} events stored, {n} expected",
+                agent.name()
             ));
         }
         if validate {
-            validate_events(&received::rows(receiver)?, db, cfg.events)
+            validate_events(&received::rows(receiver)?, db, n)
                 .map_err(|e| format!("{}: {e}", agent.name()))?;
         }
         Ok(())
     })
 }
 
-/// One `once` run of `agent` over a copy of `fixture` against a fresh receiver, timed;
-/// `check` then judges what arrived (the receiver, the agent's database). The run's
-/// directory and the receiver's data are removed once `check` passes.
+/// One `once` run of `agent` over a copy of `fixture` against a fresh receiver, timed,
+/// through a link of `shape` if given; `check` then judges what arrived (the receiver,
+/// the agent's database). The run's directory and the receiver's data are removed once
+/// `check` passes. Also returns the bytes the link forwarded up and down.
 fn push_fresh(
     env: &Env,
     fixture: &Path,
     agent: Agent,
     tag: &str,
+    shape: Option<link::Shape>,
     check: impl FnOnce(&Receiver, &Path) -> Res<()>,
-) -> Res<Usage> {
+) -> Res<(Usage, [u64; 2])> {
     let dir = env
         .work
         .join(env.unique(&format!("{tag}-{}", agent.name())));
@@ -551,22 +565,24 @@ fn push_fresh(
     let db = dir.join("surveillance.db");
     copy(fixture, &db)?;
     let (receiver, recv_dir) = env.receiver()?;
+    let link = shape.map(|s| link::Link::start(receiver.addr(), s));
+    let url = link
+        .as_ref()
+        .map_or_else(|| receiver.url(), link::Link::url);
     sync_disks();
-    let u = run_ok(
-        env.command(agent, &db, &receiver.url(), &dir, true),
-        agent.name(),
-    )?;
+    let u = run_ok(env.command(agent, &db, &url, &dir, true), agent.name())?;
+    let forwarded = link.map_or([0, 0], |l| [l.bytes_up(), l.bytes_down()]);
     check(&receiver, &db)?;
     drop(receiver);
     let _ = fs::remove_dir_all(&recv_dir);
     let _ = fs::remove_dir_all(&dir);
-    Ok(u)
+    Ok((u, forwarded))
 }
 
 // Figure 2: one media row.
 
 fn push_media(env: &Env, fixture: &Path, mib: u64, agent: Agent, validate: bool) -> Res<Usage> {
-    push_fresh(env, fixture, agent, "media", |receiver, _| {
+    push_fresh(env, fixture, agent, "media", None, |receiver, _| {
         let rows = received::rows(receiver)?;
         if rows.len() != 1 || rows[0].blob_len != Some(mib * MIB) {
             return Err(format!("{}: media of {mib} MiB not received", agent.name()));
@@ -576,6 +592,74 @@ fn push_media(env: &Env, fixture: &Path, mib: u64, agent: Agent, validate: bool)
         }
         Ok(())
     })
+    .map(|(u, _)| u)
+}
+
+// Figure 8: events over a slow uplink.
+
+/// What issue 14 asks of the per-row API over a 100 ms round trip.
+const UPLINK_TARGET: f64 = 10.0;
+
+/// Both agents push `cfg.uplink_events` events through a link with 50 ms each way; rows
+/// and the verdict go into `table`.
+fn uplink(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
+    let n = cfg.uplink_events;
+    println!(
+        "8. {n} events over a shaped link, 50 ms each way (100 ms round trip), one run each ..."
+    );
+    link::self_check()?;
+    println!("     link self-check: round trip, pipelining, parallel connections, cap, cut: ok");
+    let shape = link::Shape {
+        delay_each_way: Duration::from_millis(50),
+        bytes_per_sec: None,
+        cut_every: None,
+    };
+    let fixture = env.work.join("fixture-uplink.db");
+    events_db(&fixture, n)?;
+    let mut runs = Vec::new();
+    for agent in AGENTS {
+        let (u, [up, down]) = push_events(env, &fixture, n, agent, true, Some(shape))?;
+        println!(
+            "     {:<8} {:>6.2} s  {:>6.1} events/s  CPU {:>9}  peak RSS {:>8}  link: {} up, {} down",
+            agent.name(),
+            u.wall,
+            n as f64 / u.wall,
+            fmt_secs(u.cpu),
+            fmt_bytes(u.maxrss as f64),
+            fmt_bytes(up as f64),
+            fmt_bytes(down as f64)
+        );
+        runs.push((u, up as f64 / n as f64));
+    }
+    let _ = fs::remove_file(&fixture);
+    let (r, b) = (&runs[0], &runs[1]);
+    let rate = |u: &Usage| n as f64 / u.wall;
+    let ratio = rate(&r.0) / rate(&b.0);
+    let met = ratio >= UPLINK_TARGET;
+    println!(
+        "     relais/baseline {ratio:.2}× against issue 14's target ≥ {UPLINK_TARGET}×: target met: {}",
+        if met { "yes" } else { "no" }
+    );
+    let what = "8. uplink, 100 ms round trip";
+    table.rate(
+        format!("{what}: events/s ({n} events)"),
+        rate(&r.0),
+        rate(&b.0),
+        fmt_rate,
+    );
+    table.cost(format!("{what}: CPU"), r.0.cpu, b.0.cpu, fmt_secs);
+    table.cost(
+        format!("{what}: peak RSS"),
+        r.0.maxrss as f64,
+        b.0.maxrss as f64,
+        fmt_bytes,
+    );
+    table.cost(format!("{what}: bytes up per event"), r.1, b.1, fmt_bytes);
+    table.target(
+        met,
+        format!("uplink events/s over a 100 ms round trip, per-row API, ≥ {UPLINK_TARGET}× the baseline's (issue 14; {ratio:.2}×)"),
+    );
+    Ok(())
 }
 
 // Figure 3: the state of N rows already synced, as each agent leaves it.
@@ -1011,6 +1095,7 @@ fn print_header(env: &Env, cfg: &Config) {
         "RELAIS_BENCH_IDLE_SECS",
         "RELAIS_BENCH_REPS",
         "RELAIS_BENCH_BIN",
+        "RELAIS_BENCH_ONLY",
     ] {
         if let Ok(v) = std::env::var(k) {
             command.push_str(&format!("{k}={v} "));
@@ -1108,6 +1193,12 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         rows: Vec::new(),
         verdicts: Vec::new(),
     };
+    if cfg.only_uplink {
+        uplink(env, cfg, &mut table)?;
+        println!();
+        table.print();
+        return Ok(());
+    }
     let reps = cfg.reps;
 
     // 1 and 4.
@@ -1120,7 +1211,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
     let mut ev: [Vec<Usage>; 2] = Default::default();
     for rep in 0..reps {
         for (i, agent) in AGENTS.iter().enumerate() {
-            let u = push_events(env, cfg, &fixture, *agent, rep == 0)?;
+            let (u, _) = push_events(env, &fixture, cfg.events, *agent, rep == 0, None)?;
             println!(
                 "     {:<8} {:>7.2} s  {:>7.0} events/s  {:>10} written",
                 agent.name(),
@@ -1393,6 +1484,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         fmt_bytes,
     );
     table.cost("6. idle RSS".into(), idle_rss(0), idle_rss(1), fmt_bytes);
+    uplink(env, cfg, &mut table)?;
 
     // Targets.
     // Flat: from 16 MiB up (4× the 4 MiB chunk, so every buffer has its full size), the
