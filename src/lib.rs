@@ -19,6 +19,7 @@ pub mod atomic_file;
 pub mod backend_url;
 pub mod backlog;
 pub mod backoff;
+pub mod batch;
 pub mod blob_stream;
 pub mod clock;
 pub mod daemon;

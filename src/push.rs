@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
+use crate::batch::{self, Capability, Discovery};
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
 use crate::payload::RowPayload;
@@ -195,6 +196,9 @@ struct SourceCtx<'a> {
     multi: bool,
 }
 
+/// A row ready to send: the row, its idempotency key, its body.
+type Job = (RowPayload, String, String);
+
 /// Acknowledged rows waiting to be recorded together.
 #[derive(Default)]
 struct AckGroup {
@@ -212,6 +216,8 @@ pub struct Pusher {
     /// backend that is down costs one failed row per pass, not one per request in flight,
     /// and a wrong URL is found out after three rows (see [`crate::rejections`]).
     answered: bool,
+    /// Whether the backend takes batches (relais-server), asked once an hour.
+    batches: Discovery,
 }
 
 impl Pusher {
@@ -227,6 +233,7 @@ impl Pusher {
             transport: Arc::new(transport),
             stop,
             answered: false,
+            batches: Discovery::default(),
         }
     }
 
@@ -520,10 +527,10 @@ impl Pusher {
         group: &mut AckGroup,
         rejections: &mut Rejections,
     ) -> Result<(), Halt> {
-        let batch = self.settings.batch_size;
         // Due retries first: they are older than anything new.
         let mut after: Option<Value> = None;
         loop {
+            let batch = self.read_size(table);
             let ids = self.tracking.due(
                 &ctx.key,
                 &table.name,
@@ -570,6 +577,7 @@ impl Pusher {
             .map(Value::Integer);
         let mut untrackable = 0;
         loop {
+            let batch = self.read_size(table);
             let rows = source::read_after(ctx.conn, ctx.path, table, after.as_ref(), batch)?;
             let Some(last) = rows.last() else { break };
             after = Some(last.local_id.clone());
@@ -635,12 +643,53 @@ impl Pusher {
         self.idempotency_key(ctx, table, &row_id)
     }
 
-    /// Sends the event rows of one read, up to `http.in_flight` requests at once, each
-    /// on a connection of its own; settles each answer as it arrives, in whatever order
-    /// (every row was recorded pending before it is sent, so a row never acknowledged is
-    /// sent again at the next pass). The first halt stops the sending: the answers
-    /// already in flight are still settled, the rows not sent stay pending.
+    /// Sends the rows of one read: in batches when the backend takes them, else one
+    /// row per request. Every row was recorded pending before it is sent, so a row never
+    /// acknowledged is sent again at the next pass.
     fn send_events(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        rows: Vec<RowPayload>,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+        rejections: &mut Rejections,
+    ) -> Result<(), Halt> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let capability = match self.capability(table) {
+            Ok(capability) => capability,
+            // Said of the first row, as the failure of its upload would be: the pass
+            // stops there.
+            Err(unanswered) => {
+                let Some(first) = rows.into_iter().next() else {
+                    return Ok(());
+                };
+                return self.settle(
+                    ctx,
+                    table,
+                    first,
+                    Ok((unanswered, 0)),
+                    tr,
+                    group,
+                    rejections,
+                );
+            }
+        };
+        match capability {
+            Some(capability) => {
+                self.send_batches(ctx, table, rows, &capability, tr, group, rejections)
+            }
+            None => self.send_per_row(ctx, table, rows, tr, group, rejections),
+        }
+    }
+
+    /// Sends rows with the seed's per-row API, event rows up to `http.in_flight`
+    /// requests at once, each on a connection of its own; settles each answer as it
+    /// arrives, in whatever order. The first halt stops the sending: the answers already
+    /// in flight are still settled, the rows not sent stay pending.
+    fn send_per_row(
         &mut self,
         ctx: &SourceCtx,
         table: &TableSpec,
@@ -660,13 +709,7 @@ impl Pusher {
             self.send_row(ctx, table, row, tr, group, rejections)?;
         }
         let senders = self.settings.http.in_flight.min(rows.len());
-        let jobs: Vec<(RowPayload, String, String)> = rows
-            .map(|row| {
-                let key = self.prepare(ctx, table, &row);
-                let body = self.small_body(&row.fields);
-                (row, key, body)
-            })
-            .collect();
+        let jobs = self.jobs(ctx, table, rows);
         let queue = Mutex::new(jobs.into_iter());
         let halted = AtomicBool::new(false);
         let (answered, answers) = mpsc::channel();
@@ -707,6 +750,158 @@ impl Pusher {
             return Err(Halt::Pass(Interruption::Shutdown));
         }
         Ok(())
+    }
+
+    /// Rows per short read of `table`: as many as a batch takes once the backend is known
+    /// to take batches (it is asked when there is a row to send, not before).
+    fn read_size(&self, table: &TableSpec) -> usize {
+        match (&table.blob, self.batches.known()) {
+            (None, Some(c)) => c.max_rows.max(self.settings.batch_size),
+            _ => self.settings.batch_size,
+        }
+    }
+
+    /// Each row with its idempotency key and body, as it is sent alone or in a batch.
+    fn jobs(
+        &self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        rows: impl IntoIterator<Item = RowPayload>,
+    ) -> Vec<Job> {
+        rows.into_iter()
+            .map(|row| {
+                let key = self.prepare(ctx, table, &row);
+                let body = self.small_body(&row.fields);
+                (row, key, body)
+            })
+            .collect()
+    }
+
+    /// The backend's batch endpoint, for a table whose rows may go in batches (events:
+    /// a media row's BLOB is streamed alone).
+    /// `Err`: the backend did not answer the question (asked within the time an
+    /// upload's answer may take), an upload's transient failure.
+    fn capability(&mut self, table: &TableSpec) -> Result<Option<Capability>, Outcome> {
+        if table.blob.is_some() {
+            return Ok(None);
+        }
+        let transport = Arc::clone(&self.transport);
+        let http = &self.settings.http;
+        let within = http.connect_timeout + http.response_timeout + Duration::from_secs(1);
+        let asked = self.batches.get(|| {
+            batch::discover(|path, max| {
+                transport
+                    .get(path, None, max, within)
+                    .map(|f| (f.status, f.body))
+            })
+        });
+        match asked {
+            Ok(capability) => Ok(capability.cloned()),
+            Err(reason) => Err(Outcome::Transient {
+                reason,
+                retry_after: None,
+            }),
+        }
+    }
+
+    /// Sends event rows in batches within `capability`'s limits, one batch at a time,
+    /// and settles each row by its own result. Until the backend stored a row in this
+    /// pass a batch holds one row, so a backend that is down fails one row per pass. A
+    /// row too large for a batch goes alone; a batch the endpoint refuses (the backend
+    /// changed) sends its rows and the rest one by one until the next check.
+    #[allow(clippy::too_many_arguments)]
+    fn send_batches(
+        &mut self,
+        ctx: &SourceCtx,
+        table: &TableSpec,
+        rows: Vec<RowPayload>,
+        capability: &Capability,
+        tr: &mut TableReport,
+        group: &mut AckGroup,
+        rejections: &mut Rejections,
+    ) -> Result<(), Halt> {
+        let (jobs, alone): (Vec<Job>, Vec<Job>) = self
+            .jobs(ctx, table, rows)
+            .into_iter()
+            .partition(|(_, _, body)| body.len() <= capability.max_row_bytes);
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            crate::notify::keepalive();
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Halt::Pass(Interruption::Shutdown));
+            }
+            let limit = if self.answered {
+                capability.max_rows
+            } else {
+                1
+            };
+            let mut chunk: Vec<Job> = Vec::new();
+            let mut bytes = 0;
+            while let Some(job) = jobs.next_if(|(_, key, body)| {
+                let row = batch::Row {
+                    endpoint: &table.endpoint,
+                    key,
+                    body,
+                };
+                chunk.len() < limit
+                    && (chunk.is_empty() || bytes + batch::row_bytes(&row) <= capability.max_bytes)
+            }) {
+                bytes += batch::row_bytes(&batch::Row {
+                    endpoint: &table.endpoint,
+                    key: &job.1,
+                    body: &job.2,
+                });
+                chunk.push(job);
+            }
+            let rows: Vec<batch::Row> = chunk
+                .iter()
+                .map(|(_, key, body)| batch::Row {
+                    endpoint: &table.endpoint,
+                    key,
+                    body,
+                })
+                .collect();
+            let body = batch::body(&rows, capability.gzip)
+                .map_err(|e| Halt::Table(format!("batch: cannot compress the body: {e}")))?;
+            let answer =
+                self.transport
+                    .post_batch(&capability.path, &body, capability.gzip, chunk.len());
+            match answer {
+                Ok(outcomes) => {
+                    let settled = chunk.into_iter().zip(outcomes).map(|((row, _, body), o)| {
+                        self.settle(
+                            ctx,
+                            table,
+                            row,
+                            Ok((o, body.len() as u64)),
+                            tr,
+                            group,
+                            rejections,
+                        )
+                    });
+                    settled.fold(Ok(()), Result::and)?;
+                }
+                Err(Outcome::Rejected { reason, .. }) => {
+                    log::warn!(
+                        "batches: {} refused a batch ({reason}); rows go one by one until the next check",
+                        capability.path
+                    );
+                    self.batches.refused();
+                    let rest = chunk.into_iter().chain(jobs).chain(alone);
+                    let rows = rest.map(|(row, _, _)| row).collect();
+                    return self.send_per_row(ctx, table, rows, tr, group, rejections);
+                }
+                Err(failed) => {
+                    let settled = chunk.into_iter().map(|(row, _, body)| {
+                        let sent = Ok((failed.clone(), body.len() as u64));
+                        self.settle(ctx, table, row, sent, tr, group, rejections)
+                    });
+                    return settled.fold(Ok(()), Result::and);
+                }
+            }
+        }
+        let rows = alone.into_iter().map(|(row, _, _)| row).collect();
+        self.send_per_row(ctx, table, rows, tr, group, rejections)
     }
 
     /// Records what became of one row's upload.

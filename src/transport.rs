@@ -19,6 +19,8 @@ use crate::tcp_transport::{Deadline, Limits, NEVER, TcpConnector};
 
 /// Largest response body relais reads from a push answer; the `id` is near the start.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+/// Largest answer to a batch: a result of a few dozen bytes per row, 500 rows at most.
+const MAX_BATCH_ANSWER_BYTES: u64 = 1 << 20;
 
 pub const USER_AGENT: &str = concat!("relais/", env!("CARGO_PKG_VERSION"));
 
@@ -142,6 +144,61 @@ impl Transport {
         }
     }
 
+    /// POSTs a batch `body` (gzip-compressed when `gzip`) to `path`: each row's outcome
+    /// from a `200` answer, in order, or the whole batch's outcome: transient as a push
+    /// would be (the rows are tried again), or rejected (the endpoint does not take this
+    /// batch: its rows go one by one).
+    pub fn post_batch(
+        &self,
+        path: &str,
+        body: &[u8],
+        gzip: bool,
+        rows: usize,
+    ) -> Result<Vec<Outcome>, Outcome> {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base_url))
+            .header("Content-Type", "application/json");
+        if gzip {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        if let Some(token) = &self.bearer {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut resp = match req.send(body) {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Err(Outcome::Transient {
+                    reason: self.describe(&e, "the batch upload"),
+                    retry_after: None,
+                });
+            }
+        };
+        if !resp.status().is_success() {
+            return Err(classify_answer(resp));
+        }
+        let mut answer = Vec::new();
+        let read = resp
+            .body_mut()
+            .as_reader()
+            .take(MAX_BATCH_ANSWER_BYTES)
+            .read_to_end(&mut answer);
+        // Stored, but which rows? Each one is sent again, and answered as a replay.
+        let unreadable = |why: String| Outcome::Transient {
+            reason: format!("the batch answer could not be read ({why}): its rows are sent again"),
+            retry_after: None,
+        };
+        if let Err(e) = read {
+            return Err(unreadable(e.to_string()));
+        }
+        crate::batch::outcomes(&answer, rows).ok_or_else(|| {
+            unreadable(format!(
+                "not the results of {rows} rows{}",
+                server_detail(&answer)
+            ))
+        })
+    }
+
     /// GETs `path`, reading at most `max_bytes` of body. The whole exchange (name
     /// lookup, connection, request, answer and body) is cut after `within`, however
     /// the bytes trickle in.
@@ -242,8 +299,6 @@ fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
 }
 
 fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
-    let status = resp.status().as_u16();
-    let retry = retry_after(&resp);
     let mut body = Vec::new();
     // A failure to read the answer of a 2xx still means the backend stored the row.
     let _ = resp
@@ -251,10 +306,41 @@ fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
         .as_reader()
         .take(MAX_ANSWER_BYTES)
         .read_to_end(&mut body);
+    let location = header(&resp, "location")
+        .map(|l| crate::redact::redact(&l.chars().take(300).collect::<String>()));
+    let answer = Answer {
+        status: resp.status().as_u16(),
+        retry: retry_after(&resp),
+        html: is_html(header(&resp, "content-type"), &body),
+        body: &body,
+        location,
+    };
+    classify(answer)
+}
+
+/// What [`classify`] judges an upload by: an HTTP answer, or one row's result in a
+/// batch answer (its `code`, and its own JSON for a body).
+pub struct Answer<'a> {
+    pub status: u16,
+    pub retry: Option<Duration>,
+    pub html: bool,
+    pub body: &'a [u8],
+    pub location: Option<String>,
+}
+
+/// What became of an upload, from its answer.
+pub fn classify(answer: Answer) -> Outcome {
+    let Answer {
+        status,
+        retry,
+        html,
+        body,
+        location,
+    } = answer;
     match status {
         200..=299 => Outcome::Stored {
-            remote_id: answer_id(&String::from_utf8_lossy(&body)),
-            html: is_html(header(&resp, "content-type"), &body),
+            remote_id: answer_id(&String::from_utf8_lossy(body)),
+            html,
         },
         401 | 403 => Outcome::Transient {
             reason: format!(
@@ -263,28 +349,24 @@ fn classify_answer(mut resp: ureq::http::Response<ureq::Body>) -> Outcome {
             retry_after: retry,
         },
         408 | 429 | 500..=599 => Outcome::Transient {
-            reason: format!("the backend answered {status}{}", server_detail(&body)),
+            reason: format!("the backend answered {status}{}", server_detail(body)),
             retry_after: retry,
         },
-        300..=399 => {
-            let location = header(&resp, "location")
-                .map(|l| crate::redact::redact(&l.chars().take(300).collect::<String>()));
-            Outcome::Rejected {
-                status,
-                reason: format!(
-                    "the backend answered {status}, a redirect to {}, which relais does not follow",
-                    location
-                        .as_deref()
-                        .unwrap_or("nowhere (no Location header)")
-                ),
-                location,
-            }
-        }
+        300..=399 => Outcome::Rejected {
+            status,
+            reason: format!(
+                "the backend answered {status}, a redirect to {}, which relais does not follow",
+                location
+                    .as_deref()
+                    .unwrap_or("nowhere (no Location header)")
+            ),
+            location,
+        },
         _ => Outcome::Rejected {
             status,
             reason: format!(
                 "the backend rejected the row with {status}{}",
-                server_detail(&body)
+                server_detail(body)
             ),
             location: None,
         },

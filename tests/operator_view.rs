@@ -132,7 +132,7 @@ fn a_redirect_on_every_row_names_its_location() {
     );
     assert!(lines_with(&log, "WARN  evenement").is_empty(), "{log}");
     assert_eq!(
-        proxy.stats().requests,
+        proxy.stats().pushes,
         1,
         "a redirect stops the table at once"
     );

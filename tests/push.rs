@@ -924,3 +924,94 @@ fn a_transient_error_with_requests_in_flight_stops_the_pass_and_loses_nothing() 
     assert_exact(&db, &rx);
     assert_remote_ids(&dir, &rx);
 }
+
+// ---------------------------------------------------------------- batches
+
+fn with_batches(tag: &str, events: usize) -> (Scratch, PathBuf, Receiver, Pusher) {
+    let (dir, db) = app(tag, events, &[]);
+    let rx = receiver(&dir, true);
+    rx.offer_batches();
+    let p = pusher(&settings(&db, &rx.url(), &dir, &[]));
+    (dir, db, rx, p)
+}
+
+#[test]
+fn batches_to_relais_server_store_each_row_once_with_its_id() {
+    let (dir, db, rx, mut p) = with_batches("batches", 700);
+    let report = p.sync_once();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.pushed(), 700);
+    assert_exact(&db, &rx);
+    assert_remote_ids(&dir, &rx);
+    // One row alone until the backend stored one, then batches of up to 500 rows.
+    let uploads = rx.stats().requests;
+    assert!((2..=4).contains(&uploads), "{uploads} uploads");
+    let again = p.sync_once();
+    assert_eq!(again.pushed(), 0);
+    assert_eq!(rx.stats().requests, uploads, "nothing sent twice");
+}
+
+#[test]
+fn a_batch_partly_accepted_records_each_rows_own_outcome() {
+    let (dir, _db, rx, mut p) = with_batches("batch-partial", 5);
+    rx.push_fault(ProxyFault::Pass);
+    rx.push_fault(ProxyFault::Body(
+        r#"{"results": [{"status": "stored", "id": 900},
+            {"status": "rejected", "code": 422, "detail": "bad date"},
+            {"status": "replayed", "id": 901},
+            {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#
+            .into(),
+    ));
+    let report = p.sync_once();
+    assert_eq!((report.pushed(), report.failed()), (3, 2), "{report}");
+    let state = dir.state_db();
+    let remote = |id| tracked(&state, "evenement", id).and_then(|t| t.remote_id);
+    assert_eq!((remote(2), remote(4)), (Some(900), Some(901)));
+    for (id, reason) in [(3, "bad date"), (5, "no such endpoint")] {
+        let row = tracked(&state, "evenement", id).expect("tracked");
+        assert_eq!(row.status, "failed", "{row:?}");
+        assert!(row.error.unwrap_or_default().contains(reason));
+    }
+}
+
+#[test]
+fn a_batch_whose_answer_is_lost_is_sent_again_and_stored_once() {
+    let (dir, db, rx, mut p) = with_batches("batch-lost", 50);
+    rx.push_fault(ProxyFault::Pass);
+    rx.push_fault(ProxyFault::LoseAnswer);
+    let first = p.sync_once();
+    assert!(first.interrupted.is_some(), "{first}");
+    assert_eq!(first.pushed(), 1);
+    let second = p.sync_once();
+    assert!(second.is_clean(), "{second}");
+    assert_exact(&db, &rx);
+    // The lost batch's 49 rows were sent twice, stored once: one row alone and one batch
+    // in each pass.
+    assert_eq!(rx.stats().stored, 50);
+    assert_eq!(rx.stats().requests, 4);
+    assert_remote_ids(&dir, &rx);
+}
+
+#[test]
+fn a_backend_without_the_batch_endpoint_gets_rows_one_by_one() {
+    let (dir, db) = app("no-batches", 12, &[]);
+    // The contract's backend: 404 at /api/capabilities.
+    let rx = receiver(&dir, true);
+    let report = pusher(&settings(&db, &rx.url(), &dir, &[])).sync_once();
+    assert!(report.is_clean(), "{report}");
+    assert_exact(&db, &rx);
+    assert_eq!(rx.stats().requests, 12, "one upload per row");
+}
+
+#[test]
+fn a_batch_endpoint_that_refuses_a_batch_sends_its_rows_one_by_one() {
+    let (dir, db, rx, mut p) = with_batches("batch-refused", 12);
+    rx.push_fault(ProxyFault::Pass);
+    rx.push_fault(ProxyFault::Status(405, None));
+    let report = p.sync_once();
+    assert!(report.is_clean(), "{report}");
+    assert_exact(&db, &rx);
+    assert_remote_ids(&dir, &rx);
+    // One row alone, the refused batch, then its 11 rows one by one.
+    assert_eq!(rx.stats().requests, 13);
+}

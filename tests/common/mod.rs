@@ -489,6 +489,8 @@ type Policy = Box<dyn FnMut(&ProxyRequest) -> ProxyFault + Send>;
 #[derive(Debug, Default, Clone)]
 pub struct ProxyStats {
     pub requests: u64,
+    /// Requests to push endpoints (`POST /api/...`).
+    pub pushes: u64,
     /// Requests that met a fault other than `Pass`.
     pub faults: u64,
     /// Answers the server gave and the agent never saw (`LoseAnswer`, `DelayAnswer`,
@@ -838,6 +840,9 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
         {
             let mut st = lock(&sh.stats);
             st.requests += 1;
+            if req.method == "POST" && req.path.contains("/api/") {
+                st.pushes += 1;
+            }
             if fault != ProxyFault::Pass {
                 st.faults += 1;
             }
@@ -991,6 +996,8 @@ pub struct Receiver {
     // Declared first, dropped first: no request reaches a stopped server.
     proxy: FaultProxy,
     server: EmbeddedServer,
+    /// relais-server's batch endpoint is announced ([`Receiver::offer_batches`]).
+    offer: Arc<AtomicBool>,
     faults: Arc<std::sync::Mutex<VecDeque<ProxyFault>>>,
     config_faults: Arc<std::sync::Mutex<VecDeque<ConfigFault>>>,
     admin: SiteAdmin,
@@ -1023,7 +1030,7 @@ impl ConfigFault {
 /// Counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReceiverStats {
-    /// HTTP requests the agent sent, whatever their outcome.
+    /// Uploads the agent sent (`POST /api/...`: rows or batches), whatever their outcome.
     pub requests: u64,
     /// Rows stored.
     pub stored: u64,
@@ -1048,8 +1055,17 @@ impl Receiver {
         let faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
         let config_faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
         let (queue, config_queue) = (Arc::clone(&faults), Arc::clone(&config_faults));
+        let offer = Arc::new(AtomicBool::new(false));
+        let offered = Arc::clone(&offer);
         proxy.set_policy(move |req| {
             let fault = match req.method.as_str() {
+                // The contract's backend (the seed's) has no batch endpoint.
+                "GET"
+                    if req.path.ends_with(relais::batch::CAPABILITIES_PATH)
+                        && !offered.load(Ordering::Relaxed) =>
+                {
+                    Some(ProxyFault::Status(404, None))
+                }
                 "POST" if req.path.starts_with("/api/") => lock(&queue).pop_front(),
                 "GET" if req.path.starts_with("/config/") => {
                     lock(&config_queue).pop_front().map(ConfigFault::proxied)
@@ -1065,6 +1081,7 @@ impl Receiver {
             admin: SiteAdmin::new(&server.url()),
             proxy,
             server,
+            offer,
             faults,
             config_faults,
             sites: Default::default(),
@@ -1073,6 +1090,12 @@ impl Receiver {
 
     pub fn url(&self) -> String {
         self.proxy.url()
+    }
+
+    /// Announces relais-server's batch endpoint (`GET /api/capabilities`), hidden
+    /// otherwise: the receiver is the contract's per-row backend unless asked.
+    pub fn offer_batches(&self) {
+        self.offer.store(true, Ordering::Relaxed);
     }
 
     /// Queues a fault for a future `POST /api/...`.
@@ -1094,7 +1117,7 @@ impl Receiver {
         let proxy = self.proxy.stats();
         let stored = relais::received::stored(&self.server).expect("count the received rows");
         ReceiverStats {
-            requests: proxy.requests,
+            requests: proxy.pushes,
             stored,
             // The server answers 201 to a new row and to a replay alike.
             replays: proxy.created.saturating_sub(stored),
