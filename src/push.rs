@@ -782,7 +782,7 @@ impl Pusher {
     /// `Err`: the backend did not answer the question (asked within the time an
     /// upload's answer may take), an upload's transient failure.
     fn capability(&mut self, table: &TableSpec) -> Result<Option<Capability>, Outcome> {
-        if table.blob.is_some() {
+        if table.blob.is_some() || !self.settings.http.batches {
             return Ok(None);
         }
         let transport = Arc::clone(&self.transport);

@@ -62,6 +62,9 @@ pub struct HttpSettings {
     /// (`RELAIS_IN_FLIGHT`, `http.in_flight`): over a 100 ms round trip one at a time is
     /// 10 rows/s whatever the link's bandwidth.
     pub in_flight: usize,
+    /// Whether to use the backend's batch endpoint when it offers one (`RELAIS_BATCHES`
+    /// `auto`, the default, or `off`; `http.batches` true or false).
+    pub batches: bool,
 }
 
 /// When failed rows are tried again.
@@ -240,6 +243,7 @@ const FILE_KEYS: &[(&str, Key)] = &[
     ("tables", Key::Objects(TABLE_KEYS)),
 ];
 const HTTP_KEYS: &[(&str, Key)] = &[
+    ("batches", Key::Value),
     ("bearer_token", Key::Value),
     ("ca_file", Key::Value),
     ("connect_timeout_s", Key::Value),
@@ -358,6 +362,14 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(_) => Err(invalid(&self.name(key), "must be a string")),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, SettingsError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(invalid(&self.name(key), "must be true or false")),
         }
     }
 
@@ -747,7 +759,20 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
             .or(http.string("bearer_token")?),
         ca_file,
         in_flight: parse_in_flight(src, &http)?,
+        batches: parse_batches(src, &http)?,
     })
+}
+
+fn parse_batches(src: &Source, http: &Fields) -> Result<bool, SettingsError> {
+    match src.env("RELAIS_BATCHES").as_deref().map(str::trim) {
+        Some("auto") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(invalid(
+            "RELAIS_BATCHES",
+            format!("must be auto or off, got {other:?}"),
+        )),
+        None => Ok(http.boolean("batches")?.unwrap_or(true)),
+    }
 }
 
 /// Default of `in_flight`: 16 requests cover a 150 ms round trip at 100 rows/s, ten times
@@ -1046,6 +1071,25 @@ mod tests {
         }
         let e = load(&[], Some(r#"{"http": {"in_flight": 0}}"#)).unwrap_err();
         assert_eq!(e.setting, "http.in_flight", "{e}");
+    }
+
+    #[test]
+    fn batches_are_on_unless_turned_off() {
+        assert!(load(&[], None).unwrap().http.batches);
+        assert!(
+            !load(&[("RELAIS_BATCHES", "off")], None)
+                .unwrap()
+                .http
+                .batches
+        );
+        assert!(
+            !load(&[], Some(r#"{"http": {"batches": false}}"#))
+                .unwrap()
+                .http
+                .batches
+        );
+        let e = load(&[("RELAIS_BATCHES", "no")], None).unwrap_err();
+        assert_eq!(e.setting, "RELAIS_BATCHES", "{e}");
     }
 
     #[test]
