@@ -34,6 +34,19 @@ fn app(dir: &Scratch, wal: bool, blob: u64, events: usize) -> PathBuf {
     db
 }
 
+/// `relais once` exits 0, and every row of `db` is at `rx` exactly once.
+fn once_delivers_everything(db: &Path, rx: &Receiver, vars: &[(String, String)]) {
+    let out = run_relais(&["once"], vars, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = check_delivery(db, &rx.rows(), DEVICE).expect("delivery check");
+    assert!(d.is_exact(), "{d:?}");
+}
+
 /// The application's own connection, as the issue describes it: 100 ms busy timeout.
 fn app_conn(db: &Path, busy: Duration) -> Connection {
     let conn = Connection::open(db).expect("open app db");
@@ -294,15 +307,7 @@ fn sigterm_mid_upload_stops_quickly_and_the_row_is_sent_later_once() {
     assert_eq!(rx.stats().stored, 3, "only the events arrived");
 
     let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
-    let out = run_relais(&["once"], &vars, Duration::from_secs(60));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery check");
-    assert!(d.is_exact(), "{d:?}");
+    once_delivers_everything(&db, &rx, &vars);
     assert_eq!(
         rx.stats().replays,
         0,
@@ -338,15 +343,7 @@ fn sigkill_with_requests_in_flight_then_every_row_is_stored_once() {
     assert!(rx.stats().max_in_flight >= 4, "{:?}\n{log}", rx.stats());
     assert!(rx.stats().stored < 401, "killed before the end");
 
-    let out = run_relais(&["once"], &vars, Duration::from_secs(60));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = check_delivery(&db, &rx.rows(), DEVICE).expect("delivery check");
-    assert!(d.is_exact(), "{d:?}");
+    once_delivers_everything(&db, &rx, &vars);
     assert_eq!(
         rx.stats().stored,
         401,
