@@ -1,4 +1,4 @@
-//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: six
+//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: ten
 //! series do not justify a crate). [`track`] is a middleware on every route: it counts
 //! requests by route template and status, times them, and counts the body bytes as the
 //! handlers read them; handlers report what the middleware cannot see (a row stored, a
