@@ -31,7 +31,8 @@ fn measure(size_mib: u64, chunk: u64, wal: bool) -> Result<(Duration, Duration),
         &dir,
         &[("RELAIS_CONFIG", config_var.as_str())],
     )?;
-    let mut pusher = relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))?;
+    let mut pusher =
+        relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))?;
     let report = pusher.sync_once();
     server.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -822,12 +822,13 @@ fn thread_cpu() -> f64 {
 fn relais_cycle(db: &Path, dir: &Path, backend: &str) -> Res<(f64, f64)> {
     let settings = relais::demo::settings_for(db, backend, dir, &[("DEVICE_ID", DEVICE)])?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut pusher = relais::daemon::build_pusher(&settings, stop)?;
+    let mut pusher =
+        relais::daemon::build_pusher(&settings, Some(relais::lane::Lane::Events), stop)?;
     let warm = pusher.sync_once();
-    relais::status::record_cycle(pusher.tracking(), &warm);
+    relais::status::record_cycle(pusher.tracking(), &warm, relais::lane::Lane::Events);
     let (wall, cpu) = (Instant::now(), thread_cpu());
     let report = pusher.sync_once();
-    relais::status::record_cycle(pusher.tracking(), &report);
+    relais::status::record_cycle(pusher.tracking(), &report, relais::lane::Lane::Events);
     let measured = (wall.elapsed().as_secs_f64(), thread_cpu() - cpu);
     if warm.pushed() + report.pushed() != 0 || !report.is_clean() {
         return Err(format!("relais idle cycle was not idle: {report}"));

@@ -1,13 +1,15 @@
-//! The agent's loop: runs a push pass, then sleeps until the next one is due, a signal
-//! arrives, or the backoff after a failure has passed. It sleeps on a channel, so an idle
-//! agent is never woken periodically.
+//! The agent's loops. Each lane ([`crate::lane`]: events, media) runs its own: a push
+//! pass, then a sleep until the next one is due, a signal arrives, or the lane's backoff
+//! after a failure has passed. The lanes sleep on channels, so an idle agent is never
+//! woken periodically. The main thread only dispatches: signals become wake-ups for
+//! both lanes, SIGHUP's new settings go to both.
 //!
 //! SIGTERM and SIGINT stop the agent; an upload in flight is abandoned at the next chunk
 //! (the row stays pending and is sent again, under the same idempotency key). Should
 //! the network hold the agent up, it exits anyway after [`STOP_GRACE`]: its state is
 //! consistent at every instant, so a forced exit loses nothing. SIGUSR1 starts a pass now.
 //! SIGHUP reads the settings again and starts a pass with them ([`reload`]); `relais once`
-//! takes it as a stop request.
+//! takes it as a stop request. `relais once` runs one pass of each lane, at the same time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -18,6 +20,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::backoff::Backoff;
+use crate::lane::Lane;
 use crate::pull::{self, PullActivity, PullWake};
 use crate::push::{CycleReport, Interruption, Pusher};
 use crate::settings::{Settings, SettingsError};
@@ -34,7 +37,7 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED_ROWS: i32 = 1;
 pub const EXIT_CONFIG: i32 = 2;
 
-/// What wakes the loop.
+/// What the signal thread tells the dispatcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
     Stop,
@@ -50,29 +53,66 @@ pub type Load<'a> = &'a dyn Fn() -> Result<Settings, SettingsError>;
 /// SIGUSR1 reaches the pull while a pass runs, and replaced when a reload restarts it.
 type PullHandle = Arc<Mutex<Option<(Sender<PullWake>, PullActivity)>>>;
 
-/// Sets up the pusher from the settings; errors are one operator-readable line.
-pub fn build_pusher(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Pusher, String> {
+/// Sets up the pusher of `lane`'s tables (`None`: every table) from the settings; errors
+/// are one operator-readable line.
+pub fn build_pusher(
+    settings: &Settings,
+    lane: Option<Lane>,
+    stop: Arc<AtomicBool>,
+) -> Result<Pusher, String> {
     let tracking = Tracking::open(&settings.state_dir).map_err(|e| e.to_string())?;
     let transport = Transport::new(&settings.http).map_err(|e| e.to_string())?;
-    Ok(Pusher::new(settings.clone(), tracking, transport, stop))
+    Ok(match lane {
+        Some(lane) => Pusher::for_lane(lane, settings, tracking, transport, stop),
+        None => Pusher::new(settings.clone(), tracking, transport, stop),
+    })
 }
 
-/// Runs one pass (`once`) or the loop until a stop signal; returns the exit code.
+/// What the lanes share.
+struct Shared {
+    /// Taken by the first lane that can (see [`hold_lock`]), held for the process's life.
+    lock: Mutex<Option<StateLock>>,
+    stop: Arc<AtomicBool>,
+    command: &'static str,
+}
+
+/// What the signal thread's dispatcher tells a lane.
+enum LaneWake {
+    Stop,
+    SyncNow,
+    /// The settings read again at SIGHUP, valid.
+    Settings(Box<Settings>),
+}
+
+/// Why a lane's pass could not run.
+enum Unbuilt {
+    /// The state database or its lock file cannot be opened: tried again after a backoff.
+    State(String),
+    /// Another process owns the state directory: the agent stops (the line says why).
+    Owned(String),
+}
+
+/// Runs one pass of each lane (`once`) or the lanes' loops until a stop signal; returns
+/// the exit code.
 pub fn run(settings: &Settings, once: bool, load: Load) -> i32 {
     let mut settings = settings.clone();
     let command = if once { "relais once" } else { "relais run" };
     // Taken before anything else (the configuration pull included), held for the
     // process's life. A state directory that cannot be locked yet (not writable) is
-    // retried with the state database below: it must not stop the agent.
+    // retried with the state database at each pass: it must not stop the agent.
     let mut lock = None;
     if let Err(line) = hold_lock(&mut lock, &settings, command, settings.state_lock_wait) {
         log::error!("{line}");
         return EXIT_FAILED_ROWS;
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Shared {
+        lock: Mutex::new(lock),
+        stop: Arc::new(AtomicBool::new(false)),
+        command,
+    };
     let (tx, rx) = mpsc::channel();
     let pull: PullHandle = Arc::new(Mutex::new(if once { None } else { start_pull(&settings) }));
-    if let Err(e) = watch_signals(tx, pull.clone(), stop.clone(), once) {
+    if let Err(e) = watch_signals(tx.clone(), pull.clone(), shared.stop.clone(), once) {
         log::error!("signals: cannot install handlers: {e}");
         return EXIT_FAILED_ROWS;
     }
@@ -90,87 +130,230 @@ pub fn run(settings: &Settings, once: bool, load: Load) -> i32 {
         }
     );
     notify::ready("started");
-    let mut backoff = Backoff::new(&settings.retry);
-    // Built lazily and rebuilt after a state failure: an unwritable state directory must
-    // not stop the agent (the configuration pull can still work), and must heal by
-    // itself once the operator fixes it.
-    let mut pusher: Option<Pusher> = None;
-    let mut clock_watch = clock::ClockWatch::default();
-    loop {
-        if let Some(jump) = clock_watch.jumped() {
-            log_clock_jump(jump);
+    if once {
+        return run_once(&settings, &shared);
+    }
+    let code = std::thread::scope(|scope| {
+        let mut lanes = Vec::new();
+        let mut code = EXIT_OK;
+        for lane in Lane::ALL {
+            let (wake, woken) = mpsc::channel();
+            let (looped, shared, main) = (LaneLoop::new(lane, &settings), &shared, tx.clone());
+            match std::thread::Builder::new()
+                .name(format!("{}-lane", lane.name()))
+                .spawn_scoped(scope, move || looped.run(shared, &woken, &main))
+            {
+                Ok(handle) => lanes.push((wake, handle)),
+                Err(e) => {
+                    log::error!("{} lane: cannot start its thread: {e}", lane.name());
+                    shared.stop.store(true, Ordering::Relaxed);
+                    let _ = tx.send(Wake::Stop);
+                    code = EXIT_FAILED_ROWS;
+                }
+            }
         }
-        let built = match hold_lock(&mut lock, &settings, command, Duration::ZERO) {
-            Ok(None) => pusher_or_build(&mut pusher, &settings, &stop),
-            Ok(Some(unlockable)) => Err(unlockable),
-            Err(line) => {
+        let tell = |wake: &dyn Fn() -> LaneWake| {
+            for (lane, _) in &lanes {
+                let _ = lane.send(wake());
+            }
+        };
+        loop {
+            match rx.recv() {
+                Ok(Wake::SyncNow) => tell(&|| LaneWake::SyncNow),
+                Ok(Wake::Reload) => {
+                    if let Some(new) = reload(&settings, load, &pull) {
+                        settings = new;
+                        // Applied by each lane from its next pass, which starts now; what
+                        // is recorded lives in the state database.
+                        tell(&|| LaneWake::Settings(Box::new(settings.clone())));
+                    }
+                }
+                Ok(Wake::Stop) | Err(_) => break,
+            }
+        }
+        tell(&|| LaneWake::Stop);
+        lanes
+            .into_iter()
+            .map(|(_, handle)| handle.join().unwrap_or(EXIT_FAILED_ROWS))
+            .fold(code, i32::max)
+    });
+    notify::stopping();
+    log::info!("relais stopping");
+    code
+}
+
+/// `relais once`: one pass of each lane that has tables, at the same time, as `run`
+/// would; then the configuration pull.
+fn run_once(settings: &Settings, shared: &Shared) -> i32 {
+    let lanes = Lane::ALL.into_iter().filter(|l| l.has_work(settings));
+    let passes: Vec<Option<(LaneLoop, Result<CycleReport, Unbuilt>)>> =
+        std::thread::scope(|scope| {
+            let running: Vec<_> = lanes
+                .map(|lane| {
+                    let mut looped = LaneLoop::new(lane, settings);
+                    scope.spawn(move || {
+                        let pass = looped.pass(shared);
+                        (looped, pass)
+                    })
+                })
+                .collect();
+            running.into_iter().map(|h| h.join().ok()).collect()
+        });
+    let pulled = pull_once(settings);
+    notify::stopping();
+    let mut reports = Vec::new();
+    let mut events = None;
+    let mut code = EXIT_OK;
+    for pass in passes {
+        match pass {
+            Some((looped, Ok(report))) => {
+                reports.push(report);
+                if looped.lane == Lane::Events {
+                    events = looped.pusher;
+                }
+            }
+            Some((_, Err(Unbuilt::State(line) | Unbuilt::Owned(line)))) => {
                 log::error!("{line}");
-                notify::stopping();
-                return EXIT_FAILED_ROWS;
+                code = EXIT_FAILED_ROWS;
             }
-        };
-        let (interrupted, wrong_url) = match built {
-            Ok(active) => {
-                let report = active.sync_once();
-                log_report(&report);
-                status::record_cycle(active.tracking(), &report);
-                notify::status(&report.to_string());
-                if once {
-                    let pulled = pull_once(&settings);
-                    notify::stopping();
-                    return once_exit_code(&settings, &report, active).max(pulled);
+            None => code = EXIT_FAILED_ROWS,
+        }
+    }
+    match events {
+        Some(mut pusher) if code == EXIT_OK => once_exit_code(settings, &reports, &mut pusher),
+        _ => EXIT_FAILED_ROWS,
+    }
+    .max(pulled)
+}
+
+/// One lane's loop: its pusher, its backoff.
+struct LaneLoop {
+    lane: Lane,
+    settings: Settings,
+    /// Built lazily and rebuilt after a state failure: an unwritable state directory
+    /// must not stop the agent (the configuration pull can still work), and must heal by
+    /// itself once the operator fixes it.
+    pusher: Option<Pusher>,
+    backoff: Backoff,
+    clock_watch: clock::ClockWatch,
+}
+
+impl LaneLoop {
+    fn new(lane: Lane, settings: &Settings) -> LaneLoop {
+        LaneLoop {
+            lane,
+            settings: settings.clone(),
+            pusher: None,
+            backoff: Backoff::new(&settings.retry),
+            clock_watch: clock::ClockWatch::default(),
+        }
+    }
+
+    /// Passes until a stop; returns the exit code. Another process taking the state
+    /// directory stops the whole agent: the dispatcher is told through `main`.
+    fn run(mut self, shared: &Shared, woken: &Receiver<LaneWake>, main: &Sender<Wake>) -> i32 {
+        loop {
+            let delay = if self.lane.has_work(&self.settings) {
+                let (interrupted, wrong_url) = match self.pass(shared) {
+                    Ok(report) => (report.interrupted, !report.wrong_url.is_empty()),
+                    Err(Unbuilt::State(e)) => {
+                        log::error!("{e}; nothing is pushed until this is fixed");
+                        notify::status(&e);
+                        (Some(Interruption::State(e)), false)
+                    }
+                    Err(Unbuilt::Owned(line)) => {
+                        log::error!("{line}");
+                        shared.stop.store(true, Ordering::Relaxed);
+                        let _ = main.send(Wake::Stop);
+                        return EXIT_FAILED_ROWS;
+                    }
+                };
+                match self.next_delay(interrupted.as_ref(), wrong_url) {
+                    Some(delay) => delay,
+                    None => break,
                 }
-                (report.interrupted, !report.wrong_url.is_empty())
-            }
-            Err(e) => {
-                log::error!("{e}; nothing is pushed until this is fixed");
-                notify::status(&e);
-                if once {
-                    return EXIT_FAILED_ROWS;
+            } else {
+                self.settings.interval
+            };
+            match wait(woken, delay) {
+                LaneWake::Stop => break,
+                LaneWake::SyncNow => {}
+                LaneWake::Settings(new) => {
+                    self.settings = *new;
+                    self.pusher = None;
+                    self.backoff = Backoff::new(&self.settings.retry);
                 }
-                (Some(Interruption::State(e)), false)
             }
+        }
+        if let (Lane::Events, Some(p)) = (self.lane, self.pusher.as_mut()) {
+            log_totals(p);
+        }
+        EXIT_OK
+    }
+
+    /// One pass of the lane, its report logged and recorded for `relais status`.
+    fn pass(&mut self, shared: &Shared) -> Result<CycleReport, Unbuilt> {
+        if self.lane == Lane::Events {
+            if let Some(jump) = self.clock_watch.jumped() {
+                log_clock_jump(jump);
+            }
+        }
+        let unlockable = {
+            let mut lock = shared.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            hold_lock(&mut lock, &self.settings, shared.command, Duration::ZERO)
+                .map_err(Unbuilt::Owned)?
         };
-        let delay = match &interrupted {
-            Some(Interruption::Shutdown) => break,
-            Some(Interruption::Backend { retry_after, .. }) => backoff.next_delay(*retry_after),
+        if let Some(e) = unlockable {
+            return Err(Unbuilt::State(e));
+        }
+        let pusher = match &mut self.pusher {
+            Some(p) => p,
+            None => self.pusher.insert(
+                build_pusher(&self.settings, Some(self.lane), shared.stop.clone())
+                    .map_err(Unbuilt::State)?,
+            ),
+        };
+        let report = pusher.sync_once();
+        log_report(&report);
+        status::record_cycle(pusher.tracking(), &report, self.lane);
+        notify::status(&report.to_string());
+        Ok(report)
+    }
+
+    /// The wait before the next pass; `None` after a shutdown.
+    fn next_delay(
+        &mut self,
+        interrupted: Option<&Interruption>,
+        wrong_url: bool,
+    ) -> Option<Duration> {
+        let delay = match interrupted {
+            Some(Interruption::Shutdown) => return None,
+            Some(Interruption::Backend { retry_after, .. }) => {
+                self.backoff.next_delay(*retry_after)
+            }
             Some(Interruption::State(_)) => {
                 // Reopen the state database next time: the failure may have left the
                 // connection unusable (file removed, disk remounted read-only).
-                pusher = None;
-                backoff.next_delay(None)
+                self.pusher = None;
+                self.backoff.next_delay(None)
             }
             // A backend that looks misconfigured may be fixed on its side: try again
             // sooner than the interval, and less and less often.
-            None if wrong_url => backoff.next_delay(None),
+            None if wrong_url => self.backoff.next_delay(None),
             None => {
-                backoff.reset();
-                settings.interval
+                self.backoff.reset();
+                self.settings.interval
             }
         };
         if interrupted.is_some() || wrong_url {
-            log::info!("next attempt in {}", clock::human_duration(delay));
+            log::info!(
+                "{} lane: next attempt in {}",
+                self.lane.name(),
+                clock::human_duration(delay)
+            );
         }
-        match wait(&rx, delay) {
-            Wake::Stop => break,
-            Wake::SyncNow => {}
-            Wake::Reload => {
-                if let Some(new) = reload(&settings, load, &pull) {
-                    settings = new;
-                    // Rebuilt at the next pass from the new tables, batch size and HTTP
-                    // settings; what is recorded lives in the state database.
-                    pusher = None;
-                    backoff = Backoff::new(&settings.retry);
-                }
-            }
-        }
+        Some(delay)
     }
-    notify::stopping();
-    log::info!("relais stopping");
-    if let Some(p) = pusher.as_mut() {
-        log_totals(p);
-    }
-    EXIT_OK
 }
 
 /// Starts the configuration pull on its own thread, with its own HTTP agent, so that a
@@ -278,14 +461,14 @@ fn pull_once(settings: &Settings) -> i32 {
     }
 }
 
-/// `relais once` succeeds only when nothing is left to push: this pass was clean and no
-/// tracked row is still waiting (a rejected row not yet due for its retry). Rows the
-/// application wrote after the pass read its tables are the next pass's, not a failure;
-/// but when the pass failed, the line counts them too, as after an outage most of the
-/// backlog was never read.
-fn once_exit_code(settings: &Settings, report: &CycleReport, pusher: &mut Pusher) -> i32 {
+/// `relais once` succeeds only when nothing is left to push: every lane's pass was clean
+/// and no tracked row is still waiting (a rejected row not yet due for its retry). Rows
+/// the application wrote after the pass read its tables are the next pass's, not a
+/// failure; but when a pass failed, the line counts them too, as after an outage most of
+/// the backlog was never read.
+fn once_exit_code(settings: &Settings, reports: &[CycleReport], pusher: &mut Pusher) -> i32 {
     match pusher.tracking().unsynced() {
-        Ok(0) if report.is_clean() => return EXIT_OK,
+        Ok(0) if reports.iter().all(CycleReport::is_clean) => return EXIT_OK,
         Ok(_) => {}
         Err(e) => {
             log::error!("{e}");
@@ -327,20 +510,9 @@ fn hold_lock(
     }
 }
 
-fn pusher_or_build<'a>(
-    pusher: &'a mut Option<Pusher>,
-    settings: &Settings,
-    stop: &Arc<AtomicBool>,
-) -> Result<&'a mut Pusher, String> {
-    match pusher {
-        Some(p) => Ok(p),
-        None => Ok(pusher.insert(build_pusher(settings, stop.clone())?)),
-    }
-}
-
 /// Sleeps until `delay` has passed or something wakes the loop. Under a systemd
 /// watchdog it wakes every half period to ping it; otherwise it never wakes on its own.
-fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
+fn wait(rx: &Receiver<LaneWake>, delay: Duration) -> LaneWake {
     let deadline = Instant::now() + delay;
     loop {
         notify::keepalive();
@@ -348,12 +520,14 @@ fn wait(rx: &Receiver<Wake>, delay: Duration) -> Wake {
         let nap = notify::watchdog_period().map_or(left, |p| left.min(p / 2));
         match rx.recv_timeout(nap) {
             Ok(w) => return w,
-            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => return Wake::SyncNow,
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                return LaneWake::SyncNow;
+            }
             Err(RecvTimeoutError::Timeout) => {}
-            // The signal thread is gone: nothing can ask for a stop any more, so keep going.
+            // The dispatcher is gone: nothing can ask for a stop any more, so keep going.
             Err(RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(left);
-                return Wake::SyncNow;
+                return LaneWake::SyncNow;
             }
         }
     }

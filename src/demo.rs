@@ -363,7 +363,7 @@ fn demo() -> Result<(), String> {
     if let Some(w) = logging::init(&settings.log) {
         log::warn!("{w}");
     }
-    let mut pusher = daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))?;
+    let mut pusher = daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))?;
     println!("3. one pass:");
     let report = pusher.sync_once();
     println!("   {report}");

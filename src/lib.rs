@@ -25,6 +25,7 @@ pub mod clock;
 pub mod daemon;
 pub mod device_id;
 pub mod json;
+pub mod lane;
 pub mod logging;
 pub mod notify;
 pub mod payload;

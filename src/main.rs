@@ -110,7 +110,7 @@ fn reconcile(settings: &Settings) -> i32 {
         log::warn!("{warning}");
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let report = match daemon::build_pusher(settings, stop) {
+    let report = match daemon::build_pusher(settings, None, stop) {
         Ok(mut pusher) => pusher.reconcile(),
         Err(e) => {
             log::error!("{e}");

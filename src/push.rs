@@ -24,6 +24,7 @@ use rusqlite::types::Value;
 use crate::batch::{self, Capability, Discovery};
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
+use crate::lane::Lane;
 use crate::payload::RowPayload;
 use crate::reconcile::{self, SweepError, SweptTable};
 use crate::rejections::{Held, Rejections, Verdict};
@@ -199,6 +200,16 @@ struct SourceCtx<'a> {
 /// A row ready to send: the row, its idempotency key, its body.
 type Job = (RowPayload, String, String);
 
+/// One table of one source during a pass: what sending its rows and settling their
+/// answers share.
+struct TablePass<'a> {
+    ctx: &'a SourceCtx<'a>,
+    table: &'a TableSpec,
+    report: TableReport,
+    acks: AckGroup,
+    rejections: Rejections,
+}
+
 /// Acknowledged rows waiting to be recorded together.
 #[derive(Default)]
 struct AckGroup {
@@ -218,6 +229,8 @@ pub struct Pusher {
     answered: bool,
     /// Whether the backend takes batches (relais-server), asked once an hour.
     batches: Discovery,
+    /// The lane this pusher runs; `None`: every table, in one pass.
+    lane: Option<Lane>,
 }
 
 impl Pusher {
@@ -234,7 +247,29 @@ impl Pusher {
             stop,
             answered: false,
             batches: Discovery::default(),
+            lane: None,
         }
+    }
+
+    /// A pusher of one lane's tables ([`crate::lane`]).
+    pub fn for_lane(
+        lane: Lane,
+        settings: &Settings,
+        tracking: Tracking,
+        transport: Transport,
+        stop: Arc<AtomicBool>,
+    ) -> Pusher {
+        let mut pusher = Pusher::new(lane.settings(settings), tracking, transport, stop);
+        pusher.lane = Some(lane);
+        pusher
+    }
+
+    /// The `agent_meta` entry of the last sweep of this pusher's tables. A whole pusher
+    /// (`relais reconcile`) records the event lane's: the media lane then sweeps its
+    /// tables once more, which only costs a read of their ids.
+    fn sweep_key(&self) -> String {
+        let lane = self.lane.unwrap_or(Lane::Events);
+        lane.meta_key(reconcile::LAST_SWEEP).into_owned()
     }
 
     pub fn tracking(&mut self) -> &mut Tracking {
@@ -250,12 +285,16 @@ impl Pusher {
         let found = match source::discover(&self.settings.local_db_path) {
             Ok(p) => p,
             Err(e) => {
-                report.errors.push(e.to_string());
+                self.source_problem(&mut report, e.to_string());
                 Vec::new()
             }
         };
         let multi = source::is_glob(&self.settings.local_db_path);
-        let sweep = reconcile::is_due(&self.tracking, self.settings.retry.permanent_retry);
+        let sweep = reconcile::is_due(
+            &self.tracking,
+            &self.sweep_key(),
+            self.settings.retry.permanent_retry,
+        );
         report.interrupted = match (source_registry::resolve(&mut self.tracking, &found), sweep) {
             (Ok(sources), Ok(sweep)) => {
                 if sweep {
@@ -276,6 +315,15 @@ impl Pusher {
         }
         report.duration = began.elapsed();
         report
+    }
+
+    /// A problem with a source file as a whole (missing, not SQLite): the event lane opens
+    /// every source at every pass and says it; the media lane would only say it twice.
+    fn source_problem(&self, report: &mut CycleReport, line: String) {
+        match self.lane {
+            Some(Lane::Media) => log::debug!("media lane: {line}"),
+            _ => report.errors.push(line),
+        }
     }
 
     /// The reconciliation sweep alone (`relais reconcile`): queues the untracked rows
@@ -331,7 +379,7 @@ impl Pusher {
         }
         if errors.is_empty() {
             let now = clock::unix_now().to_string();
-            if let Err(e) = self.tracking.set_meta(&[(reconcile::LAST_SWEEP, &now)]) {
+            if let Err(e) = self.tracking.set_meta(&[(&self.sweep_key(), &now)]) {
                 errors.push(e.to_string());
             }
         }
@@ -392,6 +440,10 @@ impl Pusher {
         present: &[Resolved],
         report: &mut CycleReport,
     ) -> Result<(), TrackingError> {
+        // The count covers every table: said by the event lane alone.
+        if self.lane == Some(Lane::Media) {
+            return Ok(());
+        }
         for (key, rows) in self.tracking.unsynced_by_source()? {
             if present.iter().all(|s| s.key != key) {
                 report.errors.push(format!(
@@ -413,7 +465,7 @@ impl Pusher {
         let conn = match source::open(path) {
             Ok(c) => c,
             Err(e) => {
-                report.errors.push(e.to_string());
+                self.source_problem(report, e.to_string());
                 return None;
             }
         };
@@ -437,22 +489,27 @@ impl Pusher {
             if report.wrong_url.contains(&table.name) {
                 continue;
             }
-            let mut tr = TableReport {
-                source: ctx.key.clone(),
-                table: table.name.clone(),
-                ..TableReport::default()
+            let mut t = TablePass {
+                ctx: &ctx,
+                table: &table,
+                report: TableReport {
+                    source: ctx.key.clone(),
+                    table: table.name.clone(),
+                    ..TableReport::default()
+                },
+                acks: AckGroup::default(),
+                rejections: Rejections::default(),
             };
-            let mut group = AckGroup::default();
-            let mut rejections = Rejections::default();
-            let result = self.push_table(&ctx, &table, &mut tr, &mut group, &mut rejections);
-            let settled = rejections
+            let result = self.push_table(&mut t);
+            let settled = t
+                .rejections
                 .finish()
                 .into_iter()
-                .try_for_each(|held| self.reject(&ctx, &table, held, &mut tr));
-            let flushed = self.flush(&ctx.key, &mut group);
+                .try_for_each(|held| self.reject(&mut t, held));
+            let flushed = self.flush(&mut t);
             let outcome = result.and(settled).and(flushed);
-            tr.gone = matches!(outcome, Err(Halt::Gone(_)));
-            report.tables.push(tr);
+            t.report.gone = matches!(outcome, Err(Halt::Gone(_)));
+            report.tables.push(t.report);
             let outcome = match outcome {
                 Ok(()) => self.table_back(&ctx, &table),
                 Err(Halt::Gone(message)) => self.table_gone(&ctx, &table, &message, report),
@@ -519,14 +576,8 @@ impl Pusher {
         Ok(())
     }
 
-    fn push_table(
-        &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
-    ) -> Result<(), Halt> {
+    fn push_table(&mut self, t: &mut TablePass) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         // Due retries first: they are older than anything new.
         let mut after: Option<Value> = None;
         loop {
@@ -545,30 +596,30 @@ impl Pusher {
                     None => {
                         let delay = self.settings.retry.permanent_retry;
                         let message = "the row no longer exists in the source database";
-                        self.fail(ctx, table, id, message, delay, tr)?;
+                        self.fail(t, id, message, delay)?;
                     }
                 }
             }
-            self.send_events(ctx, table, rows, tr, group, rejections)?;
+            self.send_events(t, rows)?;
             match ids.last() {
                 Some(last) if ids.len() == batch => after = Some(last.clone()),
                 _ => break,
             }
         }
-        let t = SweptTable {
+        let swept = SweptTable {
             conn: ctx.conn,
             path: ctx.path,
             key: &ctx.key,
             table,
         };
-        match reconcile::check_high_water(&mut self.tracking, &t) {
+        match reconcile::check_high_water(&mut self.tracking, &swept) {
             Ok(()) => {}
             Err(SweepError::Source(e)) => return Err(e.into()),
             Err(SweepError::State(e)) => return Err(e.into()),
         }
         // Record the retries' acknowledgements first: with non-integer ids the scan below
         // starts from the beginning and would otherwise find them unsynced and send them again.
-        self.flush(&ctx.key, group)?;
+        self.flush(t)?;
         // Then new rows, above the high-water mark (from the start for non-integer ids,
         // where already-synced rows are skipped one indexed lookup at a time).
         let mut after = self
@@ -593,7 +644,7 @@ impl Pusher {
                 self.tracking
                     .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
             let rows = rows.into_iter().filter(|r| due.contains(&r.local_id));
-            self.send_events(ctx, table, rows.collect(), tr, group, rejections)?;
+            self.send_events(t, rows.collect())?;
             if !full {
                 break;
             }
@@ -607,15 +658,8 @@ impl Pusher {
         Ok(())
     }
 
-    fn send_row(
-        &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
-        row: RowPayload,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
-    ) -> Result<(), Halt> {
+    fn send_row(&mut self, t: &mut TablePass, row: RowPayload) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         crate::notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {
             return Err(Halt::Pass(Interruption::Shutdown));
@@ -629,9 +673,9 @@ impl Pusher {
                     body.len() as u64,
                 ))
             }
-            Some(_) => self.send_media(ctx, table, &row, &key, tr),
+            Some(_) => self.send_media(t, &row, &key),
         };
-        self.settle(ctx, table, row, sent, tr, group, rejections)
+        self.settle(t, row, sent)
     }
 
     /// Logs the row's conversion warnings; its idempotency key.
@@ -646,15 +690,8 @@ impl Pusher {
     /// Sends the rows of one read: in batches when the backend takes them, else one
     /// row per request. Every row was recorded pending before it is sent, so a row never
     /// acknowledged is sent again at the next pass.
-    fn send_events(
-        &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
-        rows: Vec<RowPayload>,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
-    ) -> Result<(), Halt> {
+    fn send_events(&mut self, t: &mut TablePass, rows: Vec<RowPayload>) -> Result<(), Halt> {
+        let table = t.table;
         if rows.is_empty() {
             return Ok(());
         }
@@ -663,25 +700,13 @@ impl Pusher {
             // Said of the first row, as the failure of its upload would be: the pass
             // stops there.
             Err(unanswered) => {
-                let Some(first) = rows.into_iter().next() else {
-                    return Ok(());
-                };
-                return self.settle(
-                    ctx,
-                    table,
-                    first,
-                    Ok((unanswered, 0)),
-                    tr,
-                    group,
-                    rejections,
-                );
+                let mut first = rows.into_iter().take(1);
+                return first.try_for_each(|row| self.settle(t, row, Ok((unanswered.clone(), 0))));
             }
         };
         match capability {
-            Some(capability) => {
-                self.send_batches(ctx, table, rows, &capability, tr, group, rejections)
-            }
-            None => self.send_per_row(ctx, table, rows, tr, group, rejections),
+            Some(capability) => self.send_batches(t, rows, &capability),
+            None => self.send_per_row(t, rows),
         }
     }
 
@@ -689,24 +714,17 @@ impl Pusher {
     /// requests at once, each on a connection of its own; settles each answer as it
     /// arrives, in whatever order. The first halt stops the sending: the answers already
     /// in flight are still settled, the rows not sent stay pending.
-    fn send_per_row(
-        &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
-        rows: Vec<RowPayload>,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
-    ) -> Result<(), Halt> {
+    fn send_per_row(&mut self, t: &mut TablePass, rows: Vec<RowPayload>) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         let mut rows = rows.into_iter();
         if table.blob.is_some() || self.settings.http.in_flight == 1 {
-            return rows.try_for_each(|row| self.send_row(ctx, table, row, tr, group, rejections));
+            return rows.try_for_each(|row| self.send_row(t, row));
         }
         while !self.answered {
             let Some(row) = rows.next() else {
                 return Ok(());
             };
-            self.send_row(ctx, table, row, tr, group, rejections)?;
+            self.send_row(t, row)?;
         }
         let senders = self.settings.http.in_flight.min(rows.len());
         let jobs = self.jobs(ctx, table, rows);
@@ -735,8 +753,7 @@ impl Pusher {
             let mut outcome = Ok(());
             for (row, answer, len) in answers {
                 notify::keepalive();
-                let settled =
-                    self.settle(ctx, table, row, Ok((answer, len)), tr, group, rejections);
+                let settled = self.settle(t, row, Ok((answer, len)));
                 if settled.is_err() {
                     halted.store(true, Ordering::Relaxed);
                     outcome = outcome.and(settled);
@@ -809,22 +826,24 @@ impl Pusher {
     /// pass a batch holds one row, so a backend that is down fails one row per pass. A
     /// row too large for a batch goes alone; a batch the endpoint refuses (the backend
     /// changed) sends its rows and the rest one by one until the next check.
-    #[allow(clippy::too_many_arguments)]
     fn send_batches(
         &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
+        t: &mut TablePass,
         rows: Vec<RowPayload>,
         capability: &Capability,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
     ) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         let (jobs, alone): (Vec<Job>, Vec<Job>) = self
             .jobs(ctx, table, rows)
             .into_iter()
             .partition(|(_, _, body)| body.len() <= capability.max_row_bytes);
-        let mut jobs = jobs.into_iter().peekable();
+        let mut jobs = jobs
+            .into_iter()
+            .map(|job| {
+                let size = batch::row_bytes(&batch_row(table, &job));
+                (job, size)
+            })
+            .peekable();
         while jobs.peek().is_some() {
             crate::notify::keepalive();
             if self.stop.load(Ordering::Relaxed) {
@@ -837,30 +856,13 @@ impl Pusher {
             };
             let mut chunk: Vec<Job> = Vec::new();
             let mut bytes = 0;
-            while let Some(job) = jobs.next_if(|(_, key, body)| {
-                let row = batch::Row {
-                    endpoint: &table.endpoint,
-                    key,
-                    body,
-                };
-                chunk.len() < limit
-                    && (chunk.is_empty() || bytes + batch::row_bytes(&row) <= capability.max_bytes)
+            while let Some((job, size)) = jobs.next_if(|(_, size)| {
+                chunk.len() < limit && (chunk.is_empty() || bytes + size <= capability.max_bytes)
             }) {
-                bytes += batch::row_bytes(&batch::Row {
-                    endpoint: &table.endpoint,
-                    key: &job.1,
-                    body: &job.2,
-                });
+                bytes += size;
                 chunk.push(job);
             }
-            let rows: Vec<batch::Row> = chunk
-                .iter()
-                .map(|(_, key, body)| batch::Row {
-                    endpoint: &table.endpoint,
-                    key,
-                    body,
-                })
-                .collect();
+            let rows: Vec<batch::Row> = chunk.iter().map(|job| batch_row(table, job)).collect();
             let body = batch::body(&rows, capability.gzip)
                 .map_err(|e| Halt::Table(format!("batch: cannot compress the body: {e}")))?;
             let answer =
@@ -868,17 +870,10 @@ impl Pusher {
                     .post_batch(&capability.path, &body, capability.gzip, chunk.len());
             match answer {
                 Ok(outcomes) => {
-                    let settled = chunk.into_iter().zip(outcomes).map(|((row, _, body), o)| {
-                        self.settle(
-                            ctx,
-                            table,
-                            row,
-                            Ok((o, body.len() as u64)),
-                            tr,
-                            group,
-                            rejections,
-                        )
-                    });
+                    let settled = chunk
+                        .into_iter()
+                        .zip(outcomes)
+                        .map(|((row, _, body), o)| self.settle(t, row, Ok((o, body.len() as u64))));
                     settled.fold(Ok(()), Result::and)?;
                 }
                 Err(Outcome::Rejected { reason, .. }) => {
@@ -887,53 +882,52 @@ impl Pusher {
                         capability.path
                     );
                     self.batches.refused();
-                    let rest = chunk.into_iter().chain(jobs).chain(alone);
+                    let rest = chunk
+                        .into_iter()
+                        .chain(jobs.map(|(job, _)| job))
+                        .chain(alone);
                     let rows = rest.map(|(row, _, _)| row).collect();
-                    return self.send_per_row(ctx, table, rows, tr, group, rejections);
+                    return self.send_per_row(t, rows);
                 }
                 Err(failed) => {
                     let settled = chunk.into_iter().map(|(row, _, body)| {
                         let sent = Ok((failed.clone(), body.len() as u64));
-                        self.settle(ctx, table, row, sent, tr, group, rejections)
+                        self.settle(t, row, sent)
                     });
                     return settled.fold(Ok(()), Result::and);
                 }
             }
         }
         let rows = alone.into_iter().map(|(row, _, _)| row).collect();
-        self.send_per_row(ctx, table, rows, tr, group, rejections)
+        self.send_per_row(t, rows)
     }
 
     /// Records what became of one row's upload.
-    #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
+        t: &mut TablePass,
         row: RowPayload,
         sent: Result<(Outcome, u64), BlobError>,
-        tr: &mut TableReport,
-        group: &mut AckGroup,
-        rejections: &mut Rejections,
     ) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         let row_id = id_text(&row.local_id);
         self.answered |= matches!(sent, Ok((Outcome::Stored { .. }, _)));
         match sent {
             Ok((Outcome::Stored { remote_id, html }, bytes)) => {
-                for held in rejections.stored() {
-                    self.reject(ctx, table, held, tr)?;
+                for held in t.rejections.stored() {
+                    self.reject(t, held)?;
                 }
-                tr.html += u64::from(html);
+                t.report.html += u64::from(html);
                 match &remote_id {
                     Some(r) => {
                         log::debug!("{} {row_id} -> backend (id {})", table.name, id_text(r))
                     }
                     None => log::debug!("{} {row_id} -> backend", table.name),
                 }
-                tr.pushed += 1;
-                tr.bytes += bytes;
-                group.since.get_or_insert_with(Instant::now);
-                group.acked.push(Acked {
+                t.report.pushed += 1;
+                t.report.bytes += bytes;
+                t.acks.since.get_or_insert_with(Instant::now);
+                t.acks.acked.push(Acked {
                     table: table.name.clone(),
                     local_id: row.local_id,
                     remote_id,
@@ -941,10 +935,10 @@ impl Pusher {
                 });
                 // A media row is worth recording at once: resending it costs minutes of uplink.
                 if table.blob.is_some()
-                    || group.acked.len() >= ACK_GROUP
-                    || group.since.is_some_and(|s| s.elapsed() >= ACK_GROUP_AGE)
+                    || t.acks.acked.len() >= ACK_GROUP
+                    || t.acks.since.is_some_and(|s| s.elapsed() >= ACK_GROUP_AGE)
                 {
-                    self.flush(&ctx.key, group)?;
+                    self.flush(t)?;
                 }
                 Ok(())
             }
@@ -963,17 +957,17 @@ impl Pusher {
                     local_id: row.local_id,
                     reason,
                 };
-                match rejections.rejected(held, status, location, attempts) {
+                match t.rejections.rejected(held, status, location, attempts) {
                     Verdict::Hold => Ok(()),
-                    Verdict::Rows(rows) => rows
-                        .into_iter()
-                        .try_for_each(|held| self.reject(ctx, table, held, tr)),
+                    Verdict::Rows(rows) => {
+                        rows.into_iter().try_for_each(|held| self.reject(t, held))
+                    }
                     Verdict::WrongUrl(wrong) => {
                         // Due again after the backoff, not the slow clock: the rows were
                         // never looked at.
                         for held in &wrong.rows {
                             let (id, reason) = (&held.local_id, &held.reason);
-                            self.fail(ctx, table, id, reason, Duration::ZERO, tr)?;
+                            self.fail(t, id, reason, Duration::ZERO)?;
                         }
                         let url = format!("{}{}", self.settings.http.backend_url, table.endpoint);
                         Err(Halt::WrongUrl(wrong.explain(
@@ -991,9 +985,9 @@ impl Pusher {
                 },
                 _,
             )) => {
-                self.flush(&ctx.key, group)?;
+                self.flush(t)?;
                 // Due at the next pass, which the daemon delays by its backoff.
-                self.fail(ctx, table, &row.local_id, &reason, Duration::ZERO, tr)?;
+                self.fail(t, &row.local_id, &reason, Duration::ZERO)?;
                 Err(Halt::Pass(Interruption::Backend {
                     reason,
                     retry_after,
@@ -1008,7 +1002,7 @@ impl Pusher {
                     BlobError::Changed(_) => self.settings.retry.initial_backoff,
                     _ => self.settings.retry.permanent_retry,
                 };
-                self.fail(ctx, table, &row.local_id, &e.to_string(), delay, tr)
+                self.fail(t, &row.local_id, &e.to_string(), delay)
             }
         }
     }
@@ -1017,12 +1011,11 @@ impl Pusher {
     /// the JSON after it, with an exact Content-Length.
     fn send_media(
         &self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
+        t: &mut TablePass,
         row: &RowPayload,
         key: &str,
-        tr: &mut TableReport,
     ) -> Result<(Outcome, u64), BlobError> {
+        let (ctx, table) = (t.ctx, t.table);
         let spec = table.blob.as_ref().ok_or(BlobError::Vanished)?;
         let Value::Integer(rowid) = row.local_id else {
             return Err(BlobError::Read(format!(
@@ -1059,7 +1052,7 @@ impl Pusher {
                 .chain(suffix.as_bytes());
             self.post(&table.endpoint, key, len, body)
         };
-        tr.max_lock_hold = tr.max_lock_hold.max(reader.max_hold());
+        t.report.max_lock_hold = t.report.max_lock_hold.max(reader.max_hold());
         if let Some(failure) = reader.failure() {
             return Err(failure.clone());
         }
@@ -1089,13 +1082,8 @@ impl Pusher {
     }
 
     /// A row the backend rejected for its own reasons: a warning, and the slow clock.
-    fn reject(
-        &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
-        held: Held,
-        tr: &mut TableReport,
-    ) -> Result<(), Halt> {
+    fn reject(&mut self, t: &mut TablePass, held: Held) -> Result<(), Halt> {
+        let table = t.table;
         let delay = self.settings.retry.permanent_retry;
         let line = format!(
             "{} {}: {}",
@@ -1104,24 +1092,23 @@ impl Pusher {
             held.reason
         );
         log::warn!("{line}; next attempt in {}", clock::human_duration(delay));
-        tr.rejection.get_or_insert(line);
-        self.fail(ctx, table, &held.local_id, &held.reason, delay, tr)
+        t.report.rejection.get_or_insert(line);
+        self.fail(t, &held.local_id, &held.reason, delay)
     }
 
     /// Records a failed row, to be tried again after `delay`.
     fn fail(
         &mut self,
-        ctx: &SourceCtx,
-        table: &TableSpec,
+        t: &mut TablePass,
         local_id: &Value,
         message: &str,
         delay: Duration,
-        tr: &mut TableReport,
     ) -> Result<(), Halt> {
+        let (ctx, table) = (t.ctx, t.table);
         let retry_at = clock::unix_now() + delay.as_secs() as i64;
         self.tracking
             .mark_failed(&ctx.key, &table.name, local_id, message, retry_at)?;
-        tr.failed += 1;
+        t.report.failed += 1;
         Ok(())
     }
 
@@ -1151,11 +1138,20 @@ impl Pusher {
         relais_wire::idempotency_key(&self.settings.device_id, &table.name, file, id)
     }
 
-    fn flush(&mut self, source: &str, group: &mut AckGroup) -> Result<(), Halt> {
-        let result = self.tracking.mark_success(source, &group.acked);
-        group.acked.clear();
-        group.since = None;
+    fn flush(&mut self, t: &mut TablePass) -> Result<(), Halt> {
+        let result = self.tracking.mark_success(&t.ctx.key, &t.acks.acked);
+        t.acks.acked.clear();
+        t.acks.since = None;
         result.map_err(Halt::from)
+    }
+}
+
+/// A job as a row of a batch.
+fn batch_row<'a>(table: &'a TableSpec, (_, key, body): &'a Job) -> batch::Row<'a> {
+    batch::Row {
+        endpoint: &table.endpoint,
+        key,
+        body,
     }
 }
 

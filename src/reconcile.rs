@@ -22,7 +22,8 @@ use crate::tracking::{Tracking, TrackingError};
 const SWEEP_BATCH: usize = 1000;
 /// Ids of queued rows named in the log line.
 const NAMED_IDS: usize = 5;
-/// Unix time of the last completed sweep, in `agent_meta`.
+/// Unix time of the last completed sweep, in `agent_meta` (the event lane's name; see
+/// [`crate::lane::Lane::meta_key`]).
 pub const LAST_SWEEP: &str = "last_sweep_at";
 
 /// Why a table could not be swept.
@@ -54,10 +55,12 @@ pub struct SweptTable<'a> {
 
 /// Whether a sweep is due: never done, done longer than `every` ago, or recorded in the
 /// future (the clock was set back), as a `once` run from cron must sweep too.
-pub fn is_due(tracking: &Tracking, every: std::time::Duration) -> Result<bool, TrackingError> {
-    let last = tracking
-        .meta(LAST_SWEEP)?
-        .and_then(|v| v.parse::<i64>().ok());
+pub fn is_due(
+    tracking: &Tracking,
+    key: &str,
+    every: std::time::Duration,
+) -> Result<bool, TrackingError> {
+    let last = tracking.meta(key)?.and_then(|v| v.parse::<i64>().ok());
     let now = clock::unix_now();
     let every = every.as_secs() as i64;
     Ok(last.is_none_or(|t| now - t >= every || t - now > every))

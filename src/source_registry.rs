@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use crate::source::{FileId, normalise};
 use crate::tracking::{KnownSource, Tracking, TrackingError};
@@ -25,9 +26,14 @@ pub struct Resolved {
     pub key: String,
 }
 
+static RESOLVING: Mutex<()> = Mutex::new(());
+
 /// Resolves the files `discover` found to their source keys, recording new and moved
 /// sources. Only changes are written: an unchanged pass writes nothing.
 pub fn resolve(tracking: &mut Tracking, found: &[PathBuf]) -> Result<Vec<Resolved>, TrackingError> {
+    // A read, then writes: the two lanes of one agent resolve at the start of their
+    // passes, and the second must find what the first recorded, not announce it again.
+    let _one_at_a_time = RESOLVING.lock().unwrap_or_else(PoisonError::into_inner);
     let known = tracking.known_sources()?;
     let mut out = Vec::new();
     for (resolved, now) in match_sources(tracking, &known, found)? {

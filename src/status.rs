@@ -6,6 +6,7 @@ use std::fmt::Write;
 use rusqlite::types::Value;
 
 use crate::backlog::Backlog;
+use crate::lane::Lane;
 use crate::pull::SyncStatus;
 use crate::push::CycleReport;
 use crate::settings::Settings;
@@ -22,9 +23,9 @@ const VANISHED: &str = "vanished";
 const TEXT_FAILURES: usize = 10;
 const JSON_FAILURES: usize = 100;
 
-/// Remembers the pass's outcome for `relais status`. A failure to write it is logged:
-/// it is diagnostics, not state.
-pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
+/// Remembers a lane's pass outcome for `relais status`. A failure to write it is
+/// logged: it is diagnostics, not state.
+pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport, lane: Lane) {
     let now = clock::now_iso8601();
     let cycle = report.to_string();
     let error = report
@@ -43,13 +44,16 @@ pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport) {
         .iter()
         .map(|(key, rows)| format!("{key}\t{rows}\n"))
         .collect();
-    let mut entries = vec![
-        (LAST_CYCLE_AT, now.as_str()),
-        (LAST_CYCLE, cycle.as_str()),
-        (VANISHED, vanished.as_str()),
-    ];
+    let key = |k| lane.meta_key(k).into_owned();
+    let (at_key, cycle_key) = (key(LAST_CYCLE_AT), key(LAST_CYCLE));
+    let (error_key, error_at_key) = (key(LAST_ERROR), key(LAST_ERROR_AT));
+    let mut entries = vec![(at_key.as_str(), now.as_str()), (&cycle_key, &cycle)];
+    // Only the event lane looks for vanished sources (see `Pusher::find_vanished`).
+    if lane == Lane::Events {
+        entries.push((VANISHED, &vanished));
+    }
     if let Some(e) = &error {
-        entries.extend([(LAST_ERROR, e.as_str()), (LAST_ERROR_AT, now.as_str())]);
+        entries.extend([(error_key.as_str(), e.as_str()), (&error_at_key, &now)]);
     }
     let result = tracking.set_meta(&entries);
     if let Err(e) = result {
@@ -118,13 +122,8 @@ fn render(
         .filter_map(|l| l.split_once('\t'))
         .map(|(k, n)| (k.to_string(), n.to_string()))
         .collect();
-    let meta = |k| tracking.meta(k);
-    let (at, cycle, error, error_at) = (
-        meta(LAST_CYCLE_AT)?,
-        meta(LAST_CYCLE)?,
-        meta(LAST_ERROR)?,
-        meta(LAST_ERROR_AT)?,
-    );
+    let events = LastPass::read(tracking, Lane::Events)?;
+    let media = LastPass::read(tracking, Lane::Media)?;
     let mut out = String::new();
     if as_json {
         out.push_str("{\"counts\": [");
@@ -143,14 +142,14 @@ fn render(
             let _ = write!(out, "{}}}", c.rows);
         }
         out.push(']');
-        for (key, value) in [
-            ("last_cycle_at", &at),
-            ("last_cycle", &cycle),
-            ("last_error", &error),
-            ("last_error_at", &error_at),
-        ] {
-            json::push_key(&mut out, key, false);
-            json::push_opt_str(&mut out, value.as_deref());
+        events.push_json(&mut out, false);
+        json::push_key(&mut out, "media_lane", false);
+        if media.at.is_some() {
+            out.push('{');
+            media.push_json(&mut out, true);
+            out.push('}');
+        } else {
+            out.push_str("null");
         }
         out.push_str(", \"vanished\": [");
         for (i, (source, rows)) in vanished.iter().enumerate() {
@@ -207,14 +206,9 @@ fn render(
             c.source, c.table, c.status, c.rows
         );
     }
-    let _ = writeln!(
-        out,
-        "last pass: {} {}",
-        at.as_deref().unwrap_or("never"),
-        cycle.as_deref().unwrap_or("")
-    );
-    if let Some(e) = error {
-        let _ = writeln!(out, "last error: {} {e}", error_at.as_deref().unwrap_or(""));
+    events.push_text(&mut out, "");
+    if media.at.is_some() {
+        media.push_text(&mut out, "media ");
     }
     for f in &failures {
         let id = match &f.local_id {
@@ -273,6 +267,55 @@ fn render(
         let _ = write!(out, "{p}");
     }
     Ok(out)
+}
+
+/// A lane's last pass, as [`record_cycle`] left it.
+struct LastPass {
+    at: Option<String>,
+    cycle: Option<String>,
+    error: Option<String>,
+    error_at: Option<String>,
+}
+
+impl LastPass {
+    fn read(tracking: &Tracking, lane: Lane) -> Result<LastPass, crate::tracking::TrackingError> {
+        let meta = |k| tracking.meta(&lane.meta_key(k));
+        Ok(LastPass {
+            at: meta(LAST_CYCLE_AT)?,
+            cycle: meta(LAST_CYCLE)?,
+            error: meta(LAST_ERROR)?,
+            error_at: meta(LAST_ERROR_AT)?,
+        })
+    }
+
+    /// Its members, as `--json` had them before lanes; `first`: no comma before them.
+    fn push_json(&self, out: &mut String, first: bool) {
+        for (i, (key, value)) in [
+            ("last_cycle_at", &self.at),
+            ("last_cycle", &self.cycle),
+            ("last_error", &self.error),
+            ("last_error_at", &self.error_at),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            json::push_key(out, key, first && i == 0);
+            json::push_opt_str(out, value.as_deref());
+        }
+    }
+
+    fn push_text(&self, out: &mut String, lane: &str) {
+        let _ = writeln!(
+            out,
+            "last {lane}pass: {} {}",
+            self.at.as_deref().unwrap_or("never"),
+            self.cycle.as_deref().unwrap_or("")
+        );
+        if let Some(e) = &self.error {
+            let at = self.error_at.as_deref().unwrap_or("");
+            let _ = writeln!(out, "last {lane}error: {at} {e}");
+        }
+    }
 }
 
 /// One failed row as a JSON object; the message is redacted again, as everything shown.

@@ -11,6 +11,7 @@
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::types::Value;
@@ -163,6 +164,9 @@ CREATE TABLE IF NOT EXISTS sync_forgotten (
 );
 PRAGMA user_version = 1;
 ";
+
+/// Held by [`Tracking::import_legacy`] (see there).
+static IMPORTING: Mutex<()> = Mutex::new(());
 
 /// WAL mode, with the WAL kept small. SQLite's defaults let the WAL grow to 1,000 pages
 /// (4 MiB) before a checkpoint and never shrink it: on a nearly full partition the WAL
@@ -511,6 +515,8 @@ impl Tracking {
         source: &str,
         app: &Connection,
     ) -> Result<Option<u64>, TrackingError> {
+        // Both lanes import before their first push; the second waits and finds it done.
+        let _one_at_a_time = IMPORTING.lock().unwrap_or_else(PoisonError::into_inner);
         let key = format!("legacy_imported:{source}");
         if self.meta(&key)?.is_some() {
             return Ok(None);

@@ -244,18 +244,19 @@ fn an_html_page_for_an_answer_is_a_warning_once_per_pass() {
     );
 }
 
+/// The pass stops at the first row (503) of its first read of 100: the read's rows are
+/// tracked and waiting, the 50 beyond it were never read.
 #[test]
-fn status_counts_the_media_never_read_after_an_early_stop() {
+fn status_counts_the_rows_never_read_after_an_early_stop() {
     let dir = Scratch::new("view-backlog");
-    let db = app(&dir, 2);
-    relais::demo::insert_media(&rusqlite::Connection::open(&db).unwrap(), Some(1024)).unwrap();
+    let db = app(&dir, 150);
     let rx = receiver(&dir);
     rx.push_fault(ProxyFault::Status(503, None));
     let (code, log) = once(&db, &rx.url(), &dir);
     assert_eq!(code, Some(1), "{log}");
     let text = status(&db, &rx.url(), &dir, false);
     assert!(
-        text.contains("media: 0 tracked and waiting, 1 rows not read yet"),
+        text.contains("evenement: 100 tracked and waiting, 50 rows not read yet"),
         "{text}"
     );
 }

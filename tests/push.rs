@@ -85,7 +85,7 @@ fn settings(db: &Path, url: &str, dir: &Scratch, extra: &[(&str, &str)]) -> Sett
 }
 
 fn pusher(settings: &Settings) -> Pusher {
-    relais::daemon::build_pusher(settings, Arc::new(AtomicBool::new(false))).expect("pusher")
+    relais::daemon::build_pusher(settings, None, Arc::new(AtomicBool::new(false))).expect("pusher")
 }
 
 /// A receiver with idempotency that meets `fault` first, and a pusher against it.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEVICE, Proxy, ProxyFault, Receiver, Scratch, agent_env, log_text, run_relais, send_signal,
-    spawn_logged, tracked, vm_hwm_kib, wait_exit, wait_for,
+    DEVICE, Proxy, ProxyFault, Receiver, Scratch, agent_env, count_status, log_text, run_relais,
+    send_signal, spawn_logged, tracked, vm_hwm_kib, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
 use rusqlite::Connection;
@@ -354,6 +354,42 @@ fn sigkill_with_requests_in_flight_then_every_row_is_stored_once() {
         assert_eq!(row.status, "success", "{row:?}");
         assert!(row.remote_id.is_some(), "{row:?}");
     }
+}
+
+/// The backend dies in the middle of a pass with batches: a batch is stored but its
+/// answer never reaches the agent; at the next pass a batch is cut half-way through its
+/// body. The pass after that leaves every row stored exactly once (the lost answer's
+/// rows are answered as replays of their first storing).
+#[test]
+fn the_backend_dying_mid_batch_then_every_row_is_stored_once() {
+    let dir = Scratch::new("dying-mid-batch");
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, false).expect("create app db");
+    insert_events(&conn, 2000).expect("insert events");
+    let rx = receiver(&dir);
+    rx.offer_batches();
+    // The first batch holds one row (the backend has not stored one yet in this pass).
+    rx.push_fault(ProxyFault::Pass);
+    rx.push_fault(ProxyFault::LoseAnswer);
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
+    let once = || run_relais(&["once"], &vars, Duration::from_secs(60));
+    let out = once();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let lost = rx.stats().stored - 1;
+    assert!(lost > 1, "{:?}\n{log}", rx.stats());
+    assert_eq!(count_status(&dir.state_db(), "success"), 1, "{log}");
+
+    rx.push_fault(ProxyFault::ResetMidBody);
+    let out = once();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(rx.stats().stored, lost + 1, "the cut batch stored nothing");
+
+    once_delivers_everything(&db, &rx, &vars);
+    let stats = rx.stats();
+    assert_eq!(stats.stored, 2000, "{stats:?}");
+    assert_eq!(count_status(&dir.state_db(), "success"), 2000);
 }
 
 // ---------------------------------------------------------------- 13. exit codes

@@ -26,7 +26,7 @@ fn receiver(dir: &Scratch) -> Receiver {
 
 fn pusher(db: &str, url: &str, dir: &Scratch, extra: &[(&str, &str)]) -> Pusher {
     let settings = settings_for(Path::new(db), url, dir.path(), extra).expect("settings");
-    relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false))).expect("pusher")
+    relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false))).expect("pusher")
 }
 
 fn insert_event_with_id(db: &Path, id: i64) {

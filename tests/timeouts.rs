@@ -38,7 +38,7 @@ fn pusher(dir: &Scratch, db: &Path, url: &str, io: f64, response: f64) -> Pusher
     let config = config.display().to_string();
     let settings =
         settings_for(db, url, dir.path(), &[("RELAIS_CONFIG", &config)]).expect("settings");
-    relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false))).expect("pusher")
+    relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false))).expect("pusher")
 }
 
 /// A backend without idempotency: every request that arrives is a row.

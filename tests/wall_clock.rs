@@ -131,14 +131,18 @@ fn a_wall_clock_jump_is_logged_once_with_its_size() {
     let log_file = dir.join("log/relais.log");
     let logged =
         |text: &str| std::fs::read_to_string(&log_file).is_ok_and(|l| l.matches(text).count() == 1);
-    assert!(wait_for(Duration::from_secs(20), || logged("sync report")));
+    // The event lane's reports (the media lane logs its own).
+    assert!(wait_for(Duration::from_secs(20), || logged(
+        "sync report: evenement"
+    )));
 
     std::fs::write(&clock_file, "+10y\n").unwrap();
     send_signal(agent.id(), "USR1");
     assert!(wait_for(Duration::from_secs(20), || logged("clock: ")));
     send_signal(agent.id(), "USR1");
     assert!(wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log_file).is_ok_and(|l| l.matches("sync report").count() == 3)
+        std::fs::read_to_string(&log_file)
+            .is_ok_and(|l| l.matches("sync report: evenement").count() == 3)
     }));
     send_signal(agent.id(), "TERM");
     let status = wait_exit(&mut agent, Duration::from_secs(10));

@@ -34,7 +34,8 @@ fn the_agent_pushes_a_demo_database_exactly_once(store: StoreKind) {
 
     let settings = settings_for(&db, &server.url, &dir, &[]).expect("settings");
     let mut pusher =
-        relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false))).expect("pusher");
+        relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))
+            .expect("pusher");
     let report = pusher.sync_once();
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.pushed(), 123, "{report}");

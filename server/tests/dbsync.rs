@@ -53,7 +53,8 @@ fn day_files_reach_postgresql_exactly_once_through_a_dropped_table_and_a_restart
         panic!("{w}");
     }
     let mut pusher =
-        relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false))).expect("pusher");
+        relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))
+            .expect("pusher");
     let mut pass = || {
         let report = pusher.sync_once();
         relais::daemon::log_report(&report);

@@ -237,7 +237,7 @@ impl Device {
         settings.http.response_timeout = Duration::from_secs(5);
         std::thread::spawn(move || {
             let mut pusher =
-                relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))
+                relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))
                     .expect("pusher");
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut interrupted = 0;

@@ -155,7 +155,7 @@ fn postgres_stopped_and_restarted_during_an_agent_run_loses_and_doubles_nothing(
         let (done, interruptions) = (Arc::clone(&done), Arc::clone(&interruptions));
         std::thread::spawn(move || {
             let mut pusher =
-                relais::daemon::build_pusher(&settings, Arc::new(AtomicBool::new(false)))
+                relais::daemon::build_pusher(&settings, None, Arc::new(AtomicBool::new(false)))
                     .expect("pusher");
             while !done.load(Ordering::Relaxed) {
                 let report = pusher.sync_once();
