@@ -43,6 +43,9 @@ pub enum BlobError {
     Read(String),
     /// The agent is shutting down; the row stays pending and is sent again later.
     Stopped,
+    /// The media window closed mid-upload, or the open one does not take a BLOB this
+    /// large ([`crate::media_window`]): the row stays pending until a window that does.
+    Waiting,
 }
 
 impl std::fmt::Display for BlobError {
@@ -58,6 +61,7 @@ impl std::fmt::Display for BlobError {
             ),
             BlobError::Read(e) => write!(f, "blob: cannot read: {e}"),
             BlobError::Stopped => write!(f, "blob: upload interrupted by shutdown"),
+            BlobError::Waiting => write!(f, "blob: waits for a media window that takes it"),
         }
     }
 }

@@ -254,12 +254,16 @@ impl LaneLoop {
     fn run(mut self, shared: &Shared, woken: &Receiver<LaneWake>, main: &Sender<Wake>) -> i32 {
         loop {
             let delay = if self.lane.has_work(&self.settings) {
-                let (interrupted, wrong_url) = match self.pass(shared) {
-                    Ok(report) => (report.interrupted, !report.wrong_url.is_empty()),
+                let (interrupted, wrong_url, window) = match self.pass(shared) {
+                    Ok(report) => (
+                        report.interrupted,
+                        !report.wrong_url.is_empty(),
+                        report.window.flatten(),
+                    ),
                     Err(Unbuilt::State(e)) => {
                         log::error!("{e}; nothing is pushed until this is fixed");
                         notify::status(&e);
-                        (Some(Interruption::State(e)), false)
+                        (Some(Interruption::State(e)), false, None)
                     }
                     Err(Unbuilt::Owned(line)) => {
                         log::error!("{line}");
@@ -269,7 +273,8 @@ impl LaneLoop {
                     }
                 };
                 match self.next_delay(interrupted.as_ref(), wrong_url) {
-                    Some(delay) => delay,
+                    // Media waiting for a window go when it opens, not an interval later.
+                    Some(delay) => window.map_or(delay, |opens_in| delay.min(opens_in)),
                     None => break,
                 }
             } else {
@@ -601,10 +606,10 @@ pub fn log_report(report: &CycleReport) {
     for e in &report.errors {
         log::error!("{e}");
     }
-    if report.is_clean() {
-        log::info!("{report}");
-    } else {
+    if report.has_problems() {
         log::warn!("{report}");
+    } else {
+        log::info!("{report}");
     }
 }
 

@@ -27,6 +27,7 @@ pub mod device_id;
 pub mod json;
 pub mod lane;
 pub mod logging;
+pub mod media_window;
 pub mod notify;
 pub mod payload;
 pub mod pull;

@@ -12,7 +12,8 @@ const USAGE: &str = "usage: relais [--config FILE] [COMMAND]
 commands:
   run            push continuously (the default when SYNC_MODE is continuous or periodic);
                  SIGUSR1: a pass and a pull now, SIGHUP: reload RELAIS_CONFIG, SIGTERM: stop
-  once           one pass, then exit: 0 all pushed, 1 some rows failed, 2 bad configuration
+  once [--now]   one pass, then exit: 0 all pushed, 1 some rows failed or wait, 2 bad
+                 configuration; --now: media go whatever the media windows say
   status [--json]  what was pushed, what failed and why
   retry-failed   make every failed row due now
   reconcile      queue every row below the high-water mark that was never sent
@@ -79,6 +80,11 @@ fn run(args: &[String]) -> i32 {
         ("state", Some("reset")) if rest.len() == 2 => state_reset(&settings),
         ("run", None) => agent(&settings, false, &load),
         ("once", None) => agent(&settings, true, &load),
+        ("once", Some("--now")) if rest.len() == 2 => {
+            let mut now = settings.clone();
+            now.media.override_windows = true;
+            agent(&now, true, &load)
+        }
         ("", None) => agent(&settings, settings.mode == SyncMode::Once, &load),
         _ => usage_error(&format!("unknown command {:?}", rest.join(" "))),
     }

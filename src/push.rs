@@ -25,6 +25,7 @@ use crate::batch::{self, Capability, Discovery};
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
 use crate::lane::Lane;
+use crate::media_window::{Allowance, Cut, Throttle, TimeOfDay, local_time_of_day};
 use crate::payload::RowPayload;
 use crate::reconcile::{self, SweepError, SweptTable};
 use crate::rejections::{Held, Rejections, Verdict};
@@ -57,6 +58,8 @@ pub struct TableReport {
     /// The table is not in the source file (dropped by the application): said in one
     /// line when it goes and one when it is back, shown in every pass's report between.
     pub gone: bool,
+    /// Media rows left pending for a media window that takes them.
+    pub waiting: u64,
 }
 
 /// Why a pass ended before it was done.
@@ -88,6 +91,10 @@ pub struct CycleReport {
     /// Tables whose endpoint looked wrong (see [`crate::rejections`]): their rows are
     /// tried again after the backoff, not the interval.
     pub wrong_url: Vec<String>,
+    /// Media wait for a time window ([`crate::media_window`]) that opens in this long
+    /// (`Some(None)`: the window is open but these media are too large for it and no
+    /// other is configured to open).
+    pub window: Option<Option<Duration>>,
 }
 
 impl CycleReport {
@@ -107,12 +114,26 @@ impl CycleReport {
         self.tables.iter().map(|t| t.html).sum()
     }
 
-    /// Whether everything due was pushed.
+    /// Whether everything due was pushed (media waiting for their window were not).
     pub fn is_clean(&self) -> bool {
-        self.failed() == 0
-            && self.errors.is_empty()
-            && self.interrupted.is_none()
-            && self.tables.iter().all(|t| !t.gone)
+        !self.has_problems() && self.window.is_none()
+    }
+
+    /// Whether something went wrong: a failed row, an error, an early stop, a table gone.
+    /// Media waiting for their window are as configured, not a problem.
+    pub fn has_problems(&self) -> bool {
+        self.failed() > 0
+            || !self.errors.is_empty()
+            || self.interrupted.is_some()
+            || self.tables.iter().any(|t| t.gone)
+    }
+
+    /// Notes media held for a window opening in `opens_in`: the soonest one counts.
+    fn wait_for_window(&mut self, opens_in: Option<Duration>) {
+        self.window = Some(match (self.window.flatten(), opens_in) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        });
     }
 }
 
@@ -125,6 +146,9 @@ impl fmt::Display for CycleReport {
                 write!(f, "@{}", file_name(&t.source))?;
             }
             write!(f, " pushed {} failed {}", t.pushed, t.failed)?;
+            if t.waiting > 0 {
+                write!(f, " waiting {}", t.waiting)?;
+            }
             write!(f, "{};", if t.gone { ", table gone" } else { "" })?;
         }
         write!(
@@ -133,6 +157,16 @@ impl fmt::Display for CycleReport {
             human_bytes(self.bytes()),
             clock::human_duration(self.duration)
         )?;
+        match self.window {
+            Some(Some(opens_in)) => write!(
+                f,
+                "; media wait for their window, which opens at {} local time (in {})",
+                TimeOfDay((local_time_of_day() + opens_in.as_secs() as u32) % 86_400),
+                clock::human_duration(opens_in)
+            )?,
+            Some(None) => write!(f, "; media wait for a window that takes them")?,
+            None => {}
+        }
         match &self.interrupted {
             Some(Interruption::Backend { reason, .. }) => write!(f, "; stopped early: {reason}"),
             Some(Interruption::State(e)) => write!(f, "; stopped early: {e}"),
@@ -165,6 +199,8 @@ enum Halt {
     WrongUrl(String),
     /// The source file has no such table (SQLite's message).
     Gone(String),
+    /// The media window is closed: the table waits, the pass goes on with the others.
+    Window(Option<Duration>),
 }
 
 impl From<TrackingError> for Halt {
@@ -509,6 +545,9 @@ impl Pusher {
             let flushed = self.flush(&mut t);
             let outcome = result.and(settled).and(flushed);
             t.report.gone = matches!(outcome, Err(Halt::Gone(_)));
+            if t.report.waiting > 0 {
+                report.wait_for_window(self.settings.media.next_change(local_time_of_day()));
+            }
             report.tables.push(t.report);
             let outcome = match outcome {
                 Ok(()) => self.table_back(&ctx, &table),
@@ -517,6 +556,7 @@ impl Pusher {
             };
             match outcome {
                 Ok(()) => {}
+                Err(Halt::Window(opens_in)) => report.wait_for_window(opens_in),
                 Err(Halt::Table(e) | Halt::Gone(e)) => report.errors.push(e),
                 Err(Halt::WrongUrl(e)) => {
                     report.errors.push(e);
@@ -578,6 +618,11 @@ impl Pusher {
 
     fn push_table(&mut self, t: &mut TablePass) -> Result<(), Halt> {
         let (ctx, table) = (t.ctx, t.table);
+        if table.blob.is_some() {
+            if let Allowance::Closed { opens_in } = self.settings.media.now() {
+                return Err(Halt::Window(Some(opens_in)));
+            }
+        }
         // Due retries first: they are older than anything new.
         let mut after: Option<Value> = None;
         loop {
@@ -994,6 +1039,15 @@ impl Pusher {
                 }))
             }
             Err(BlobError::Stopped) => Err(Halt::Pass(Interruption::Shutdown)),
+            // Too large for the open window: the next media may fit. A window that closed
+            // mid-upload holds the table until it opens again.
+            Err(BlobError::Waiting) => {
+                t.report.waiting += 1;
+                match self.settings.media.now() {
+                    Allowance::Closed { opens_in } => Err(Halt::Window(Some(opens_in))),
+                    Allowance::Open { .. } => Ok(()),
+                }
+            }
             Err(e) => {
                 log::warn!("source {} table {} row {row_id}: {e}", ctx.key, table.name);
                 // A changed row is worth another try soon (its new version); a vanished or
@@ -1042,19 +1096,35 @@ impl Pusher {
             let len = prefix.len() as u64;
             return Ok((self.post(&table.endpoint, key, len, prefix.as_bytes()), len));
         };
+        if let Allowance::Open {
+            max_media_bytes: Some(max),
+            ..
+        } = self.settings.media.now()
+        {
+            if reader.len() > max {
+                return Err(BlobError::Waiting);
+            }
+        }
         prefix.push('"');
         let len = prefix.len() as u64 + base64_len(reader.len()) + 1 + suffix.len() as u64;
-        let outcome = {
+        let (outcome, cut) = {
             let body = prefix
                 .as_bytes()
                 .chain(Base64Encoder::new(&mut reader))
                 .chain(b"\"".as_slice())
                 .chain(suffix.as_bytes());
-            self.post(&table.endpoint, key, len, body)
+            let mut body = Throttle::new(body, &self.settings.media, &self.stop);
+            let outcome = self.post(&table.endpoint, key, len, &mut body);
+            (outcome, body.cut())
         };
         t.report.max_lock_hold = t.report.max_lock_hold.max(reader.max_hold());
         if let Some(failure) = reader.failure() {
             return Err(failure.clone());
+        }
+        match cut {
+            Some(Cut::WindowClosed) => return Err(BlobError::Waiting),
+            Some(Cut::Stopped) => return Err(BlobError::Stopped),
+            None => {}
         }
         if matches!(outcome, Outcome::Stored { .. }) {
             log::info!(

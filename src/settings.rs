@@ -13,6 +13,7 @@ use log::LevelFilter;
 use miniserde::json::{Number, Value};
 
 use crate::logging::LogSettings;
+use crate::media_window::{self, MediaPolicy, Window};
 
 /// A setting that is missing, malformed or out of range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +121,8 @@ pub struct Settings {
     pub interval: Duration,
     pub http: HttpSettings,
     pub retry: RetryPolicy,
+    /// The media lane's bandwidth cap and time windows.
+    pub media: MediaPolicy,
     pub tables: Vec<TableSpec>,
     /// Rows read from the application's database per short read.
     pub batch_size: usize,
@@ -232,6 +235,7 @@ const FILE_KEYS: &[(&str, Key)] = &[
     ("log_dir", Key::Value),
     ("log_level", Key::Value),
     ("log_max_bytes", Key::Value),
+    ("media_lane", Key::Object(MEDIA_LANE_KEYS)),
     ("on_config_change", Key::Object(HOOK_KEYS)),
     ("retry", Key::Object(RETRY_KEYS)),
     ("site_token", Key::Value),
@@ -250,6 +254,16 @@ const HTTP_KEYS: &[(&str, Key)] = &[
     ("in_flight", Key::Value),
     ("io_timeout_s", Key::Value),
     ("response_timeout_s", Key::Value),
+];
+const MEDIA_LANE_KEYS: &[(&str, Key)] = &[
+    ("max_bytes_per_sec", Key::Value),
+    ("windows", Key::Objects(WINDOW_KEYS)),
+];
+const WINDOW_KEYS: &[(&str, Key)] = &[
+    ("from", Key::Value),
+    ("max_bytes_per_sec", Key::Value),
+    ("max_media_bytes", Key::Value),
+    ("to", Key::Value),
 ];
 const RETRY_KEYS: &[(&str, Key)] = &[
     ("initial_backoff_s", Key::Value),
@@ -587,6 +601,7 @@ impl Settings {
             interval: parse_interval(&src)?,
             http: parse_http(&src)?,
             retry: parse_retry(&src.file)?,
+            media: parse_media_lane(&src)?,
             tables: parse_tables(&src.file)?,
             batch_size: src.file.number("batch_size")?.map_or(Ok(100.0), |n| {
                 whole(n, 1.0, 10_000.0, &src.file.name("batch_size"))
@@ -781,20 +796,94 @@ fn parse_batches(src: &Source, http: &Fields) -> Result<bool, SettingsError> {
 const IN_FLIGHT: f64 = 16.0;
 
 fn parse_in_flight(src: &Source, http: &Fields) -> Result<usize, SettingsError> {
-    const VAR: &str = "RELAIS_IN_FLIGHT";
-    let n = match src.env(VAR) {
+    let n = whole_setting(src, "RELAIS_IN_FLIGHT", http, "in_flight", (1.0, 64.0))?;
+    Ok(n.unwrap_or(IN_FLIGHT) as usize)
+}
+
+/// A whole number from the variable `var`, else from the file's `key` in `fields`,
+/// within `range`.
+fn whole_setting(
+    src: &Source,
+    var: &str,
+    fields: &Fields,
+    key: &str,
+    (min, max): (f64, f64),
+) -> Result<Option<f64>, SettingsError> {
+    match src.env(var) {
         Some(v) => {
             let n = v
                 .trim()
                 .parse::<f64>()
-                .map_err(|_| invalid(VAR, format!("{v:?} is not a number")))?;
-            whole(n, 1.0, 64.0, VAR)?
+                .map_err(|_| invalid(var, format!("{v:?} is not a number")))?;
+            whole(n, min, max, var).map(Some)
         }
-        None => http
-            .number("in_flight")?
-            .map_or(Ok(IN_FLIGHT), |n| whole(n, 1.0, 64.0, "http.in_flight"))?,
-    };
-    Ok(n as usize)
+        None => fields
+            .number(key)?
+            .map(|n| whole(n, min, max, &fields.name(key)))
+            .transpose(),
+    }
+}
+
+/// The media lane's cap and windows (`media_lane`; the cap also `RELAIS_MEDIA_MAX_BYTES_PER_SEC`).
+fn parse_media_lane(src: &Source) -> Result<MediaPolicy, SettingsError> {
+    const RATE: (f64, f64) = (1024.0, 1e10);
+    let lane = src.file.section("media_lane")?;
+    let cap = whole_setting(
+        src,
+        "RELAIS_MEDIA_MAX_BYTES_PER_SEC",
+        &lane,
+        "max_bytes_per_sec",
+        RATE,
+    )?;
+    let mut windows = Vec::new();
+    match lane.get("windows") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let prefix = lane.name(&format!("windows[{i}]"));
+                let Value::Object(obj) = item else {
+                    return Err(invalid(&prefix, "must be an object"));
+                };
+                let w = Fields {
+                    prefix,
+                    map: obj_map(obj),
+                };
+                let time = |key: &str| {
+                    let text = w
+                        .string(key)?
+                        .ok_or_else(|| invalid(&w.name(key), "is required"))?;
+                    media_window::parse_time_of_day(&text).ok_or_else(|| {
+                        invalid(
+                            &w.name(key),
+                            format!("{text:?} must be a local time of day, HH:MM"),
+                        )
+                    })
+                };
+                let bytes = |key: &str, range: (f64, f64)| {
+                    w.number(key)?
+                        .map(|n| whole(n, range.0, range.1, &w.name(key)).map(|n| n as u64))
+                        .transpose()
+                };
+                windows.push(Window {
+                    from: time("from")?,
+                    to: time("to")?,
+                    max_bytes_per_sec: bytes("max_bytes_per_sec", RATE)?,
+                    max_media_bytes: bytes("max_media_bytes", (1.0, 1e15))?,
+                });
+            }
+        }
+        Some(_) => {
+            return Err(invalid(
+                &lane.name("windows"),
+                "must be an array of objects",
+            ));
+        }
+    }
+    Ok(MediaPolicy {
+        max_bytes_per_sec: cap.map(|n| n as u64),
+        windows,
+        override_windows: false,
+    })
 }
 
 fn parse_retry(file: &Fields) -> Result<RetryPolicy, SettingsError> {
@@ -1210,6 +1299,42 @@ mod tests {
         };
         assert_eq!(check_keys(obj_map(&obj), FILE_KEYS, ""), Ok(()));
         load(&[], Some(include_str!("../packaging/relais.json"))).unwrap();
+    }
+
+    #[test]
+    fn media_windows_parse_and_a_bad_time_is_named() {
+        let s = load(
+            &[("RELAIS_MEDIA_MAX_BYTES_PER_SEC", "50000")],
+            Some(
+                r#"{"media_lane": {"windows": [{"from": "22:00", "to": "06:00"},
+                    {"from": "06:00", "to": "22:00", "max_bytes_per_sec": 2048, "max_media_bytes": 1000}]}}"#,
+            ),
+        )
+        .unwrap();
+        assert_eq!(s.media.max_bytes_per_sec, Some(50_000));
+        assert_eq!(s.media.windows.len(), 2);
+        assert_eq!(
+            (s.media.windows[0].from, s.media.windows[0].to),
+            (79_200, 21_600)
+        );
+        assert_eq!(s.media.windows[1].max_bytes_per_sec, Some(2048));
+        assert_eq!(s.media.windows[1].max_media_bytes, Some(1000));
+        assert!(s.media.windows[0].max_bytes_per_sec.is_none());
+        let e = load(
+            &[],
+            Some(r#"{"media_lane": {"windows": [{"from": "22h", "to": "06:00"}]}}"#),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"setting media_lane.windows[0].from: "22h" must be a local time of day, HH:MM"#
+        );
+        let e = load(
+            &[],
+            Some(r#"{"media_lane": {"windows": [{"from": "22:00"}]}}"#),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "media_lane.windows[0].to");
     }
 
     #[test]
