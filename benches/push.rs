@@ -3,7 +3,7 @@
 //! pass that finds nothing new, bytes written to the SD card, idle CPU and wake-ups, and
 //! the size of the device binary.
 //!
-//! Run: `cargo bench --bench push` (about 23 minutes; `RELAIS_BENCH_QUICK=1` for a
+//! Run: `cargo bench --bench push` (about 22 minutes; `RELAIS_BENCH_QUICK=1` for a
 //! smoke test of about 5 minutes; `RELAIS_BENCH_ONLY=uplink` for figure 8 alone, about
 //! 2 minutes; `RELAIS_BENCH_ONLY=lanes` for figures 9 and 10 alone, about 13 minutes).
 //! See the README section "Benchmark".
