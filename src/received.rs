@@ -67,7 +67,8 @@ pub struct Arrival {
 }
 
 /// The rows stored after row `after_id`, ordered by id: a poller passes the last id it
-/// saw, so that each poll reads only what is new.
+/// saw, so that each poll reads only what is new (the store has one writer at a time, so
+/// a row never becomes visible after one with a higher id).
 pub fn arrivals(server: &EmbeddedServer, after_id: i64) -> Result<Vec<Arrival>, String> {
     let conn = open(server)?;
     let mut stmt = conn.prepare(ARRIVALS).map_err(|e| fail(server, e))?;
