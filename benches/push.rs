@@ -3,9 +3,10 @@
 //! pass that finds nothing new, bytes written to the SD card, idle CPU and wake-ups, and
 //! the size of the device binary.
 //!
-//! Run: `cargo bench --bench push` (about 10 minutes; `RELAIS_BENCH_QUICK=1` for a
-//! smoke test of about 2 minutes; `RELAIS_BENCH_ONLY=uplink` for figure 8 alone, about
-//! 2 minutes). See the README section "Benchmark".
+//! Run: `cargo bench --bench push` (about 22 minutes; `RELAIS_BENCH_QUICK=1` for a
+//! smoke test of about 5 minutes; `RELAIS_BENCH_ONLY=uplink` for figure 8 alone, about
+//! 2 minutes; `RELAIS_BENCH_ONLY=lanes` for figures 9 and 10 alone, about 13 minutes).
+//! See the README section "Benchmark".
 //!
 //! How it measures:
 //! - relais is the device build (`cargo build --release --no-default-features`), built by
@@ -29,6 +30,12 @@
 //!   `run` children of figure 5 run at the same time, over the same window.
 //! - Figure 8 reaches the server through `common/link.rs`, a delaying TCP proxy (this
 //!   machine has no `tc netem`), one run per agent: each is tens of seconds long.
+//! - Figures 9 and 10 (`common/lanes.rs`) run each agent's continuous mode through the
+//!   link while a writer thread inserts new events at a fixed cadence: 100,000 queued
+//!   events over a 100 ms round trip, then a 200 MiB BLOB over 1 MB/s. An event's latency
+//!   is the store's `received_at` minus its insert's commit; the child's CPU and peak RSS
+//!   come from `wait4` after SIGTERM. The baseline's runs are bounded (it would take hours
+//!   to drain): what arrived within the bound is reported as such.
 
 use std::collections::HashSet;
 use std::fs;
@@ -44,12 +51,17 @@ use relais::received::{self, EmbeddedServer as Receiver, ReceivedRow};
 use relais::tracking::Tracking;
 use rusqlite::{Connection, params};
 
+#[path = "common/lanes.rs"]
+mod lanes;
 #[path = "common/link.rs"]
 mod link;
 
 type Res<T> = Result<T, String>;
 
 const MIB: u64 = 1 << 20;
+/// relais's peak RSS when its memory is flat, whatever the BLOB or the backlog: the
+/// target of figures 2, 9 and 10.
+const FLAT_RSS: f64 = 24.0 * MIB as f64;
 const DEVICE: &str = "bench-pi";
 /// What the baseline writes in `sync_date` (Python's `datetime.now().isoformat()`).
 const SYNC_DATE: &str = "2025-12-18T17:30:00.123456";
@@ -62,8 +74,15 @@ struct Config {
     idle_rows: Vec<usize>,
     idle_secs: u64,
     uplink_events: usize,
-    /// `RELAIS_BENCH_ONLY=uplink`: figure 8 alone.
-    only_uplink: bool,
+    /// Figure 9: the queued events; the baseline's window.
+    lanes_events: usize,
+    lanes_window: Duration,
+    /// Figure 10: the BLOB.
+    lanes_media_mib: u64,
+    /// Figures 9 and 10: the longest run of an agent.
+    lanes_bound: Duration,
+    /// `RELAIS_BENCH_ONLY`: `uplink` (figure 8) or `lanes` (figures 9 and 10) alone.
+    only: Option<String>,
 }
 
 impl Config {
@@ -86,7 +105,12 @@ impl Config {
             },
             idle_secs: num("RELAIS_BENCH_IDLE_SECS").unwrap_or(if quick { 10 } else { 60 }),
             uplink_events: if quick { 60 } else { 300 },
-            only_uplink: std::env::var("RELAIS_BENCH_ONLY").is_ok_and(|v| v == "uplink"),
+            lanes_events: if quick { 20_000 } else { 100_000 },
+            lanes_window: Duration::from_secs(if quick { 30 } else { 60 }),
+            lanes_media_mib: if quick { 20 } else { 200 },
+            // The baseline's 200 MiB cannot go up at 1 MB/s in much less (base64: 280 s).
+            lanes_bound: Duration::from_secs(if quick { 55 } else { 320 }),
+            only: std::env::var("RELAIS_BENCH_ONLY").ok(),
         }
     }
 }
@@ -276,6 +300,22 @@ impl Running {
             String::from_utf8_lossy(&err)
         );
         Ok((usage, tail))
+    }
+
+    /// Whether the child has exited, without reaping it (`wait` still can).
+    fn exited(&self) -> bool {
+        // SAFETY: plain syscall on our own child; `info` is a valid out-pointer.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: `si_pid` is set by a successful waitid, zero when nothing exited.
+        r == 0 && unsafe { info.si_pid() } == self.pid
     }
 
     fn terminate(&self) {
@@ -554,6 +594,64 @@ fn push_events(
     )
 }
 
+/// A run's set-up: a fresh directory holding a copy of `fixture`, a fresh receiver and,
+/// for a `shape`, a link in front of it.
+struct Fresh {
+    dir: PathBuf,
+    db: PathBuf,
+    receiver: Receiver,
+    recv_dir: PathBuf,
+    link: Option<link::Link>,
+}
+
+impl Fresh {
+    fn new(
+        env: &Env,
+        fixture: &Path,
+        agent: Agent,
+        tag: &str,
+        shape: Option<link::Shape>,
+    ) -> Res<Fresh> {
+        let dir = env
+            .work
+            .join(env.unique(&format!("{tag}-{}", agent.name())));
+        mkdirs(&dir)?;
+        let db = dir.join("surveillance.db");
+        copy(fixture, &db)?;
+        let (receiver, recv_dir) = env.receiver()?;
+        let link = shape.map(|s| link::Link::start(receiver.addr(), s));
+        Ok(Fresh {
+            dir,
+            db,
+            receiver,
+            recv_dir,
+            link,
+        })
+    }
+
+    /// Where the agent sends: the link if there is one, else the receiver.
+    fn url(&self) -> String {
+        self.link
+            .as_ref()
+            .map_or_else(|| self.receiver.url(), link::Link::url)
+    }
+
+    /// Bytes the link forwarded up and down (none without a link).
+    fn forwarded(&self) -> [u64; 2] {
+        self.link
+            .as_ref()
+            .map_or([0, 0], |l| [l.bytes_up(), l.bytes_down()])
+    }
+
+    /// Stops the receiver and removes its data and the run's directory.
+    fn remove(self) {
+        drop(self.link);
+        drop(self.receiver);
+        let _ = fs::remove_dir_all(&self.recv_dir);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One `once` run of `agent` over a copy of `fixture` against a fresh receiver, timed,
 /// through a link of `shape` if given; `check` then judges what arrived (the receiver,
 /// the agent's database). The run's directory and the receiver's data are removed once
@@ -566,26 +664,14 @@ fn push_fresh(
     shape: Option<link::Shape>,
     check: impl FnOnce(&Receiver, &Path) -> Res<()>,
 ) -> Res<(Usage, [u64; 2])> {
-    let dir = env
-        .work
-        .join(env.unique(&format!("{tag}-{}", agent.name())));
-    mkdirs(&dir)?;
-    let db = dir.join("surveillance.db");
-    copy(fixture, &db)?;
-    let (receiver, recv_dir) = env.receiver()?;
-    let link = shape.map(|s| link::Link::start(receiver.addr(), s));
-    let url = link
-        .as_ref()
-        .map_or_else(|| receiver.url(), link::Link::url);
+    let run = Fresh::new(env, fixture, agent, tag, shape)?;
     sync_disks();
-    let mut command = env.command(agent, &db, &url, &dir, true);
+    let mut command = env.command(agent, &run.db, &run.url(), &run.dir, true);
     command.envs(vars.iter().copied());
     let u = run_ok(command, agent.name())?;
-    let forwarded = link.map_or([0, 0], |l| [l.bytes_up(), l.bytes_down()]);
-    check(&receiver, &db)?;
-    drop(receiver);
-    let _ = fs::remove_dir_all(&recv_dir);
-    let _ = fs::remove_dir_all(&dir);
+    let forwarded = run.forwarded();
+    check(&run.receiver, &run.db)?;
+    run.remove();
     Ok((u, forwarded))
 }
 
@@ -1250,8 +1336,17 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         rows: Vec::new(),
         verdicts: Vec::new(),
     };
-    if cfg.only_uplink {
-        uplink(env, cfg, &mut table)?;
+    type Figures = fn(&Env, &Config, &mut Table) -> Res<()>;
+    let only: Option<Figures> = match cfg.only.as_deref() {
+        None | Some("") => None,
+        Some("uplink") => Some(uplink),
+        Some("lanes") => Some(lanes::lanes),
+        Some(other) => {
+            return Err(format!("RELAIS_BENCH_ONLY={other}: want uplink or lanes"));
+        }
+    };
+    if let Some(figures) = only {
+        figures(env, cfg, &mut table)?;
         println!();
         table.print();
         return Ok(());
@@ -1542,6 +1637,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
     );
     table.cost("6. idle RSS".into(), idle_rss(0), idle_rss(1), fmt_bytes);
     uplink(env, cfg, &mut table)?;
+    lanes::lanes(env, cfg, &mut table)?;
 
     // Targets.
     // Flat: from 16 MiB up (4× the 4 MiB chunk, so every buffer has its full size), the
@@ -1555,7 +1651,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         .map(|m| format!("{} MiB: {}", m.0, fmt_bytes(m.2[0])))
         .collect();
     table.target(
-        large.2[0] < 24.0 * MIB as f64 && spread <= 2.0 * MIB as f64,
+        large.2[0] < FLAT_RSS && spread <= 2.0 * MIB as f64,
         format!(
             "media peak RSS flat from 16 MiB up and < 24 MiB at {} MiB: relais {} (baseline {} at {} MiB, {:.1}× the BLOB)",
             large.0,
