@@ -32,7 +32,7 @@ use crate::rejections::{Held, Rejections, Verdict};
 use crate::settings::{Settings, TableSpec};
 use crate::source::{self, SourceError};
 use crate::source_registry::{self, Resolved};
-use crate::tracking::{Acked, Tracking, TrackingError};
+use crate::tracking::{Acked, HighWater, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
 use crate::{backoff, clock, config_hash, json, notify};
 
@@ -244,6 +244,25 @@ struct TablePass<'a> {
     report: TableReport,
     acks: AckGroup,
     rejections: Rejections,
+}
+
+/// New rows read at most per look during a drain ([`Pusher::send_live`]).
+const LIVE_ROWS: usize = 500;
+
+/// What a drain knows of the rows written since it began.
+struct Live {
+    /// Rows above this id are new (`None` until the drain is known to be one).
+    above: Option<Value>,
+    checked: Instant,
+}
+
+impl Default for Live {
+    fn default() -> Live {
+        Live {
+            above: None,
+            checked: Instant::now(),
+        }
+    }
 }
 
 /// Acknowledged rows waiting to be recorded together.
@@ -672,26 +691,19 @@ impl Pusher {
             .high_water(&ctx.key, &table.name)?
             .map(Value::Integer);
         let mut untrackable = 0;
+        let mut live = Live::default();
         loop {
             let batch = self.read_size(table);
             let rows = source::read_after(ctx.conn, ctx.path, table, after.as_ref(), batch)?;
             let Some(last) = rows.last() else { break };
             after = Some(last.local_id.clone());
             let full = rows.len() == batch;
-            let (rows, bad): (Vec<RowPayload>, Vec<RowPayload>) = rows
-                .into_iter()
-                .partition(|r| matches!(r.local_id, Value::Integer(_) | Value::Text(_)));
-            // Skipped, not fatal: stopping here would hold the table's good rows back
-            // behind the bad ones at every pass.
-            untrackable += bad.len();
-            let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
-            let due =
-                self.tracking
-                    .record_pending(&ctx.key, &table.name, &ids, self.retry_clock())?;
-            let rows = rows.into_iter().filter(|r| due.contains(&r.local_id));
-            self.send_events(t, rows.collect())?;
+            untrackable += self.record_and_send(t, rows, HighWater::Advance)?;
             if !full {
                 break;
+            }
+            if table.blob.is_none() {
+                untrackable += self.send_live(t, &mut live)?;
             }
         }
         if untrackable > 0 {
@@ -701,6 +713,61 @@ impl Pusher {
             )));
         }
         Ok(())
+    }
+
+    /// Records rows pending (moving the high-water mark as `mark` says) and sends those
+    /// due; returns how many could not be tracked (a `local_id` neither integer nor
+    /// text), skipped, not fatal: stopping would hold the table's good rows back behind
+    /// the bad ones at every pass.
+    fn record_and_send(
+        &mut self,
+        t: &mut TablePass,
+        rows: Vec<RowPayload>,
+        mark: HighWater,
+    ) -> Result<usize, Halt> {
+        let (ctx, table) = (t.ctx, t.table);
+        let (rows, bad): (Vec<RowPayload>, Vec<RowPayload>) = rows
+            .into_iter()
+            .partition(|r| matches!(r.local_id, Value::Integer(_) | Value::Text(_)));
+        let ids: Vec<Value> = rows.iter().map(|r| r.local_id.clone()).collect();
+        let clock = self.retry_clock();
+        let due = self
+            .tracking
+            .record_pending(&ctx.key, &table.name, &ids, clock, mark)?;
+        let rows = rows.into_iter().filter(|r| due.contains(&r.local_id));
+        self.send_events(t, rows.collect())?;
+        Ok(bad.len())
+    }
+
+    /// During a long drain of an event table, the rows written since it began: read
+    /// ahead of the scan every [`Pusher::live_every`] and sent at once, so a new event
+    /// waits for no backlog. The scan meets them later, already synced.
+    fn send_live(&mut self, t: &mut TablePass, live: &mut Live) -> Result<usize, Halt> {
+        let (ctx, table) = (t.ctx, t.table);
+        let Some(above) = &live.above else {
+            // The table's top when the drain is known to be one (a full read): rows
+            // above it are the new ones. Those written during that first read wait for
+            // the scan, a few milliseconds' worth.
+            live.above = source::max_id(ctx.conn, ctx.path, table)?;
+            live.checked = Instant::now();
+            return Ok(0);
+        };
+        if live.checked.elapsed() < self.live_every() {
+            return Ok(0);
+        }
+        live.checked = Instant::now();
+        let rows = source::read_after(ctx.conn, ctx.path, table, Some(above), LIVE_ROWS)?;
+        let Some(last) = rows.last() else {
+            return Ok(0);
+        };
+        live.above = Some(last.local_id.clone());
+        self.record_and_send(t, rows, HighWater::Keep)
+    }
+
+    /// How often a drain looks for new rows: a quarter of the interval, so they arrive
+    /// well within one, between 100 ms and 5 s.
+    fn live_every(&self) -> Duration {
+        (self.settings.interval / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }
 
     fn send_row(&mut self, t: &mut TablePass, row: RowPayload) -> Result<(), Halt> {

@@ -16,7 +16,7 @@ use rusqlite::types::Value;
 use crate::clock::{self, RetryClock};
 use crate::settings::TableSpec;
 use crate::source::{self, SourceError};
-use crate::tracking::{Tracking, TrackingError};
+use crate::tracking::{HighWater, Tracking, TrackingError};
 
 /// Ids read from the application per short read.
 const SWEEP_BATCH: usize = 1000;
@@ -101,7 +101,7 @@ pub fn sweep_table(
                     .cloned(),
             );
             queued += untracked.len() as u64;
-            tracking.record_pending(t.key, &t.table.name, &untracked, clock)?;
+            tracking.record_pending(t.key, &t.table.name, &untracked, clock, HighWater::Advance)?;
         }
         if ids.len() < SWEEP_BATCH {
             break;

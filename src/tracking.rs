@@ -165,6 +165,17 @@ CREATE TABLE IF NOT EXISTS sync_forgotten (
 PRAGMA user_version = 1;
 ";
 
+/// Whether recorded rows move the table's high-water mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HighWater {
+    /// Every row up to them was read: the next pass reads above them.
+    Advance,
+    /// Rows read ahead of a scan still under way (new rows sent during a long drain):
+    /// the mark stays below the rows the scan has not reached, and the scan skips these
+    /// as synced when it gets there.
+    Keep,
+}
+
 /// Held by [`Tracking::import_legacy`] (see there).
 static IMPORTING: Mutex<()> = Mutex::new(());
 
@@ -272,14 +283,15 @@ impl Tracking {
     }
 
     /// Records these rows as `pending` before they are sent (one transaction), advances
-    /// the high-water mark, and returns the ids that are due to be sent: not yet synced,
-    /// and not waiting for a later retry.
+    /// the high-water mark as `mark` says, and returns the ids that are due to be sent:
+    /// not yet synced, and not waiting for a later retry.
     pub fn record_pending(
         &mut self,
         source: &str,
         table: &str,
         ids: &[Value],
         now: RetryClock,
+        mark: HighWater,
     ) -> Result<Vec<Value>, TrackingError> {
         let date = clock::iso8601(now.now);
         let tx = self.write_tx()?;
@@ -339,6 +351,7 @@ impl Tracking {
         }
         if let Some(max) = ids
             .iter()
+            .filter(|_| mark == HighWater::Advance)
             .filter_map(|v| {
                 if let Value::Integer(i) = v {
                     Some(*i)
@@ -1022,7 +1035,8 @@ mod tests {
         let mut t = Tracking::open(&dir).unwrap();
         let ids: Vec<Value> = (1..=5).map(Value::Integer).collect();
         let now = RetryClock::at(0, Duration::from_secs(3600));
-        t.record_pending("a.db", "evenement", &ids, now).unwrap();
+        t.record_pending("a.db", "evenement", &ids, now, HighWater::Advance)
+            .unwrap();
         let acked: Vec<Acked> = ids[..3]
             .iter()
             .map(|id| Acked {
@@ -1035,8 +1049,14 @@ mod tests {
         t.mark_success("a.db", &acked).unwrap();
         t.mark_failed("a.db", "evenement", &ids[3], "boom", 10)
             .unwrap();
-        t.record_pending("a.db", "media", &[Value::Text("0042".into())], now)
-            .unwrap();
+        t.record_pending(
+            "a.db",
+            "media",
+            &[Value::Text("0042".into())],
+            now,
+            HighWater::Advance,
+        )
+        .unwrap();
         let got: Vec<(String, String, u64)> = t
             .counts()
             .unwrap()

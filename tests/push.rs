@@ -1015,3 +1015,49 @@ fn a_batch_endpoint_that_refuses_a_batch_sends_its_rows_one_by_one() {
     // One row alone, the refused batch, then its 11 rows one by one.
     assert_eq!(rx.stats().requests, 13);
 }
+
+/// A drain of 20,000 events: an event written once it is under way goes up before the
+/// backlog's last row, not after it, and the scan then skips it as synced.
+#[test]
+fn an_event_written_during_a_long_drain_goes_before_the_backlog_ends() {
+    capture_logs();
+    let dir = Scratch::new("live-drain");
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, true).expect("create app db");
+    insert_events(&conn, 20_000).expect("insert events");
+    let rx = receiver(&dir, true);
+    // A look for new rows every 100 ms (a quarter of the interval).
+    let mut p = pusher(&settings(
+        &db,
+        &rx.url(),
+        &dir,
+        &[("SYNC_INTERVAL_SECONDS", "0.4")],
+    ));
+    let (report, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let under_way = common::wait_for(Duration::from_secs(60), || rx.stats().stored >= 1000);
+            insert_events(&Connection::open(&db).expect("open"), 1).expect("new event");
+            under_way
+        });
+        let report = p.sync_once();
+        (report, writer.join().expect("writer"))
+    });
+    assert!(written, "the drain never got under way");
+    assert!(report.is_clean(), "{report:?}");
+    assert_exact(&db, &rx);
+    let rows = rx.rows();
+    let at = |id: &str| {
+        rows.iter()
+            .position(|r| {
+                r.idempotency_key
+                    .as_deref()
+                    .is_some_and(|k| k.ends_with(id))
+            })
+            .expect("stored")
+    };
+    assert!(
+        at(":evenement:20001") < at(":evenement:20000"),
+        "the new event waited for the backlog"
+    );
+    assert_eq!(rx.stats().requests, 20_001, "nothing sent twice");
+}
