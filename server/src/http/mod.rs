@@ -11,6 +11,7 @@ mod config_pull;
 mod error;
 mod health;
 mod push;
+pub mod uploads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, head, post};
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -47,6 +48,15 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         app: app.clone(),
         limits: config.batch,
     };
+    let uploads = uploads::Uploads {
+        app: app.clone(),
+        limits: config.uploads,
+        lease: config.request_timeout,
+    };
+    let capabilities = batch::Capabilities {
+        batch: config.batch,
+        uploads: config.uploads,
+    };
     // `Router::layer` wraps every route (and the fallback) after routing, so each layer
     // sees the route template; the last added runs first.
     Router::new()
@@ -60,8 +70,24 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .merge(
             Router::new()
                 .route("/api/batch", post(batch::batch::<S>))
-                .route("/api/capabilities", get(batch::capabilities::<S>))
                 .with_state(batches),
+        )
+        .merge(
+            Router::new()
+                .route("/api/capabilities", get(batch::capabilities))
+                .with_state(capabilities),
+        )
+        .merge(
+            Router::new()
+                .route(
+                    "/api/uploads",
+                    post(uploads::create::<S>).options(uploads::options::<S>),
+                )
+                .route(
+                    "/api/uploads/{id}",
+                    head(uploads::head::<S>).patch(uploads::patch::<S>),
+                )
+                .with_state(uploads),
         )
         .merge(
             Router::new()
