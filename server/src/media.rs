@@ -225,9 +225,11 @@ impl MediaDir {
         let path = self.upload_path(id);
         blocking(move || {
             use std::io::{Seek as _, SeekFrom};
+            // Created by the first chunk only: past offset 0 a missing file is an
+            // upload whose bytes are gone (placed already, or removed), not a new one.
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
+                .create(offset == 0)
                 .truncate(false)
                 .open(&path)?;
             file.set_len(offset)?;

@@ -429,6 +429,23 @@ fn a_repeated_creation_is_one_upload_and_one_row(store: StoreKind) {
         .filter(|p| !p.to_string_lossy().contains("/."))
         .collect();
     assert_eq!(media.len(), 1, "{media:?}");
+    for (name, value) in [
+        ("relais_server_uploads_created_total", 1),
+        ("relais_server_uploads_completed_total", 1),
+        ("relais_server_rows_stored_total", 1),
+    ] {
+        assert_eq!(metric(&server, name), value, "{name}");
+    }
+}
+
+/// A counter of `/metrics` (the server runs with `--no-auth`).
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, _, text) = common::get_as(&client(), &server.url, "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
 }
 
 fn an_expired_upload_is_removed_with_its_file_and_created_afresh(store: StoreKind) {

@@ -36,6 +36,7 @@ use super::batch::is_push_endpoint;
 use super::error::{Error, json_response};
 use super::push;
 use crate::media::{Chunk, Placed};
+use crate::metrics::Outcome;
 use crate::store::{Creation, Store, Upload};
 
 /// The protocol version, in `Tus-Resumable` and `Tus-Version`.
@@ -214,7 +215,9 @@ async fn create_upload<S: Store>(
                 app.media.remove_upload(&expired).await;
             }
             tracing::debug!(id = upload.id, "upload created");
-            Ok(created(&upload))
+            let mut resp = created(&upload);
+            resp.extensions_mut().insert(Outcome::UploadCreated);
+            Ok(resp)
         }
         Creation::Existing(upload) => {
             let same = (
@@ -442,7 +445,8 @@ async fn complete<S: Store>(app: &App<S>, mut upload: Upload) -> Result<Response
     app.store.complete_upload(upload.id.clone(), row_id).await?;
     upload.row_id = Some(row_id);
     let mut resp = described(StatusCode::NO_CONTENT, &upload);
-    resp.extensions_mut().insert(outcome);
+    resp.extensions_mut()
+        .insert(Outcome::UploadCompleted(outcome == Outcome::Stored));
     Ok(resp)
 }
 
