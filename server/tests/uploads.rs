@@ -449,7 +449,8 @@ fn metric(server: &Server, name: &str) -> u64 {
 }
 
 fn an_expired_upload_is_removed_with_its_file_and_created_afresh(store: StoreKind) {
-    let server = Server::start_on(store, &["--upload-expiry-s", "1"]);
+    // Times are whole seconds: 2 s is at least one second of life.
+    let server = Server::start_on(store, &["--upload-expiry-s", "2"]);
     let tus = no_auth(&server);
     let data = pattern(3000, 17);
     let sha = sha256_hex(&data);
@@ -463,7 +464,8 @@ fn an_expired_upload_is_removed_with_its_file_and_created_afresh(store: StoreKin
         }),
         "the expired upload and its file are still there"
     );
-    assert!(server.logged("removed 1 expired upload(s)"));
+    assert!(wait_for(Duration::from_secs(2), || server
+        .logged("removed 1 expired upload(s)")));
     assert_eq!(tus.head(&location).status, 404);
     assert_eq!(tus.patch(&location, 1000, &data[1000..]).status, 404);
     let fresh = tus.create("pi:media:1", data.len(), &sha);

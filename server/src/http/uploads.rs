@@ -149,7 +149,16 @@ pub async fn patch<S: Store>(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    tus(append(uploads, &caller, id, &headers, body).await)
+    let appended = append(uploads, &caller, id, &headers, body).await;
+    let refused = appended.is_err();
+    let mut resp = tus(appended);
+    if refused {
+        // Most refusals answer before the body is read, and hyper then closes the
+        // connection without saying so: a client must not send its next request on it.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 async fn create_upload<S: Store>(
