@@ -96,10 +96,7 @@ pub fn open_router(config: &Config) -> Result<axum::Router, String> {
     };
     let store = open_sqlite(config, path)?;
     Ok(http::router(
-        http::App {
-            store,
-            media: open_media(config)?,
-        },
+        http::App::new(store, open_media(config)?),
         config,
     ))
 }
@@ -145,7 +142,7 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
         );
     }
     tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-    let app = http::App { store, media };
+    let app = http::App::new(store, media);
     let expire = tokio::spawn(http::uploads::expire_every(
         app.clone(),
         expiry_sweep(config),

@@ -1,4 +1,4 @@
-//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: twelve
+//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: thirteen
 //! series do not justify a crate). [`track`] is a middleware on every route: it counts
 //! requests by route template and status, times them, and counts the body bytes as the
 //! handlers read them; handlers report what the middleware cannot see (a row stored, a
@@ -65,6 +65,8 @@ pub struct Metrics {
     received_bytes: AtomicU64,
     /// The store's group commit.
     commits: Arc<Counts>,
+    /// Kept by the uploads' expiry task.
+    uploads_expired: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -96,10 +98,12 @@ pub fn route_of<B>(req: &axum::http::Request<B>) -> &str {
 }
 
 impl Metrics {
-    /// The counters of a server whose store's group commit counts in `commits`.
-    pub fn new(commits: Arc<Counts>) -> Metrics {
+    /// The counters of a server whose store's group commit counts in `commits` and
+    /// whose expiry task counts in `uploads_expired`.
+    pub fn new(commits: Arc<Counts>, uploads_expired: Arc<AtomicU64>) -> Metrics {
         Metrics {
             commits,
+            uploads_expired,
             ..Metrics::default()
         }
     }
@@ -218,6 +222,11 @@ impl Metrics {
                 "relais_server_uploads_completed_total",
                 "Resumable uploads completed and verified, their rows counted above as stored or replayed.",
                 c.uploads_completed,
+            ),
+            (
+                "relais_server_uploads_expired_total",
+                "Resumable uploads this server removed once expired, with their partial files.",
+                self.uploads_expired.load(Ordering::Relaxed),
             ),
             (
                 "relais_server_received_bytes_total",

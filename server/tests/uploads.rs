@@ -466,6 +466,7 @@ fn an_expired_upload_is_removed_with_its_file_and_created_afresh(store: StoreKin
     );
     assert!(wait_for(Duration::from_secs(2), || server
         .logged("removed 1 expired upload(s)")));
+    assert_eq!(metric(&server, "relais_server_uploads_expired_total"), 1);
     assert_eq!(tus.head(&location).status, 404);
     assert_eq!(tus.patch(&location, 1000, &data[1000..]).status, 404);
     let fresh = tus.create("pi:media:1", data.len(), &sha);

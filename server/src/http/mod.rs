@@ -14,6 +14,7 @@ mod push;
 pub mod uploads;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
@@ -35,10 +36,26 @@ use crate::store::Store;
 pub struct App<S> {
     pub store: S,
     pub media: MediaDir,
+    /// Uploads this server's expiry task removed ([`uploads::expire_every`]), for
+    /// `/metrics`.
+    pub uploads_expired: Arc<AtomicU64>,
+}
+
+impl<S> App<S> {
+    pub fn new(store: S, media: MediaDir) -> App<S> {
+        App {
+            store,
+            media,
+            uploads_expired: Arc::default(),
+        }
+    }
 }
 
 pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
-    let metrics = Arc::new(Metrics::new(app.store.commit_counts()));
+    let metrics = Arc::new(Metrics::new(
+        app.store.commit_counts(),
+        Arc::clone(&app.uploads_expired),
+    ));
     let gate = auth::Gate {
         store: app.store.clone(),
         open: config.no_auth,

@@ -609,6 +609,8 @@ pub async fn expire_every<S: Store>(app: App<S>, period: Duration) {
                     }
                 }
                 if !gone.is_empty() {
+                    app.uploads_expired
+                        .fetch_add(gone.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!("uploads: removed {} expired upload(s)", gone.len());
                 }
             }
