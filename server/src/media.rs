@@ -60,8 +60,8 @@ pub enum ReceiveError {
     Worker(String),
 }
 
-/// The body of one PATCH of an upload, on stable storage in a temporary file (deleted
-/// on drop), not yet appended.
+/// The body of one PATCH of an upload, in a temporary file (deleted on drop), not yet
+/// appended.
 #[derive(Debug)]
 pub struct Chunk {
     file: split::TempPath,
@@ -186,7 +186,7 @@ impl MediaDir {
     }
 
     /// Streams the body of a PATCH into a temporary file, its SHA-256 computed as it is
-    /// written, and fsyncs it; keeps at most `max_len` bytes (the rest is counted).
+    /// written; keeps at most `max_len` bytes (the rest is counted).
     pub async fn receive_chunk(&self, body: Body, max_len: u64) -> Result<Chunk, ReceiveError> {
         let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
         let inner = Arc::clone(&self.inner);
@@ -201,7 +201,9 @@ impl MediaDir {
                 sha256.update(&bytes);
                 len += bytes.len() as u64;
             }
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            // No fsync: this file is only read back by the append, whose fsync of the
+            // partial file is the one the answered offset needs.
+            out.flush()?;
             Ok(Chunk {
                 file,
                 len,
