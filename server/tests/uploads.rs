@@ -15,6 +15,7 @@ use sha2::Digest as _;
 common::on_both_stores!(
     an_upload_in_chunks_is_stored_as_a_json_media_push_is,
     an_upload_resumes_from_heads_offset_after_a_restart,
+    an_upload_goes_on_through_whichever_server_of_a_fleet,
     a_wrong_offset_is_409_and_a_bad_chunk_460_with_nothing_appended,
     a_whole_upload_whose_sha256_differs_stores_nothing,
     a_repeated_creation_is_one_upload_and_one_row,
@@ -329,6 +330,37 @@ fn an_upload_resumes_from_heads_offset_after_a_restart(store: StoreKind) {
     assert_eq!(row[1], sha256_hex(&data));
     assert_eq!(std::fs::read(media.join(&row[0])).expect("file"), data);
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two servers on one store and one media directory, as behind a balancer: each chunk
+/// goes to the other server; the upload knows no server of its own.
+fn an_upload_goes_on_through_whichever_server_of_a_fleet(store: StoreKind) {
+    let dir = scratch("tus-fleet");
+    let (store, media) = (store_in(store, &dir), dir.join("media"));
+    let servers = [
+        Server::start_member(store.clone(), "127.0.0.1:0", &media, &[]),
+        Server::start_member(store, "127.0.0.1:0", &media, &[]),
+    ];
+    let data = pattern(600_000, 29);
+    let created = no_auth(&servers[0]).create("pi:media:3", data.len(), &sha256_hex(&data));
+    let location = created.header("location").expect("Location").to_string();
+    let mut offset = 0;
+    for (i, part) in data.chunks(100_000).enumerate() {
+        let tus = no_auth(&servers[(i + 1) % 2]);
+        assert_eq!(tus.head(&location).offset(), offset as u64);
+        let answer = tus.patch(&location, offset as u64, part);
+        assert_eq!(answer.status, 204, "{}", answer.body);
+        offset += part.len();
+    }
+    let again = no_auth(&servers[1]).create("pi:media:3", data.len(), &sha256_hex(&data));
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(servers[0].count("SELECT count(*) FROM media"), 1);
+    assert_eq!(
+        servers[0].row("SELECT media_sha256 FROM media")[0],
+        sha256_hex(&data)
+    );
+    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
