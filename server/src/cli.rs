@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::{accept, batch};
+use crate::http::{accept, batch, uploads};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +71,14 @@ pub struct Cli {
     /// --max-body-bytes).
     #[arg(long, env = "RELAIS_SERVER_BATCH_MAX_BYTES", default_value_t = batch::MAX_BYTES)]
     pub batch_max_bytes: usize,
+    /// Largest resumable upload (`Upload-Length` of `POST /api/uploads`), in bytes:
+    /// 413 above. Each PATCH is a request body too, within --max-body-bytes.
+    #[arg(long, env = "RELAIS_SERVER_UPLOAD_MAX_BYTES", default_value_t = uploads::MAX_BYTES)]
+    pub upload_max_bytes: u64,
+    /// How long a resumable upload lives after its creation or its last PATCH, in
+    /// seconds; then its row and its partial file are removed.
+    #[arg(long, env = "RELAIS_SERVER_UPLOAD_EXPIRY_S", default_value_t = uploads::EXPIRY_S)]
+    pub upload_expiry_s: u64,
     /// How often the store is checked while nothing is pushed, in seconds (one warning
     /// line when it stops answering, one info line when it is back).
     #[arg(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::cli::Cli;
 use crate::http::accept::{self, Limits};
-use crate::http::batch;
+use crate::http::{batch, uploads};
 use crate::store::postgres::PostgresUrl;
 use crate::store::sqlite;
 
@@ -45,6 +45,8 @@ pub struct Config {
     pub store_check_interval: Duration,
     /// What `POST /api/batch` accepts.
     pub batch: batch::Limits,
+    /// What `/api/uploads` accepts, and how long an upload lives.
+    pub uploads: uploads::Limits,
 }
 
 impl Config {
@@ -70,6 +72,9 @@ impl Config {
                 batch::MAX_ROW_BYTES
             ));
         }
+        if cli.upload_expiry_s == 0 {
+            return Err("config: --upload-expiry-s must be at least 1".into());
+        }
         Ok(Config {
             listen: cli.listen,
             store: parse_store(&cli.store)?,
@@ -90,6 +95,10 @@ impl Config {
                 // A batch is a request body too: what the capability document
                 // announces must pass `--max-body-bytes`.
                 max_bytes: cli.batch_max_bytes.min(cli.max_body_bytes),
+            },
+            uploads: uploads::Limits {
+                max_bytes: cli.upload_max_bytes,
+                expiry: Duration::from_secs(cli.upload_expiry_s),
             },
         })
     }

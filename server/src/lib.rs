@@ -96,10 +96,7 @@ pub fn open_router(config: &Config) -> Result<axum::Router, String> {
     };
     let store = open_sqlite(config, path)?;
     Ok(http::router(
-        http::App {
-            store,
-            media: open_media(config)?,
-        },
+        http::App::new(store, open_media(config)?),
         config,
     ))
 }
@@ -109,6 +106,15 @@ pub fn open_router(config: &Config) -> Result<axum::Router, String> {
 /// clients, whose server sets the files' times.
 fn stale_upload(config: &Config) -> std::time::Duration {
     config.request_timeout * 2
+}
+
+/// How often expired uploads are looked for: an upload outlives its expiry by at most
+/// this, a minute at most (one indexed DELETE per server).
+fn expiry_sweep(config: &Config) -> std::time::Duration {
+    (config.uploads.expiry / 2).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    )
 }
 
 // The seam for media shared by several servers: a directory every server mounts (NFS)
@@ -136,7 +142,12 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
         );
     }
     tracing::info!(%addr, media_dir = %config.media_dir.display(), "listening");
-    let router = http::router(http::App { store, media }, config);
+    let app = http::App::new(store, media);
+    let expire = tokio::spawn(http::uploads::expire_every(
+        app.clone(),
+        expiry_sweep(config),
+    ));
+    let router = http::router(app, config);
     let served = http::accept::serve_with(
         listener,
         router,
@@ -147,5 +158,6 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
     .await;
     watch.abort();
     sweep.abort();
+    expire.abort();
     served
 }

@@ -5,6 +5,10 @@
 //! `<media-dir>/` before the row that names it is committed; a body cut midway never
 //! gets there and its temporary file is deleted.
 //!
+//! A resumable upload (README, "Resumable media uploads") grows its partial file
+//! `<media-dir>/.uploads/<id>.part` one checked chunk at a time ([`MediaDir::append`]);
+//! once complete it is placed like a push's BLOB ([`MediaDir::place_upload`]).
+//!
 //! Rows name files relative to the media directory, so the directory can move, or be
 //! shared by several servers, or be replaced by an object store implementing the same
 //! place and remove steps.
@@ -31,6 +35,13 @@ const CHANNEL_DEPTH: usize = 4;
 /// filesystem; hidden so a listing of the media shows only complete files.
 const INCOMING: &str = ".incoming";
 
+/// Where uploads' partial files live: apart from [`INCOMING`], whose sweep removes files
+/// idle for longer than a request, as an upload between two PATCHes is.
+const UPLOADS: &str = ".uploads";
+
+/// Read size when a complete upload is hashed.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// A complete body, split: the JSON text, the decoded BLOB if any, and the SHA-256 of
 /// the body exactly as sent.
 #[derive(Debug)]
@@ -47,6 +58,17 @@ pub enum ReceiveError {
     Body { limit: bool, detail: String },
     /// The splitter thread could not run.
     Worker(String),
+}
+
+/// The body of one PATCH of an upload, in a temporary file (deleted on drop), not yet
+/// appended.
+#[derive(Debug)]
+pub struct Chunk {
+    file: split::TempPath,
+    /// The body's length: more than the `max_len` given to [`MediaDir::receive_chunk`]
+    /// means only that much was kept.
+    pub len: u64,
+    pub sha256: [u8; 32],
 }
 
 /// A media file in its final place.
@@ -77,7 +99,7 @@ impl MediaDir {
     /// cannot be running any more: idle for longer than `stale_after`, which must exceed
     /// the longest request of every server sharing the directory.
     pub fn open(root: &Path, stale_after: Duration) -> std::io::Result<MediaDir> {
-        std::fs::create_dir_all(root)?;
+        std::fs::create_dir_all(root.join(UPLOADS))?;
         let instance = instance_tag();
         let spool = split::Spool::new(root.join(INCOMING), instance.clone(), stale_after)?;
         Ok(MediaDir {
@@ -158,19 +180,129 @@ impl MediaDir {
 
     /// Moves `blob` into the media directory under a new unique name (fsyncing the
     /// directory, so the name survives a power cut once the row is committed).
-    pub async fn place(&self, mut blob: SpooledBlob) -> std::io::Result<Placed> {
+    pub async fn place(&self, blob: SpooledBlob) -> std::io::Result<Placed> {
         let inner = Arc::clone(&self.inner);
-        let placed = tokio::task::spawn_blocking(move || {
-            let name = inner.unique_name();
-            blob.file.persist(&inner.root.join(&name))?;
-            std::fs::File::open(&inner.root)?.sync_all()?;
-            Ok(Placed {
-                name,
-                size: blob.len,
-                sha256: blob.sha256,
+        blocking(move || inner.place(blob)).await
+    }
+
+    /// Streams the body of a PATCH into a temporary file, its SHA-256 computed as it is
+    /// written; keeps at most `max_len` bytes (the rest is counted).
+    pub async fn receive_chunk(&self, body: Body, max_len: u64) -> Result<Chunk, ReceiveError> {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+        let inner = Arc::clone(&self.inner);
+        let worker = tokio::task::spawn_blocking(move || -> std::io::Result<Chunk> {
+            use std::io::Write as _;
+            let (file, out) = inner.spool.create()?;
+            let mut out = std::io::BufWriter::with_capacity(READ_BUFFER, out);
+            let (mut sha256, mut len) = (Sha256::new(), 0u64);
+            while let Some(bytes) = rx.blocking_recv() {
+                let keep = max_len.saturating_sub(len).min(bytes.len() as u64) as usize;
+                out.write_all(&bytes[..keep])?;
+                sha256.update(&bytes);
+                len += bytes.len() as u64;
+            }
+            // No fsync: this file is only read back by the append, whose fsync of the
+            // partial file is the one the answered offset needs.
+            out.flush()?;
+            Ok(Chunk {
+                file,
+                len,
+                sha256: sha256.finalize().into(),
             })
         });
-        placed.await.map_err(std::io::Error::other)?
+        let streamed = forward(body, &tx).await;
+        drop(tx);
+        let chunk = worker
+            .await
+            .map_err(|e| ReceiveError::Worker(format!("media: the body reader failed: {e}")))?
+            .map_err(|e| ReceiveError::Worker(format!("media: cannot write the chunk: {e}")))?;
+        streamed?;
+        Ok(chunk)
+    }
+
+    /// Writes `chunk` into upload `id`'s partial file from `offset` (cutting off
+    /// whatever an interrupted append left beyond it) and fsyncs the file, and the
+    /// directory for a new file: the offset answered must survive a power cut.
+    pub async fn append(&self, id: &str, offset: u64, chunk: Chunk) -> std::io::Result<()> {
+        let path = self.upload_path(id);
+        blocking(move || {
+            use std::io::{Seek as _, SeekFrom};
+            // Created by the first chunk only: past offset 0 a missing file is an
+            // upload whose bytes are gone (placed already, or removed), not a new one.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(offset == 0)
+                .truncate(false)
+                .open(&path)?;
+            file.set_len(offset)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let written = chunk.file.path().ok_or_else(|| {
+                std::io::Error::other("media: the chunk's temporary file was moved")
+            })?;
+            let mut from = std::fs::File::open(written)?;
+            std::io::copy(&mut from, &mut file)?;
+            file.sync_all()?;
+            if offset == 0 {
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// SHA-256 (hex) of upload `id`'s partial file, read back in bounded memory: the
+    /// hash of earlier PATCHes cannot be carried over (a resumed upload may reach
+    /// another server, or this one restarted).
+    pub async fn upload_sha256(&self, id: &str) -> std::io::Result<String> {
+        let path = self.upload_path(id);
+        blocking(move || {
+            use std::io::Read as _;
+            let mut file = std::fs::File::open(&path)?;
+            let mut sha256 = Sha256::new();
+            let mut buf = vec![0; READ_BUFFER];
+            loop {
+                match file.read(&mut buf)? {
+                    0 => break,
+                    n => sha256.update(&buf[..n]),
+                }
+            }
+            Ok(relais_wire::hex(&sha256.finalize()))
+        })
+        .await
+    }
+
+    /// Moves upload `id`'s complete file into the media directory, as [`Self::place`]
+    /// does a push's BLOB.
+    pub async fn place_upload(
+        &self,
+        id: &str,
+        size: u64,
+        sha256: String,
+    ) -> std::io::Result<Placed> {
+        let blob = SpooledBlob {
+            file: split::TempPath::adopt(self.upload_path(id)),
+            len: size,
+            sha256,
+        };
+        self.place(blob).await
+    }
+
+    /// Removes upload `id`'s partial file, if any.
+    pub async fn remove_upload(&self, id: &str) {
+        let path = self.upload_path(id);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("media: cannot remove {}: {e}", path.display());
+            }
+            _ => {}
+        }
+    }
+
+    /// Upload ids are the server's own (hex), never a client's path.
+    fn upload_path(&self, id: &str) -> PathBuf {
+        self.inner.root.join(UPLOADS).join(format!("{id}.part"))
     }
 
     /// Removes a placed file whose row was not stored (a replay, a store failure).
@@ -183,6 +315,17 @@ impl MediaDir {
 }
 
 impl Inner {
+    fn place(&self, mut blob: SpooledBlob) -> std::io::Result<Placed> {
+        let name = self.unique_name();
+        blob.file.persist(&self.root.join(&name))?;
+        std::fs::File::open(&self.root)?.sync_all()?;
+        Ok(Placed {
+            name,
+            size: blob.len,
+            sha256: blob.sha256,
+        })
+    }
+
     /// Unique across restarts (time), across the servers sharing the directory
     /// (instance) and within a run (counter), since the rename into place would replace
     /// a file of the same name; says nothing about the row, which is found through the
@@ -195,6 +338,15 @@ impl Inner {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         format!("{nanos:x}-{}-{n}.bin", self.instance)
     }
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// 64 random bits naming this process's files: a pid repeats across the containers of a

@@ -1,4 +1,4 @@
-//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: ten
+//! The counters behind `GET /metrics`, in Prometheus' text format (hand-written: thirteen
 //! series do not justify a crate). [`track`] is a middleware on every route: it counts
 //! requests by route template and status, times them, and counts the body bytes as the
 //! handlers read them; handlers report what the middleware cannot see (a row stored, a
@@ -44,6 +44,10 @@ pub enum Outcome {
     StoreError,
     /// A batch was answered, each row with its own result.
     Batch(BatchRows),
+    /// A resumable upload was created.
+    UploadCreated,
+    /// A resumable upload completed: its row stored (`true`) or replayed.
+    UploadCompleted(bool),
 }
 
 /// A batch's rows by result.
@@ -61,6 +65,8 @@ pub struct Metrics {
     received_bytes: AtomicU64,
     /// The store's group commit.
     commits: Arc<Counts>,
+    /// Kept by the uploads' expiry task.
+    uploads_expired: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +78,8 @@ struct Counters {
     store_errors: u64,
     batches: u64,
     batch_rows_rejected: u64,
+    uploads_created: u64,
+    uploads_completed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,10 +98,12 @@ pub fn route_of<B>(req: &axum::http::Request<B>) -> &str {
 }
 
 impl Metrics {
-    /// The counters of a server whose store's group commit counts in `commits`.
-    pub fn new(commits: Arc<Counts>) -> Metrics {
+    /// The counters of a server whose store's group commit counts in `commits` and
+    /// whose expiry task counts in `uploads_expired`.
+    pub fn new(commits: Arc<Counts>, uploads_expired: Arc<AtomicU64>) -> Metrics {
         Metrics {
             commits,
+            uploads_expired,
             ..Metrics::default()
         }
     }
@@ -126,6 +136,15 @@ impl Metrics {
                 c.rows_stored += rows.stored;
                 c.replays += rows.replayed;
                 c.batch_rows_rejected += rows.rejected;
+            }
+            Some(Outcome::UploadCreated) => c.uploads_created += 1,
+            Some(Outcome::UploadCompleted(stored)) => {
+                c.uploads_completed += 1;
+                if stored {
+                    c.rows_stored += 1;
+                } else {
+                    c.replays += 1;
+                }
             }
             None => {}
         }
@@ -176,7 +195,7 @@ impl Metrics {
         for (name, help, value) in [
             (
                 "relais_server_rows_stored_total",
-                "Pushes stored as a new row, alone or in a batch.",
+                "Pushes stored as a new row, alone, in a batch or by a completed upload.",
                 c.rows_stored,
             ),
             (
@@ -193,6 +212,21 @@ impl Metrics {
                 "relais_server_batch_rows_rejected_total",
                 "Rows of those batches rejected with a 4xx result (stored and replayed rows are counted above).",
                 c.batch_rows_rejected,
+            ),
+            (
+                "relais_server_uploads_created_total",
+                "Resumable uploads created (a repeated creation finding its upload is not counted).",
+                c.uploads_created,
+            ),
+            (
+                "relais_server_uploads_completed_total",
+                "Resumable uploads completed and verified, their rows counted above as stored or replayed.",
+                c.uploads_completed,
+            ),
+            (
+                "relais_server_uploads_expired_total",
+                "Resumable uploads this server removed once expired, with their partial files.",
+                self.uploads_expired.load(Ordering::Relaxed),
             ),
             (
                 "relais_server_received_bytes_total",

@@ -41,10 +41,15 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         assert!(out.status.success(), "{}: {stderr}", out.status);
         assert!(stderr.contains("schema up to date"), "{stderr}");
     }
-    let applied: Vec<Vec<Option<String>>> = [("1", "init"), ("2", "config"), ("3", "tokens")]
-        .iter()
-        .map(|(v, n)| vec![Some(v.to_string()), Some(n.to_string())])
-        .collect();
+    let applied: Vec<Vec<Option<String>>> = [
+        ("1", "init"),
+        ("2", "config"),
+        ("3", "tokens"),
+        ("4", "uploads"),
+    ]
+    .iter()
+    .map(|(v, n)| vec![Some(v.to_string()), Some(n.to_string())])
+    .collect();
     assert_eq!(
         common::postgres_rows(
             &url,
@@ -58,6 +63,7 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         "media",
         "sites",
         "devices",
+        "uploads",
         "tokens",
     ] {
         let rows = common::postgres_rows(&url, &format!("SELECT count(*) FROM {relation}"));

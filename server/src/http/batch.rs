@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use super::App;
 use super::auth::Caller;
 use super::error::{Error, json_response};
-use super::push;
+use super::{push, uploads};
 use crate::media::INLINE_STRING_MAX;
 use crate::metrics::{BatchRows, Outcome};
 use crate::store::{NewPush, Store, StoreError};
@@ -50,18 +50,26 @@ pub struct Batches<S> {
     pub limits: Limits,
 }
 
+/// What `GET /api/capabilities` announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub batch: Limits,
+    pub uploads: uploads::Limits,
+}
+
 /// `GET /api/capabilities`.
-pub async fn capabilities<S: Store>(State(batches): State<Batches<S>>) -> Response {
+pub async fn capabilities(State(capabilities): State<Capabilities>) -> Response {
     let Limits {
         max_rows,
         max_bytes,
-    } = batches.limits;
+    } = capabilities.batch;
     json_response(
         StatusCode::OK,
         &format!(
             "{{\"version\": 1, \"batch\": {{\"path\": \"/api/batch\", \"max_rows\": {max_rows}, \
              \"max_bytes\": {max_bytes}, \"max_row_bytes\": {MAX_ROW_BYTES}, \
-             \"encodings\": [\"gzip\", \"identity\"]}}}}"
+             \"encodings\": [\"gzip\", \"identity\"]}}, \"uploads\": {}}}",
+            capabilities.uploads.capability()
         ),
     )
 }
@@ -170,12 +178,11 @@ fn missing(name: &str) -> Error {
 
 /// What `POST /api/{name}` would store: one path segment after `/api/`, not one of the
 /// batch routes.
-fn is_push_endpoint(endpoint: &str) -> bool {
+pub(super) fn is_push_endpoint(endpoint: &str) -> bool {
     endpoint.strip_prefix("/api/").is_some_and(|name| {
         !name.is_empty()
             && !name.contains(['/', '?', '#', '%'])
-            && name != "batch"
-            && name != "capabilities"
+            && !["batch", "capabilities", "uploads"].contains(&name)
     })
 }
 
@@ -253,6 +260,7 @@ mod tests {
         assert!(!is_push_endpoint("/api/"));
         assert!(!is_push_endpoint("/api/a/b"));
         assert!(!is_push_endpoint("/api/batch"));
+        assert!(!is_push_endpoint("/api/uploads"));
         assert!(!is_push_endpoint("/other"));
     }
 }

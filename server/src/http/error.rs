@@ -15,6 +15,9 @@ use crate::store::StoreError;
 /// agents' own backoff (with jitter) takes over if it is longer.
 const RETRY_AFTER_S: u64 = 3;
 
+/// tus 1.0's "Checksum Mismatch" status.
+const CHECKSUM_MISMATCH: u16 = 460;
+
 #[derive(Debug)]
 pub enum Error {
     /// 400: the request cannot be read (not JSON, a bad header, a cut body).
@@ -32,6 +35,9 @@ pub enum Error {
     TooLarge(String),
     /// 422: well-formed JSON that is not an acceptable push, or a replay that differs.
     Unprocessable(String),
+    /// 460 (tus checksum extension): an upload's chunk, or the whole upload, is not
+    /// what its checksum says; nothing of it is kept.
+    ChecksumMismatch(String),
     /// 422: an admin body with an invalid member; the answer names it in `field`.
     Invalid(Invalid),
     /// 503 with `Retry-After`: the store does not answer for now.
@@ -52,6 +58,9 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unprocessable(_) | Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::ChecksumMismatch(_) => {
+                StatusCode::from_u16(CHECKSUM_MISMATCH).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Status(status, _) => *status,
@@ -67,6 +76,7 @@ impl Error {
             | Error::Forbidden(d)
             | Error::TooLarge(d)
             | Error::Unprocessable(d)
+            | Error::ChecksumMismatch(d)
             | Error::Internal(d)
             | Error::Status(_, d) => d.clone(),
             Error::Unavailable(e) => e.to_string(),

@@ -11,14 +11,16 @@ mod config_pull;
 mod error;
 mod health;
 mod push;
+pub mod uploads;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, head, post};
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -34,10 +36,26 @@ use crate::store::Store;
 pub struct App<S> {
     pub store: S,
     pub media: MediaDir,
+    /// Uploads this server's expiry task removed ([`uploads::expire_every`]), for
+    /// `/metrics`.
+    pub uploads_expired: Arc<AtomicU64>,
+}
+
+impl<S> App<S> {
+    pub fn new(store: S, media: MediaDir) -> App<S> {
+        App {
+            store,
+            media,
+            uploads_expired: Arc::default(),
+        }
+    }
 }
 
 pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
-    let metrics = Arc::new(Metrics::new(app.store.commit_counts()));
+    let metrics = Arc::new(Metrics::new(
+        app.store.commit_counts(),
+        Arc::clone(&app.uploads_expired),
+    ));
     let gate = auth::Gate {
         store: app.store.clone(),
         open: config.no_auth,
@@ -46,6 +64,15 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
     let batches = batch::Batches {
         app: app.clone(),
         limits: config.batch,
+    };
+    let uploads = uploads::Uploads {
+        app: app.clone(),
+        limits: config.uploads,
+        lease: config.request_timeout,
+    };
+    let capabilities = batch::Capabilities {
+        batch: config.batch,
+        uploads: config.uploads,
     };
     // `Router::layer` wraps every route (and the fallback) after routing, so each layer
     // sees the route template; the last added runs first.
@@ -60,8 +87,24 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .merge(
             Router::new()
                 .route("/api/batch", post(batch::batch::<S>))
-                .route("/api/capabilities", get(batch::capabilities::<S>))
                 .with_state(batches),
+        )
+        .merge(
+            Router::new()
+                .route("/api/capabilities", get(batch::capabilities))
+                .with_state(capabilities),
+        )
+        .merge(
+            Router::new()
+                .route(
+                    "/api/uploads",
+                    post(uploads::create::<S>).options(uploads::options::<S>),
+                )
+                .route(
+                    "/api/uploads/{id}",
+                    head(uploads::head::<S>).patch(uploads::patch::<S>),
+                )
+                .with_state(uploads),
         )
         .merge(
             Router::new()

@@ -86,7 +86,21 @@ async fn store<S: Store>(
         None => None,
     };
     let body = with_media_reference(text, split.blob_at, placed.as_ref());
-    let mut push = new_push(device_id, endpoint, key, body, body_sha256);
+    let push = new_push(device_id, endpoint, key, body, body_sha256);
+    let (id, outcome) = store_placed(&app, push, placed).await?;
+    let mut resp = json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"));
+    resp.extensions_mut().insert(outcome);
+    Ok(resp)
+}
+
+/// Stores `push` naming the placed media file (if any), which is removed again unless
+/// a new row names it (a replay, a failure): what a JSON media push and a completed
+/// upload both go through.
+pub(super) async fn store_placed<S: Store>(
+    app: &App<S>,
+    mut push: NewPush,
+    placed: Option<Placed>,
+) -> Result<(i64, Outcome), Error> {
     push.media = placed.as_ref().map(|p| MediaMeta {
         path: p.name.clone(),
         size: p.size,
@@ -96,10 +110,7 @@ async fn store<S: Store>(
     if let (Some(placed), false) = (&placed, matches!(stored, Ok(Stored::New(_)))) {
         app.media.remove(placed).await;
     }
-    let (id, outcome) = answered(stored?)?;
-    let mut resp = json_response(StatusCode::CREATED, &format!("{{\"id\": {id}}}"));
-    resp.extensions_mut().insert(outcome);
-    Ok(resp)
+    answered(stored?)
 }
 
 /// The row's JSON text parsed and checked ([`check_payload`]), and its device one
@@ -199,17 +210,23 @@ fn with_media_reference(text: String, at: Option<usize>, placed: Option<&Placed>
     let Some(end) = at.checked_add(placeholder_len).filter(|&e| e <= text.len()) else {
         return text;
     };
+    let reference = media_reference(placed);
+    let mut out = String::with_capacity(text.len() + reference.len());
+    out.push_str(&text[..at]);
+    out.push_str(&reference);
+    out.push_str(&text[end..]);
+    out
+}
+
+/// `{"media_path": ..., "size": ..., "sha256": ...}`: what a row's media member holds.
+pub(super) fn media_reference(placed: &Placed) -> String {
     let mut reference = String::from("{\"media_path\": ");
     relais_wire::json::push_escaped(&mut reference, &placed.name, false);
     reference.push_str(&format!(
         ", \"size\": {}, \"sha256\": \"{}\"}}",
         placed.size, placed.sha256
     ));
-    let mut out = String::with_capacity(text.len() + reference.len());
-    out.push_str(&text[..at]);
-    out.push_str(&reference);
-    out.push_str(&text[end..]);
-    out
+    reference
 }
 
 #[cfg(test)]

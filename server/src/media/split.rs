@@ -83,7 +83,7 @@ impl Spool {
         Ok(removed)
     }
 
-    fn create(&self) -> io::Result<(TempPath, File)> {
+    pub(super) fn create(&self) -> io::Result<(TempPath, File)> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{}-{n}.part", self.instance));
         // create_new: never write through a file someone else left under that name.
@@ -103,6 +103,15 @@ pub struct TempPath {
 }
 
 impl TempPath {
+    /// Takes charge of an existing file: deleted on drop unless persisted.
+    pub(super) fn adopt(path: PathBuf) -> TempPath {
+        TempPath { path: Some(path) }
+    }
+
+    pub(super) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     /// Renames the file to `dest`; on failure it stays armed for deletion.
     pub fn persist(&mut self, dest: &Path) -> io::Result<()> {
         if let Some(path) = &self.path {

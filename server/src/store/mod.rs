@@ -64,6 +64,43 @@ pub enum Stored {
     Mismatch(i64),
 }
 
+/// A resumable upload (README, "Resumable media uploads") as the `uploads` table keeps
+/// it; times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub id: String,
+    pub device_id: String,
+    pub idempotency_key: String,
+    /// `/api/<name>`: where the row would have been pushed.
+    pub endpoint: String,
+    /// The JSON member the BLOB belongs to.
+    pub field: String,
+    /// The row's other members, a JSON object as text.
+    pub json: String,
+    /// SHA-256 of the whole BLOB, lowercase hex.
+    pub sha256: String,
+    pub length: u64,
+    pub offset: u64,
+    pub expires_at: i64,
+    /// The stored row, once the upload completed.
+    pub row_id: Option<i64>,
+}
+
+/// What [`Store::create_upload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creation {
+    /// A new upload; `expired`: the id of an expired upload of the same key the store
+    /// removed to make room (its partial file is the caller's to remove).
+    New {
+        upload: Upload,
+        expired: Option<String>,
+    },
+    /// The key's upload, not expired: a POST repeated after a lost answer.
+    Existing(Upload),
+    /// The key's row is stored already: its id.
+    Stored(i64),
+}
+
 /// Who a token speaks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -160,6 +197,60 @@ pub type Outcome<T> = Result<Result<T, Refused>, StoreError>;
 pub trait Store: Clone + Send + Sync + 'static {
     /// Stores `push` once per (device_id, idempotency_key).
     fn store_push(&self, push: NewPush) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+
+    /// Creates `upload` (offset 0) once per (device_id, idempotency_key), unless the
+    /// key's row is stored already; an expired upload of the key (not claimed) is
+    /// replaced. `now`: Unix seconds.
+    fn create_upload(
+        &self,
+        upload: Upload,
+        now: i64,
+    ) -> impl Future<Output = Result<Creation, StoreError>> + Send;
+
+    /// The upload, unless unknown or expired at `now`.
+    fn upload(
+        &self,
+        id: String,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<Upload>, StoreError>> + Send;
+
+    /// Claims the upload for appending at `offset` until `until`: `false` when it is
+    /// not at that offset, expired, completed or claimed by another request (one
+    /// conditional update decides, on every server of a fleet alike).
+    fn claim_upload(
+        &self,
+        id: String,
+        offset: u64,
+        now: i64,
+        until: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Moves a claimed upload from offset `from` to `to`, releases the claim and sets
+    /// its expiry; `to == from` only releases it. `false` when it is no longer at
+    /// `from` (removed meanwhile).
+    fn settle_upload(
+        &self,
+        id: String,
+        from: u64,
+        to: u64,
+        expires_at: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Records the row a completed upload stored.
+    fn complete_upload(
+        &self,
+        id: String,
+        row_id: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn remove_upload(&self, id: String) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the uploads expired at `now` and not claimed; returns their ids and
+    /// whether each had completed (a completed one has no partial file left).
+    fn expire_uploads(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<Vec<(String, bool)>, StoreError>> + Send;
 
     /// The group commit's counters, for `/metrics`.
     fn commit_counts(&self) -> Arc<group_commit::Counts>;

@@ -27,6 +27,7 @@
 //! Timestamps are `timestamptz` columns, answered in the text SQLite stores.
 
 mod site_config;
+mod uploads;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,7 +43,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
-use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
+use super::{
+    Creation, NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind,
+    Upload,
+};
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
@@ -63,6 +67,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "tokens",
         include_str!("../../migrations/postgres/0003_tokens.sql"),
+    ),
+    (
+        4,
+        "uploads",
+        include_str!("../../migrations/postgres/0004_uploads.sql"),
     ),
 ];
 
@@ -601,6 +610,67 @@ impl Store for PostgresStore {
 
     fn commit_counts(&self) -> Arc<group_commit::Counts> {
         self.pushes.counts()
+    }
+
+    async fn create_upload(&self, upload: Upload, now: i64) -> Result<Creation, StoreError> {
+        self.run("create upload", async {
+            uploads::create(&mut self.client().await?, &upload, now).await
+        })
+        .await
+    }
+
+    async fn upload(&self, id: String, now: i64) -> Result<Option<Upload>, StoreError> {
+        self.run("upload", async {
+            uploads::live(&self.client().await?, &id, now).await
+        })
+        .await
+    }
+
+    async fn claim_upload(
+        &self,
+        id: String,
+        offset: u64,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        self.run("claim upload", async {
+            uploads::claim(&self.client().await?, &id, offset, now, until).await
+        })
+        .await
+    }
+
+    async fn settle_upload(
+        &self,
+        id: String,
+        from: u64,
+        to: u64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.run("settle upload", async {
+            uploads::settle(&self.client().await?, &id, from, to, expires_at).await
+        })
+        .await
+    }
+
+    async fn complete_upload(&self, id: String, row_id: i64) -> Result<(), StoreError> {
+        self.run("complete upload", async {
+            uploads::complete(&self.client().await?, &id, row_id).await
+        })
+        .await
+    }
+
+    async fn remove_upload(&self, id: String) -> Result<(), StoreError> {
+        self.run("remove upload", async {
+            uploads::remove(&self.client().await?, &id).await
+        })
+        .await
+    }
+
+    async fn expire_uploads(&self, now: i64) -> Result<Vec<(String, bool)>, StoreError> {
+        self.run("expire uploads", async {
+            uploads::expire(&self.client().await?, now).await
+        })
+        .await
     }
 
     async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {

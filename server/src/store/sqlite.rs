@@ -7,6 +7,7 @@
 //! configuration backend's queries are in [`site_config`].
 
 mod site_config;
+mod uploads;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +16,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
-use super::{NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind};
+use super::{
+    Creation, NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind,
+    Upload,
+};
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
@@ -37,6 +41,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "tokens",
         include_str!("../../migrations/sqlite/0003_tokens.sql"),
+    ),
+    (
+        4,
+        "uploads",
+        include_str!("../../migrations/sqlite/0004_uploads.sql"),
     ),
 ];
 
@@ -123,6 +132,51 @@ impl Store for SqliteStore {
 
     fn commit_counts(&self) -> Arc<group_commit::Counts> {
         self.pushes.counts()
+    }
+
+    async fn create_upload(&self, upload: Upload, now: i64) -> Result<Creation, StoreError> {
+        self.blocking(move |conn| uploads::create(conn, &upload, now))
+            .await
+    }
+
+    async fn upload(&self, id: String, now: i64) -> Result<Option<Upload>, StoreError> {
+        self.blocking(move |conn| uploads::live(conn, &id, now))
+            .await
+    }
+
+    async fn claim_upload(
+        &self,
+        id: String,
+        offset: u64,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        self.blocking(move |conn| uploads::claim(conn, &id, offset, now, until))
+            .await
+    }
+
+    async fn settle_upload(
+        &self,
+        id: String,
+        from: u64,
+        to: u64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.blocking(move |conn| uploads::settle(conn, &id, from, to, expires_at))
+            .await
+    }
+
+    async fn complete_upload(&self, id: String, row_id: i64) -> Result<(), StoreError> {
+        self.blocking(move |conn| uploads::complete(conn, &id, row_id))
+            .await
+    }
+
+    async fn remove_upload(&self, id: String) -> Result<(), StoreError> {
+        self.blocking(move |conn| uploads::remove(conn, &id)).await
+    }
+
+    async fn expire_uploads(&self, now: i64) -> Result<Vec<(String, bool)>, StoreError> {
+        self.blocking(move |conn| uploads::expire(conn, now)).await
     }
 
     async fn add_token(&self, token: NewToken) -> Result<i64, StoreError> {
