@@ -158,7 +158,9 @@ impl Transport {
         let mut req = self
             .agent
             .post(format!("{}{path}", self.base_url))
-            .header("Content-Type", "application/json");
+            .header("Content-Type", "application/json")
+            // relais-server gzips the results (30-odd bytes a row), else they come plain.
+            .header("Accept-Encoding", "gzip");
         if gzip {
             req = req.header("Content-Encoding", "gzip");
         }
@@ -177,12 +179,21 @@ impl Transport {
         if !resp.status().is_success() {
             return Err(classify_answer(resp));
         }
+        let gzipped = resp
+            .headers()
+            .get("Content-Encoding")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
         let mut answer = Vec::new();
-        let read = resp
-            .body_mut()
-            .as_reader()
-            .take(MAX_BATCH_ANSWER_BYTES)
-            .read_to_end(&mut answer);
+        let mut sent = resp.body_mut().as_reader().take(MAX_BATCH_ANSWER_BYTES);
+        // The bound holds for the decompressed bytes too: a gzip bomb stops there.
+        let read = if gzipped {
+            flate2::read::GzDecoder::new(sent)
+                .take(MAX_BATCH_ANSWER_BYTES)
+                .read_to_end(&mut answer)
+        } else {
+            sent.read_to_end(&mut answer)
+        };
         // Stored, but which rows? Each one is sent again, and answered as a replay.
         let unreadable = |why: String| Outcome::Transient {
             reason: format!("the batch answer could not be read ({why}): its rows are sent again"),

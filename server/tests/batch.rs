@@ -324,6 +324,68 @@ fn a_gzip_body_is_decompressed_and_a_gzip_bomb_refused_in_bounded_memory(store: 
     assert_eq!(server.count("SELECT count(*) FROM received"), 100);
 }
 
+/// The results gzipped for a client that accepts it (the agent does), plain otherwise.
+#[test]
+fn the_answer_is_gzipped_for_a_client_that_accepts_it() {
+    use std::io::Read as _;
+    let (server, token) = server(StoreKind::Sqlite, &[]);
+    let plain = events(1..201);
+    let mut resp = client()
+        .post(format!("{}/api/batch", server.url))
+        .header("Content-Type", "application/json")
+        .header("Accept-Encoding", "br;q=1, gzip;q=0.8")
+        .header("Authorization", format!("Bearer {token}"))
+        .send(plain.as_bytes())
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    let encoding = resp.headers().get("content-encoding").cloned();
+    assert_eq!(
+        encoding.as_ref().and_then(|v| v.to_str().ok()),
+        Some("gzip")
+    );
+    let mut sent = Vec::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_end(&mut sent)
+        .expect("body");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&sent[..])
+        .read_to_string(&mut text)
+        .expect("gunzip");
+    assert!(
+        sent.len() * 3 < text.len(),
+        "{} of {}",
+        sent.len(),
+        text.len()
+    );
+    let (stored, _) = results(&text);
+    assert_eq!(stored.len(), 200);
+    assert!(
+        stored.iter().all(|r| r.starts_with("stored:")),
+        "{stored:?}"
+    );
+
+    // Without Accept-Encoding, or with gzip refused, the same results come plain.
+    for accept in [None, Some("gzip;q=0")] {
+        let mut req = client()
+            .post(format!("{}/api/batch", server.url))
+            .header("Content-Type", "application/json")
+            .header("Authorization", format!("Bearer {token}"));
+        if let Some(a) = accept {
+            req = req.header("Accept-Encoding", a);
+        }
+        let resp = req.send(plain.as_bytes()).expect("request");
+        assert!(resp.headers().get("content-encoding").is_none());
+        let (status, _, text) = common::answer(resp);
+        assert_eq!(status, 200);
+        let (replayed, _) = results(&text);
+        assert!(
+            replayed.iter().all(|r| r.starts_with("replayed:")),
+            "{replayed:?}"
+        );
+    }
+}
+
 fn too_many_rows_are_refused_whole(store: StoreKind) {
     let (server, token) = server(
         store,

@@ -15,8 +15,8 @@ mod body;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
 use sha2::{Digest as _, Sha256};
 
 use super::App;
@@ -82,6 +82,7 @@ pub async fn batch<S: Store>(
     body: Body,
 ) -> Result<Response, Error> {
     let limits = batches.limits;
+    let gzip = body::accepts_gzip(&headers);
     let text = body::read(&headers, body, limits.max_bytes).await?;
     let rows = rows_of(&text)?;
     if rows.len() > limits.max_rows {
@@ -96,7 +97,7 @@ pub async fn batch<S: Store>(
     // From here the rows are the store's: a client hanging up must not cancel a batch
     // half stored (it could not tell which rows were).
     let store = batches.app.store;
-    tokio::spawn(async move { answer(&store, pushes).await })
+    tokio::spawn(async move { answer(&store, pushes, gzip).await })
         .await
         .map_err(|e| Error::Internal(format!("batch: the storing task failed: {e}")))?
 }
@@ -191,6 +192,7 @@ pub(super) fn is_push_endpoint(endpoint: &str) -> bool {
 async fn answer<S: Store>(
     store: &S,
     pushes: Vec<Result<NewPush, Error>>,
+    gzip: bool,
 ) -> Result<Response, Error> {
     let outcomes = futures_util::future::join_all(pushes.into_iter().map(|push| async move {
         match push {
@@ -245,7 +247,16 @@ async fn answer<S: Store>(
             "batch: rows rejected (their results say why)"
         );
     }
-    let mut resp = json_response(StatusCode::OK, &results);
+    let mut resp = if gzip {
+        let headers = [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CONTENT_ENCODING, "gzip"),
+            (header::VARY, "accept-encoding"),
+        ];
+        (StatusCode::OK, headers, body::gzip(&results)?).into_response()
+    } else {
+        json_response(StatusCode::OK, &results)
+    };
     resp.extensions_mut().insert(Outcome::Batch(counts));
     Ok(resp)
 }

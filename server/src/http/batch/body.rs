@@ -1,5 +1,6 @@
 //! A batch request's body: read within `--batch-max-bytes`, gunzipped within the same
-//! bound (a gzip bomb stops at the bound, never in memory), and split into its rows.
+//! bound (a gzip bomb stops at the bound, never in memory), and split into its rows; the
+//! answer gzipped for a client that accepts it.
 //! A row's `body` is kept as the exact text it was sent as: its SHA-256 is what a
 //! replay is compared by, so it must be the same bytes as the row sent alone. miniserde
 //! parses into values and would lose them, hence the small scanner here, which only
@@ -50,6 +51,38 @@ pub async fn read(headers: &HeaderMap, body: Body, max_bytes: usize) -> Result<S
         sent.to_vec()
     };
     String::from_utf8(bytes).map_err(|_| Error::BadRequest("batch: not UTF-8".into()))
+}
+
+/// Whether the request's `Accept-Encoding` takes gzip (not with `q=0`).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q == 0.0))
+            });
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
+
+/// The answer's text gzipped: a batch's results are 30-odd bytes a row that repeat,
+/// which a metered uplink's downstream pays for too.
+pub fn gzip(text: &str) -> Result<Vec<u8>, Error> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(text.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(text.as_bytes())
+        .and_then(|()| encoder.finish())
+        .map_err(|e| Error::Internal(format!("batch: cannot compress the answer: {e}")))
 }
 
 /// Reads at most one byte past the bound: what is beyond it is never decompressed.
