@@ -251,18 +251,9 @@ const LIVE_ROWS: usize = 500;
 
 /// What a drain knows of the rows written since it began.
 struct Live {
-    /// Rows above this id are new (`None` until the drain is known to be one).
+    /// Rows above this id are new (`None`: the table was empty, or has a BLOB).
     above: Option<Value>,
     checked: Instant,
-}
-
-impl Default for Live {
-    fn default() -> Live {
-        Live {
-            above: None,
-            checked: Instant::now(),
-        }
-    }
 }
 
 /// Acknowledged rows waiting to be recorded together.
@@ -691,7 +682,15 @@ impl Pusher {
             .high_water(&ctx.key, &table.name)?
             .map(Value::Integer);
         let mut untrackable = 0;
-        let mut live = Live::default();
+        // The table's top as the scan begins: rows above it are written during the scan,
+        // and go ahead of the backlog should the scan turn out to be a long drain.
+        let mut live = Live {
+            above: match table.blob {
+                None => source::max_id(ctx.conn, ctx.path, table)?,
+                Some(_) => None,
+            },
+            checked: Instant::now(),
+        };
         loop {
             let batch = self.read_size(table);
             let rows = source::read_after(ctx.conn, ctx.path, table, after.as_ref(), batch)?;
@@ -702,9 +701,7 @@ impl Pusher {
             if !full {
                 break;
             }
-            if table.blob.is_none() {
-                untrackable += self.send_live(t, &mut live)?;
-            }
+            untrackable += self.send_live(t, &mut live)?;
         }
         if untrackable > 0 {
             return Err(Halt::Table(format!(
@@ -745,11 +742,6 @@ impl Pusher {
     fn send_live(&mut self, t: &mut TablePass, live: &mut Live) -> Result<usize, Halt> {
         let (ctx, table) = (t.ctx, t.table);
         let Some(above) = &live.above else {
-            // The table's top when the drain is known to be one (a full read): rows
-            // above it are the new ones. Those written during that first read wait for
-            // the scan, a few milliseconds' worth.
-            live.above = source::max_id(ctx.conn, ctx.path, table)?;
-            live.checked = Instant::now();
             return Ok(0);
         };
         if live.checked.elapsed() < self.live_every() {

@@ -389,7 +389,9 @@ fn drain(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
         },
         every: Duration::from_millis(100),
         bound,
-        start_after_up: 0,
+        // New events are those written once the agent pushes: what was there before
+        // its first request is the backlog, whoever wrote it.
+        start_after_up: 1,
         done: &drained,
         media: None,
     };
