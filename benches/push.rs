@@ -22,10 +22,15 @@
 //! - Databases are generated once per figure with `relais::demo` and copied for each run
 //!   and agent; the baseline writes its `sync_tracking` into its copy, as the seed does.
 //!   Everything lives under `target/bench-push/` (a real disk: tmpfs would hide writes).
-//! - Resource usage comes from `wait4` on the child (`ru_maxrss`, `ru_utime + ru_stime`,
-//!   `ru_oublock` which is the kernel's `write_bytes` / 512, counted when a page is
-//!   dirtied), so it covers the whole process life, exit included. Idle figures come from
-//!   `/proc/<pid>/task/*/{schedstat,status}` between two snapshots of a running child.
+//! - Resource usage comes from `wait4` on the child (`ru_utime + ru_stime`, `ru_oublock`
+//!   which is the kernel's `write_bytes` / 512, counted when a page is dirtied), so it
+//!   covers the whole process life, exit included. Peak RSS is the child's own `VmHWM`
+//!   (`/proc/<pid>/status`), read every 10 ms while it runs: `ru_maxrss` is not the
+//!   child's own, Linux keeps in it the spawning process's RSS at the time of the spawn
+//!   (`exec` keeps the old address space's high-water mark), so it grew with this
+//!   benchmark's own memory (71 MiB for relais in figure 10 where VmHWM said 12 MiB).
+//!   Idle figures come from `/proc/<pid>/task/*/{schedstat,status}` between two snapshots
+//!   of a running child.
 //! - Runs alternate relais, baseline, relais, ...; figures are medians. The two idle
 //!   `run` children of figure 5 run at the same time, over the same window.
 //! - Figure 8 reaches the server through `common/link.rs`, a delaying TCP proxy (this
@@ -225,6 +230,28 @@ struct Running {
     started: Instant,
     out: JoinHandle<Vec<u8>>,
     err: JoinHandle<Vec<u8>>,
+    /// The child's peak RSS (`VmHWM`, bytes), until it is gone.
+    peak: JoinHandle<u64>,
+}
+
+/// The highest `VmHWM` of process `pid`, read every 10 ms until its status has no memory
+/// lines (it exited) or is gone (reaped).
+fn watch_peak(pid: libc::pid_t) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        loop {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            else {
+                return peak;
+            };
+            peak = peak.max(kib * 1024);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
 }
 
 /// Keeps the last 8 KiB of a pipe, draining it so the child never blocks on output.
@@ -252,12 +279,14 @@ fn spawn(mut cmd: Command) -> Res<Running> {
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let out = drain(child.stdout.take().ok_or("no stdout")?);
     let err = drain(child.stderr.take().ok_or("no stderr")?);
+    let pid = child.id() as libc::pid_t;
     Ok(Running {
-        pid: child.id() as libc::pid_t,
+        pid,
         child,
         started,
         out,
         err,
+        peak: watch_peak(pid),
     })
 }
 
@@ -281,6 +310,9 @@ impl Running {
         drop(self.child);
         let out = self.out.join().unwrap_or_default();
         let err = self.err.join().unwrap_or_default();
+        // A child gone before the first reading (a few ms): its own figure is unknown,
+        // `ru_maxrss` (an upper bound, see the module doc) stands in.
+        let peak = self.peak.join().unwrap_or_default();
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         let code = if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
@@ -290,7 +322,11 @@ impl Running {
         let usage = Usage {
             wall,
             cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-            maxrss: ru.ru_maxrss as u64 * 1024,
+            maxrss: if peak > 0 {
+                peak
+            } else {
+                ru.ru_maxrss as u64 * 1024
+            },
             written: ru.ru_oublock as u64 * 512,
             status: code,
         };

@@ -93,15 +93,15 @@ fn a_window_closing_mid_upload_leaves_the_row_pending_until_the_next_one() {
     let dir = Scratch::new("window-closes");
     let db = dir.join("surveillance.db");
     let app = create_app_db(&db, true).expect("app db");
-    // 1 MiB, 1.4 MB of base64 at the lane's cap of 128 KiB/s: about 10 s, longer than
-    // the first window. The cap paces the agent's reads of the body, so the window's end
+    // 1 MiB, 1.4 MB of base64 at the lane's cap of 128 KiB/s: about 11 s, longer than
+    // what is left of the first window (6 s, with room for a slow start under qemu). The cap paces the agent's reads of the body, so the window's end
     // is seen mid-body (a throttling proxy would let the socket buffers take it all).
     insert_media(&app, Some(1024 * KIB)).expect("media");
     let rx = Receiver::start(&dir.join("receiver"));
     let proxy = Proxy::start(&rx.url(), 1 << 30);
     let config = windows_config(
         &dir,
-        &[(utc_in(-60), utc_in(3)), (utc_in(8), utc_in(3600))],
+        &[(utc_in(-60), utc_in(6)), (utc_in(12), utc_in(3600))],
         Some(128 * KIB),
     );
     let vars = agent_env(
@@ -117,12 +117,12 @@ fn a_window_closing_mid_upload_leaves_the_row_pending_until_the_next_one() {
     let (mut agent, stderr) = spawn_logged(&["run"], &vars);
     let state = dir.state_db();
     let started = wait_for(Duration::from_secs(10), || proxy.forwarded() > 64 * KIB);
-    let held = wait_for(Duration::from_secs(10), || {
+    let held = wait_for(Duration::from_secs(15), || {
         std::fs::read_to_string(dir.join("log/relais.log"))
             .is_ok_and(|l| l.contains("media pushed 0 failed 0 waiting 1"))
     });
     let between = tracked(&state, "media", 1);
-    let done = wait_for(Duration::from_secs(40), || arrived(&rx, "media") == 1);
+    let done = wait_for(Duration::from_secs(60), || arrived(&rx, "media") == 1);
     send_signal(agent.id(), "TERM");
     let code = wait_exit(&mut agent, Duration::from_secs(10));
     let log = log_text(stderr);
