@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
-use crate::batch::{self, Capability, Discovery};
+use crate::batch::{self, Capabilities, Capability, Discovery};
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
 use crate::lane::Lane;
@@ -282,7 +282,7 @@ pub struct Pusher {
     /// backend that is down costs one failed row per pass, not one per request in flight,
     /// and a wrong URL is found out after three rows (see [`crate::rejections`]).
     answered: bool,
-    /// Whether the backend takes batches (relais-server), asked once an hour.
+    /// Whether the backend takes batches and uploads (relais-server), asked once an hour.
     batches: Discovery,
     /// The lane this pusher runs; `None`: every table, in one pass.
     lane: Option<Lane>,
@@ -908,12 +908,17 @@ impl Pusher {
 
     /// The backend's batch endpoint, for a table whose rows may go in batches (events:
     /// a media row's BLOB is streamed alone).
-    /// `Err`: the backend did not answer the question (asked within the time an
-    /// upload's answer may take), an upload's transient failure.
+    /// `Err`: the backend did not answer the question, an upload's transient failure.
     fn capability(&mut self, table: &TableSpec) -> Result<Option<Capability>, Outcome> {
         if table.blob.is_some() || !self.settings.http.batches {
             return Ok(None);
         }
+        Ok(self.offered()?.batch)
+    }
+
+    /// What the backend offers, asked once an hour (within the time an upload's answer
+    /// may take).
+    fn offered(&mut self) -> Result<Capabilities, Outcome> {
         let transport = Arc::clone(&self.transport);
         let http = &self.settings.http;
         let within = http.connect_timeout + http.response_timeout + Duration::from_secs(1);
@@ -925,7 +930,7 @@ impl Pusher {
             })
         });
         match asked {
-            Ok(capability) => Ok(capability.cloned()),
+            Ok(offered) => Ok(offered.clone()),
             Err(reason) => Err(Outcome::Transient {
                 reason,
                 retry_after: None,
