@@ -201,6 +201,18 @@ impl<'a, R: Read> Throttle<'a, R> {
         }
     }
 
+    /// The same pace for the next body: an upload's chunks, each a request of its own,
+    /// go at the cap together, not each from a fresh start.
+    pub fn next_body<S: Read>(self, inner: S) -> Throttle<'a, S> {
+        Throttle {
+            inner,
+            policy: self.policy,
+            stop: self.stop,
+            due: self.due,
+            cut: None,
+        }
+    }
+
     /// Why the body was cut short, if it was.
     pub fn cut(&self) -> Option<Cut> {
         self.cut

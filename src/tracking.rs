@@ -1185,4 +1185,40 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_version_1_state_gains_media_uploads_and_success_forgets_the_upload() {
+        let dir =
+            std::env::temp_dir().join(format!("relais-tracking-uploads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(Tracking::open(&dir).unwrap());
+        let old = Connection::open(dir.join(STATE_DB_NAME)).unwrap();
+        old.execute_batch("DROP TABLE media_uploads; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(old);
+        let mut t = Tracking::open(&dir).unwrap();
+        let version: i64 = t
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        let id = Value::Integer(7);
+        let upload = PersistedUpload {
+            location: "/api/uploads/ab".into(),
+            length: 10,
+            sha256: "00".into(),
+            offset: 4,
+        };
+        t.save_upload("a.db", "media", &id, &upload).unwrap();
+        assert_eq!(t.upload("a.db", "media", &id).unwrap(), Some(upload));
+        let acked = Acked {
+            table: "media".into(),
+            local_id: id.clone(),
+            remote_id: Some(Value::Integer(3)),
+            bytes: 10,
+        };
+        t.mark_success("a.db", &[acked]).unwrap();
+        assert_eq!(t.upload("a.db", "media", &id).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

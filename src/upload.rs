@@ -273,6 +273,7 @@ impl Uploader<'_> {
     ) -> Result<Patched, TrackingError> {
         let len = reader.len();
         let (mut tries, mut conflicts) = (0, 0);
+        let mut pace = Throttle::new(std::io::empty(), self.media, self.stop);
         reader.skip_to(upload.offset);
         loop {
             let offset = upload.offset;
@@ -289,7 +290,7 @@ impl Uploader<'_> {
                 ("Content-Type", "application/offset+octet-stream"),
                 ("Upload-Checksum", checksum.as_str()),
             ];
-            let mut body = Throttle::new(chunk, self.media, self.stop);
+            let mut body = pace.next_body(chunk);
             let answer = self.transport.exchange(
                 Method::PATCH,
                 &upload.location,
@@ -301,6 +302,7 @@ impl Uploader<'_> {
                 Some(Cut::Stopped) => return Ok(Patched::Done(Err(BlobError::Stopped))),
                 None => {}
             }
+            pace = body.next_body(std::io::empty());
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(reason) => return Ok(Patched::Done(Ok((transient(&reason), *sent)))),

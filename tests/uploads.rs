@@ -252,3 +252,95 @@ fn a_backend_without_uploads_gets_json_with_base64_and_uploads_off_does_too() {
         assert_eq!(rx.uploads(), 0, "{tag}");
     }
 }
+
+/// `HH:MM:SS` in UTC, `secs` from now.
+fn utc_in(secs: i64) -> String {
+    let t = (common::unix_now() + secs).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+}
+
+#[test]
+fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_there() {
+    const KIB: u64 = 1 << 10;
+    let dir = Scratch::new("upload-window");
+    let blob = 1024 * KIB;
+    let db = app(&dir, blob);
+    let rx = receiver(&dir);
+    let proxy = Proxy::start(&rx.url(), UNTHROTTLED);
+    // 1 MiB at the lane's cap of 128 KiB/s, 64 KiB chunks: about 8 s, longer than the
+    // first window (3 s); the second opens 5 s after it closes.
+    let config = dir.join("relais.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"blob_chunk_bytes": 65536, "media_lane": {{"max_bytes_per_sec": 131072,
+                "windows": [{{"from": "{}", "to": "{}"}}, {{"from": "{}", "to": "{}"}}]}}}}"#,
+            utc_in(-60),
+            utc_in(3),
+            utc_in(8),
+            utc_in(3600)
+        ),
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let vars = agent_env(
+        &db,
+        &proxy.url(),
+        dir.path(),
+        &[
+            ("TZ", "UTC0"),
+            ("SYNC_INTERVAL_SECONDS", "600"),
+            ("RELAIS_CONFIG", &config),
+        ],
+    );
+    let (mut agent, stderr) = spawn_logged(&["run"], &vars);
+    let held = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("log/relais.log"))
+            .is_ok_and(|l| l.contains("media pushed 0 failed 0 waiting 1"))
+    });
+    let between = (tracked(&dir.state_db(), "media", 1), persisted_offset(&dir));
+    let done = wait_for(Duration::from_secs(40), || rx.rows().len() == 1);
+    common::send_signal(agent.id(), "TERM");
+    let code = wait_exit(&mut agent, Duration::from_secs(10));
+    let log = log_text(stderr);
+    assert!(held, "the closing window did not hold the row\n{log}");
+    let row = between.0.expect("the row is tracked");
+    assert_eq!(row.status, "pending", "{row:?}\n{log}");
+    let offset = between.1.expect("the offset is recorded");
+    assert!(offset > 0 && offset < blob, "offset {offset}\n{log}");
+    assert!(done, "the media never arrived in the second window\n{log}");
+    assert_eq!(code.code(), Some(0), "{log}");
+    delivered_once(&db, &rx);
+    let forwarded = proxy.forwarded();
+    assert!(
+        forwarded < blob + 64 * KIB + 64 * KIB,
+        "{forwarded} bytes forwarded: the second window did not resume"
+    );
+}
+
+#[test]
+fn a_chunk_damaged_on_the_way_is_sent_again_and_the_media_arrives_intact() {
+    let dir = Scratch::new("upload-checksum");
+    let blob = 10 * MB;
+    let db = app(&dir, blob);
+    let rx = receiver(&dir);
+    rx.patch_fault(ProxyFault::Pass);
+    rx.patch_fault(ProxyFault::FlipByte);
+    let proxy = Proxy::start(&rx.url(), UNTHROTTLED);
+    let vars = agent_env(
+        &db,
+        &proxy.url(),
+        dir.path(),
+        &[("RELAIS_LOG_LEVEL", "debug")],
+    );
+    let (code, log) = once(&vars);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("arrived damaged (460); sent again"), "{log}");
+    delivered_once(&db, &rx);
+    let forwarded = proxy.forwarded();
+    assert!(
+        forwarded > blob + CHUNK && forwarded < blob + CHUNK + MB,
+        "{forwarded} bytes: the damaged chunk, and only it, twice"
+    );
+    assert_eq!(persisted_uploads(&dir), 0);
+}

@@ -451,6 +451,9 @@ pub enum ProxyFault {
     /// Answer `200` with this body without forwarding (a backend serving what it
     /// should not).
     Body(String),
+    /// Forward the request with the byte in the middle of its body flipped (a chunk
+    /// damaged on the way).
+    FlipByte,
 }
 
 impl ProxyFault {
@@ -468,6 +471,7 @@ impl ProxyFault {
             ProxyFault::HtmlCreated => "201 with HTML".into(),
             ProxyFault::Refuse => "connection reset".into(),
             ProxyFault::Body(body) => format!("200 with {} bytes here", body.len()),
+            ProxyFault::FlipByte => "a body byte flipped".into(),
         }
     }
 }
@@ -934,7 +938,26 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             reset(&client);
             return;
         }
-        if copy_n(&mut from_client, Some(to_server), len, rate, &sh.stopping).is_err() {
+        let damaged = fault == ProxyFault::FlipByte && len > 0;
+        let forwarded = if damaged {
+            let half = len / 2;
+            let mut byte = [0u8];
+            copy_n(&mut from_client, Some(to_server), half, rate, &sh.stopping)
+                .and_then(|_| from_client.read_exact(&mut byte).map_err(|_| half))
+                .and_then(|()| to_server.write_all(&[byte[0] ^ 0xff]).map_err(|_| half))
+                .and_then(|()| {
+                    copy_n(
+                        &mut from_client,
+                        Some(to_server),
+                        len - half - 1,
+                        rate,
+                        &sh.stopping,
+                    )
+                })
+        } else {
+            copy_n(&mut from_client, Some(to_server), len, rate, &sh.stopping)
+        };
+        if forwarded.is_err() {
             // The agent gave up mid-body: the server must not take half a row for a row.
             reset(to_server);
             return;
