@@ -344,3 +344,48 @@ fn a_chunk_damaged_on_the_way_is_sent_again_and_the_media_arrives_intact() {
     );
     assert_eq!(persisted_uploads(&dir), 0);
 }
+
+#[test]
+fn a_server_restart_mid_upload_then_the_upload_resumes_on_the_new_server() {
+    let dir = Scratch::new("upload-restart");
+    let blob = 32 * MB;
+    let db = app(&dir, blob);
+    let mut rx = receiver(&dir);
+    let proxy = Proxy::start(&rx.url(), 8 * MB);
+    let vars = agent_env(&db, &proxy.url(), dir.path(), &[]);
+    let (mut agent, stderr) = spawn_logged(&["once"], &vars);
+    let started = wait_for(Duration::from_secs(60), || {
+        persisted_offset(&dir).is_some_and(|o| o >= 2 * CHUNK)
+    });
+    if !started {
+        common::power_cut(&mut agent);
+        panic!("the upload did not start: {}", log_text(stderr));
+    }
+    rx.restart(&dir.join("receiver"));
+    let first = wait_exit(&mut agent, Duration::from_secs(60));
+    let log = log_text(stderr);
+    // The chunk in flight may have been answered within the old server's grace period:
+    // then the same run goes on with the new server.
+    let mut code = first.code();
+    for _ in 0..3 {
+        if code == Some(0) {
+            break;
+        }
+        let (again, log) = once(&vars);
+        code = again;
+        println!("{log}");
+    }
+    assert_eq!(code, Some(0), "{log}");
+    delivered_once(&db, &rx);
+    let total = proxy.forwarded();
+    println!(
+        "server restart mid-upload: {} MiB forwarded in all for a {} MiB BLOB",
+        total / MB,
+        blob / MB
+    );
+    assert!(
+        total <= blob + blob / 10 + CHUNK,
+        "{total} bytes forwarded: not resumed"
+    );
+    assert_eq!(rx.uploads(), 1, "one upload");
+}

@@ -514,7 +514,8 @@ pub struct ProxyStats {
 }
 
 struct ProxyShared {
-    target: String,
+    /// `host:port` of the server; changed by [`Receiver::restart`].
+    target: std::sync::Mutex<String>,
     policy: std::sync::Mutex<Policy>,
     stats: std::sync::Mutex<ProxyStats>,
     /// Client-to-server pacing, bytes per second (0: unthrottled).
@@ -553,15 +554,19 @@ pub struct FaultProxy {
     accept: Option<JoinHandle<()>>,
 }
 
+/// `host:port` of an `http://host:port/` URL.
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 impl FaultProxy {
     pub fn start(target: &str) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let port = listener.local_addr().expect("proxy addr").port();
         let shared = Arc::new(ProxyShared {
-            target: target
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string(),
+            target: std::sync::Mutex::new(host_port(target)),
             policy: std::sync::Mutex::new(Box::new(|_: &ProxyRequest| ProxyFault::Pass)),
             stats: std::sync::Mutex::new(ProxyStats::default()),
             rate: AtomicU64::new(0),
@@ -905,7 +910,8 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             _ => {}
         }
         if upstream.is_none() {
-            let Ok(s) = TcpStream::connect(&sh.target) else {
+            let target = lock(&sh.target).clone();
+            let Ok(s) = TcpStream::connect(&target) else {
                 reset(&client);
                 return;
             };
@@ -1235,6 +1241,20 @@ impl Receiver {
     /// Queues a fault for a future `GET /config/...`.
     pub fn push_config_fault(&self, fault: ConfigFault) {
         lock(&self.config_faults).push_back(fault);
+    }
+
+    /// Stops the server and starts another on the same store and media directory (a
+    /// server restart; its port changes, the proxy's does not).
+    pub fn restart(&mut self, dir: &Path) {
+        let old = std::mem::replace(
+            &mut self.server,
+            EmbeddedServer::start(dir).expect("relais-server starts again"),
+        );
+        // The new one listens before the old one stops, as in a rolling restart of a
+        // fleet on one store: from now on the proxy connects to the new one only.
+        *lock(&self.proxy.shared.target) = host_port(&self.server.url());
+        old.shutdown().expect("the old server stops");
+        self.admin = SiteAdmin::new(&self.server.url());
     }
 
     /// Stops the proxy and the server (as dropping does).
