@@ -255,7 +255,7 @@ impl Uploader<'_> {
             (201, None) => Start::Settled(transient(
                 "the server created the upload without a Location",
             )),
-            (200, Some(_) | None) => match result_id(&answer.headers) {
+            (200, _) => match result_id(&answer.headers) {
                 Some(id) => Start::Settled(stored(id)),
                 None => Start::Settled(answer.outcome),
             },
@@ -406,4 +406,23 @@ fn result_id(headers: &HeaderMap) -> Option<Value> {
         Ok(n) => Value::Integer(n),
         Err(_) => Value::Text(text.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_id_is_an_integer_when_it_reads_as_one() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(result_id(&headers), None);
+        headers.insert("upload-result-id", " 42 ".parse().unwrap());
+        assert_eq!(result_id(&headers), Some(Value::Integer(42)));
+        headers.insert("upload-result-id", "a-1".parse().unwrap());
+        assert_eq!(result_id(&headers), Some(Value::Text("a-1".into())));
+        headers.insert("upload-offset", "4194304".parse().unwrap());
+        assert_eq!(number(&headers, "upload-offset"), Some(4 << 20));
+        headers.insert("upload-offset", "-1".parse().unwrap());
+        assert_eq!(number(&headers, "upload-offset"), None);
+    }
 }
