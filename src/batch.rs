@@ -1,6 +1,7 @@
 //! Batches (README, "Batch endpoint"): whether the backend takes many rows in one
 //! request (relais-server's `GET /api/capabilities`; the seed's backend answers 404
-//! there), the batch request's body, and the outcome of each of its rows.
+//! there), the batch request's body, and the outcome of each of its rows. The same
+//! document says whether media may go as resumable uploads ([`Uploads`]).
 //!
 //! A row goes in a batch with exactly the body it would have alone: the server hashes
 //! and stores those bytes, so a row sent alone, then in a batch (or the reverse) after
@@ -39,10 +40,26 @@ pub struct Capability {
     pub gzip: bool,
 }
 
-/// What the agent knows of the backend's batches, and since when.
+/// The backend's resumable uploads (tus 1.0.0 with sha256 checksums), from its
+/// capability document (README, "Resumable media uploads").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploads {
+    pub path: String,
+    /// Largest BLOB an upload takes; a larger one goes as JSON.
+    pub max_bytes: u64,
+}
+
+/// What the capability document offers; nothing for the seed's backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub batch: Option<Capability>,
+    pub uploads: Option<Uploads>,
+}
+
+/// What the agent knows of the backend's batches and uploads, and since when.
 #[derive(Debug, Default)]
 pub struct Discovery {
-    known: Option<(Option<Capability>, Instant)>,
+    known: Option<(Capabilities, Instant)>,
 }
 
 impl Discovery {
@@ -50,45 +67,63 @@ impl Discovery {
     /// backend that could not be asked (no answer at all) is asked again next time.
     pub fn get(
         &mut self,
-        ask: impl FnOnce() -> Result<Option<Capability>, String>,
-    ) -> Result<Option<&Capability>, String> {
-        if self
+        ask: impl FnOnce() -> Result<Capabilities, String>,
+    ) -> Result<&Capabilities, String> {
+        let stale = self
             .known
             .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() >= RECHECK)
-        {
+            .is_none_or(|(_, at)| at.elapsed() >= RECHECK);
+        if stale {
             self.known = Some((ask()?, Instant::now()));
         }
-        Ok(self.known.as_ref().and_then(|(c, _)| c.as_ref()))
+        Ok(self.known.as_ref().map(|(c, _)| c).unwrap_or(&NOTHING))
     }
 
-    /// The capability asked last, if it was asked and still holds.
+    /// The batch capability asked last, if it was asked and still holds.
     pub fn known(&self) -> Option<&Capability> {
         match &self.known {
-            Some((c, at)) if at.elapsed() < RECHECK => c.as_ref(),
+            Some((c, at)) if at.elapsed() < RECHECK => c.batch.as_ref(),
             _ => None,
         }
     }
 
     /// The batch endpoint refused a batch as the document announced it: rows go one by
-    /// one until the next check.
+    /// one until the next check (uploads are judged by their own answers).
     pub fn refused(&mut self) {
-        self.known = Some((None, Instant::now()));
+        let uploads = self.known.take().and_then(|(c, _)| c.uploads);
+        let left = Capabilities {
+            batch: None,
+            uploads,
+        };
+        self.known = Some((left, Instant::now()));
     }
 }
 
-/// Asks the backend with `get` (a GET of a path, at most a number of bytes): its
-/// capability, or `None` for a backend without batches (404 from the seed's backend, an
-/// answer that is not the document). `Err`: no answer at all, the backend is down.
+/// Returned by [`Discovery::get`] before anything is known (never, once asked).
+static NOTHING: Capabilities = Capabilities {
+    batch: None,
+    uploads: None,
+};
+
+/// Asks the backend with `get` (a GET of a path, at most a number of bytes) what it
+/// offers: nothing for the seed's backend (404, an answer that is not the document).
+/// `Err`: no answer at all, the backend is down.
 pub fn discover(
     get: impl FnOnce(&str, u64) -> Result<(u16, Option<Vec<u8>>), String>,
-) -> Result<Option<Capability>, String> {
+) -> Result<Capabilities, String> {
     let (status, body) = get(CAPABILITIES_PATH, MAX_DOCUMENT_BYTES)?;
-    let found = match (status, body) {
-        (200, Some(body)) => parse(&String::from_utf8_lossy(&body)),
-        _ => None,
+    let doc = match (status, body) {
+        (200, Some(body)) => miniserde::json::from_str::<Json>(&String::from_utf8_lossy(&body)),
+        _ => Ok(Json::Null),
     };
-    match &found {
+    let found = match &doc {
+        Ok(Json::Object(doc)) => Capabilities {
+            batch: parse(doc),
+            uploads: parse_uploads(doc),
+        },
+        _ => Capabilities::default(),
+    };
+    match &found.batch {
         Some(c) => log::debug!(
             "batches: the backend takes up to {} rows per batch at {}",
             c.max_rows,
@@ -96,13 +131,14 @@ pub fn discover(
         ),
         None => log::debug!("batches: none at {CAPABILITIES_PATH} ({status}); rows go one by one"),
     }
+    match &found.uploads {
+        Some(u) => log::debug!("uploads: media go as resumable uploads at {}", u.path),
+        None => log::debug!("uploads: none at {CAPABILITIES_PATH}; media go as JSON"),
+    }
     Ok(found)
 }
 
-fn parse(text: &str) -> Option<Capability> {
-    let Ok(Json::Object(doc)) = miniserde::json::from_str::<Json>(text) else {
-        return None;
-    };
+fn parse(doc: &miniserde::json::Object) -> Option<Capability> {
     let Some(Json::Object(batch)) = doc.get("batch") else {
         return None;
     };
@@ -122,6 +158,30 @@ fn parse(text: &str) -> Option<Capability> {
         max_bytes: number("max_bytes")?,
         max_row_bytes: number("max_row_bytes")?,
         gzip,
+    })
+}
+
+/// The `uploads` member: tus 1.0.0 with SHA-256 checksums, the only protocol the agent
+/// speaks; another protocol or checksum is none.
+fn parse_uploads(doc: &miniserde::json::Object) -> Option<Uploads> {
+    let Some(Json::Object(uploads)) = doc.get("uploads") else {
+        return None;
+    };
+    let text = |key: &str| match uploads.get(key) {
+        Some(Json::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let path = text("path").filter(|p| p.starts_with('/'))?;
+    if text("protocol") != Some("tus/1.0.0") || text("checksum") != Some("sha256") {
+        return None;
+    }
+    let max_bytes = match uploads.get("max_bytes") {
+        Some(Json::Number(Number::U64(n))) if *n > 0 => *n,
+        _ => return None,
+    };
+    Some(Uploads {
+        path: path.to_string(),
+        max_bytes,
     })
 }
 
@@ -211,8 +271,11 @@ mod tests {
     #[test]
     fn the_document_of_relais_server_is_understood_and_others_are_not() {
         let doc = r#"{"version": 1, "batch": {"path": "/api/batch", "max_rows": 900,
-            "max_bytes": 4194304, "max_row_bytes": 65536, "encodings": ["gzip", "identity"]}}"#;
-        let c = parse(doc).expect("capability");
+            "max_bytes": 4194304, "max_row_bytes": 65536, "encodings": ["gzip", "identity"]},
+            "uploads": {"path": "/api/uploads", "protocol": "tus/1.0.0", "checksum": "sha256",
+            "max_bytes": 1073741824, "expiry_s": 86400}}"#;
+        let found = discover(|_, _| Ok((200, Some(doc.as_bytes().to_vec())))).unwrap();
+        let c = found.batch.clone().expect("capability");
         assert_eq!(
             (c.path.as_str(), c.max_rows, c.gzip),
             ("/api/batch", 500, true)
@@ -223,8 +286,51 @@ mod tests {
             r#"{"batch": {"path": "/api/batch"}}"#,
             r#"{"batch": {"path": "api", "max_rows": 1, "max_bytes": 1, "max_row_bytes": 1}}"#,
         ] {
-            assert_eq!(parse(bad), None, "{bad}");
+            let found = discover(|_, _| Ok((200, Some(bad.as_bytes().to_vec())))).unwrap();
+            assert_eq!(found.batch, None, "{bad}");
         }
+        assert_eq!(
+            found.uploads,
+            Some(Uploads {
+                path: "/api/uploads".into(),
+                max_bytes: 1 << 30
+            })
+        );
+        for bad in [
+            r#"{"uploads": {"path": "/api/uploads", "protocol": "tus/2", "checksum": "sha256", "max_bytes": 1}}"#,
+            r#"{"uploads": {"path": "/api/uploads", "protocol": "tus/1.0.0", "checksum": "sha1", "max_bytes": 1}}"#,
+            r#"{"uploads": {"path": "/api/uploads", "protocol": "tus/1.0.0", "checksum": "sha256"}}"#,
+        ] {
+            let found = discover(|_, _| Ok((200, Some(bad.as_bytes().to_vec())))).unwrap();
+            assert_eq!(found.uploads, None, "{bad}");
+        }
+        let seed = discover(|_, _| Ok((404, Some(b"{}".to_vec())))).unwrap();
+        assert_eq!(seed, Capabilities::default());
+    }
+
+    #[test]
+    fn a_refused_batch_keeps_the_uploads() {
+        let mut d = Discovery::default();
+        let offered = Capabilities {
+            batch: Some(Capability {
+                path: "/api/batch".into(),
+                max_rows: 1,
+                max_bytes: 1,
+                max_row_bytes: 1,
+                gzip: false,
+            }),
+            uploads: Some(Uploads {
+                path: "/api/uploads".into(),
+                max_bytes: 1,
+            }),
+        };
+        assert_eq!(d.get(|| Ok(offered.clone())).unwrap(), &offered);
+        d.refused();
+        let left = d.get(|| Err("not asked again".into())).unwrap();
+        assert_eq!(
+            (left.batch.is_none(), &left.uploads),
+            (true, &offered.uploads)
+        );
     }
 
     #[test]

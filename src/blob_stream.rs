@@ -156,6 +156,28 @@ impl<'c> BlobReader<'c> {
         self.max_hold
     }
 
+    /// Goes on from byte `offset` (a resumed upload): the next read starts there.
+    pub fn skip_to(&mut self, offset: u64) {
+        self.offset = offset.min(self.len);
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// The next chunk of at most `chunk_bytes`, straight from the reader's own buffer
+    /// (an upload hashes it before sending it: one buffer, not two); empty at the end.
+    pub fn next_chunk(&mut self) -> Result<&[u8], BlobError> {
+        if self.start == self.end && self.offset < self.len {
+            if let Err(e) = self.refill() {
+                self.failure = Some(e.clone());
+                self.handle = None;
+                return Err(e);
+            }
+        }
+        let chunk = &self.chunk[self.start..self.end];
+        self.start = self.end;
+        Ok(chunk)
+    }
+
     fn refill(&mut self) -> Result<(), BlobError> {
         crate::notify::keepalive();
         if self.stop.load(Ordering::Relaxed) {

@@ -43,6 +43,7 @@ pub mod status;
 pub mod tcp_transport;
 pub mod tracking;
 pub mod transport;
+pub mod upload;
 
 /// The configuration hash lives with the wire format both ends share.
 pub use relais_wire::config_hash;

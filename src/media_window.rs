@@ -101,6 +101,18 @@ impl MediaPolicy {
         self.at(local_time_of_day())
     }
 
+    /// Whether a media of `len` bytes may go now as far as its size goes: the open
+    /// window may take only smaller ones (a closed one is for the caller to judge).
+    pub fn takes(&self, len: u64) -> bool {
+        match self.now() {
+            Allowance::Open {
+                max_media_bytes: Some(max),
+                ..
+            } => len <= max,
+            _ => true,
+        }
+    }
+
     /// When the allowance next changes, from `t`: the time to wake a lane that waits
     /// for a window with a larger allowance (a media too large for this one).
     pub fn next_change(&self, t: u32) -> Option<Duration> {
@@ -185,6 +197,18 @@ impl<'a, R: Read> Throttle<'a, R> {
             policy,
             stop,
             due: Instant::now(),
+            cut: None,
+        }
+    }
+
+    /// The same pace for the next body: an upload's chunks, each a request of its own,
+    /// go at the cap together, not each from a fresh start.
+    pub fn next_body<S: Read>(self, inner: S) -> Throttle<'a, S> {
+        Throttle {
+            inner,
+            policy: self.policy,
+            stop: self.stop,
+            due: self.due,
             cut: None,
         }
     }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use rusqlite::types::Value;
 
-use crate::batch::{self, Capability, Discovery};
+use crate::batch::{self, Capabilities, Capability, Discovery, Uploads};
 use crate::blob_stream::{Base64Encoder, BlobError, BlobReader, base64_len};
 use crate::clock::RetryClock;
 use crate::lane::Lane;
@@ -34,7 +34,7 @@ use crate::source::{self, SourceError};
 use crate::source_registry::{self, Resolved};
 use crate::tracking::{Acked, HighWater, Tracking, TrackingError};
 use crate::transport::{Outcome, Transport};
-use crate::{backoff, clock, config_hash, json, notify};
+use crate::{backoff, clock, config_hash, json, notify, upload};
 
 /// Acknowledgements are committed when this many are waiting...
 const ACK_GROUP: usize = 256;
@@ -273,7 +273,7 @@ pub struct Pusher {
     /// backend that is down costs one failed row per pass, not one per request in flight,
     /// and a wrong URL is found out after three rows (see [`crate::rejections`]).
     answered: bool,
-    /// Whether the backend takes batches (relais-server), asked once an hour.
+    /// Whether the backend takes batches and uploads (relais-server), asked once an hour.
     batches: Discovery,
     /// The lane this pusher runs; `None`: every table, in one pass.
     lane: Option<Lane>,
@@ -777,9 +777,71 @@ impl Pusher {
                     body.len() as u64,
                 ))
             }
-            Some(_) => self.send_media(t, &row, &key),
+            Some(_) => match self.upload(t, &row, &key)? {
+                Some(sent) => sent,
+                None => self.send_media(t, &row, &key),
+            },
         };
         self.settle(t, row, sent)
+    }
+
+    /// Sends a media row as a resumable upload when the backend offers them ([`upload`]).
+    /// `None`: the JSON push sends it (no uploads, a NULL or empty BLOB, an endpoint not
+    /// under `/api/`, a local_id that is not a rowid, which the JSON path explains).
+    fn upload(
+        &mut self,
+        t: &mut TablePass,
+        row: &RowPayload,
+        key: &str,
+    ) -> Result<Option<upload::Sent>, Halt> {
+        let (ctx, table) = (t.ctx, t.table);
+        let (Some(spec), Value::Integer(rowid)) = (&table.blob, &row.local_id) else {
+            return Ok(None);
+        };
+        let Some(endpoint) = table
+            .endpoint
+            .strip_prefix("/api/")
+            .filter(|name| !name.is_empty() && !name.contains('/'))
+        else {
+            return Ok(None);
+        };
+        let uploads = match self.uploads() {
+            Ok(Some(uploads)) => uploads,
+            Ok(None) => return Ok(None),
+            Err(unanswered) => return Ok(Some(Ok((unanswered, 0)))),
+        };
+        let json = self.small_body(&row.fields);
+        let upload_row = upload::Row {
+            conn: ctx.conn,
+            spec,
+            rowid: *rowid,
+            wal: ctx.wal,
+            source: &ctx.key,
+            table: &table.name,
+            local_id: &row.local_id,
+            endpoint,
+            key,
+            json: &json,
+        };
+        let mut uploader = upload::Uploader {
+            transport: &self.transport,
+            tracking: &mut self.tracking,
+            uploads: &uploads,
+            media: &self.settings.media,
+            chunk_bytes: self.settings.blob_chunk_bytes,
+            stop: &self.stop,
+        };
+        let sent = uploader.send(&upload_row, &mut t.report.max_lock_hold)?;
+        if let Some(Ok((Outcome::Stored { .. }, bytes))) = &sent {
+            log::info!(
+                "{} {} -> backend (resumable upload, {} sent, longest read lock {:?})",
+                table.name,
+                rowid,
+                human_bytes(*bytes),
+                t.report.max_lock_hold
+            );
+        }
+        Ok(sent)
     }
 
     /// Logs the row's conversion warnings; its idempotency key.
@@ -900,12 +962,25 @@ impl Pusher {
 
     /// The backend's batch endpoint, for a table whose rows may go in batches (events:
     /// a media row's BLOB is streamed alone).
-    /// `Err`: the backend did not answer the question (asked within the time an
-    /// upload's answer may take), an upload's transient failure.
+    /// `Err`: the backend did not answer the question, an upload's transient failure.
     fn capability(&mut self, table: &TableSpec) -> Result<Option<Capability>, Outcome> {
         if table.blob.is_some() || !self.settings.http.batches {
             return Ok(None);
         }
+        Ok(self.offered()?.batch)
+    }
+
+    /// The backend's resumable uploads, for media, when they are to be used.
+    fn uploads(&mut self) -> Result<Option<Uploads>, Outcome> {
+        if !self.settings.http.uploads {
+            return Ok(None);
+        }
+        Ok(self.offered()?.uploads)
+    }
+
+    /// What the backend offers, asked once an hour (within the time an upload's answer
+    /// may take).
+    fn offered(&mut self) -> Result<Capabilities, Outcome> {
         let transport = Arc::clone(&self.transport);
         let http = &self.settings.http;
         let within = http.connect_timeout + http.response_timeout + Duration::from_secs(1);
@@ -917,7 +992,7 @@ impl Pusher {
             })
         });
         match asked {
-            Ok(capability) => Ok(capability.cloned()),
+            Ok(offered) => Ok(offered.clone()),
             Err(reason) => Err(Outcome::Transient {
                 reason,
                 retry_after: None,
@@ -1011,7 +1086,7 @@ impl Pusher {
         &mut self,
         t: &mut TablePass,
         row: RowPayload,
-        sent: Result<(Outcome, u64), BlobError>,
+        sent: upload::Sent,
     ) -> Result<(), Halt> {
         let (ctx, table) = (t.ctx, t.table);
         let row_id = id_text(&row.local_id);
@@ -1122,12 +1197,7 @@ impl Pusher {
 
     /// Streams a row with a BLOB: the JSON before it, the BLOB's base64 chunk by chunk,
     /// the JSON after it, with an exact Content-Length.
-    fn send_media(
-        &self,
-        t: &mut TablePass,
-        row: &RowPayload,
-        key: &str,
-    ) -> Result<(Outcome, u64), BlobError> {
+    fn send_media(&self, t: &mut TablePass, row: &RowPayload, key: &str) -> upload::Sent {
         let (ctx, table) = (t.ctx, t.table);
         let spec = table.blob.as_ref().ok_or(BlobError::Vanished)?;
         let Value::Integer(rowid) = row.local_id else {
@@ -1155,14 +1225,8 @@ impl Pusher {
             let len = prefix.len() as u64;
             return Ok((self.post(&table.endpoint, key, len, prefix.as_bytes()), len));
         };
-        if let Allowance::Open {
-            max_media_bytes: Some(max),
-            ..
-        } = self.settings.media.now()
-        {
-            if reader.len() > max {
-                return Err(BlobError::Waiting);
-            }
+        if !self.settings.media.takes(reader.len()) {
+            return Err(BlobError::Waiting);
         }
         prefix.push('"');
         let len = prefix.len() as u64 + base64_len(reader.len()) + 1 + suffix.len() as u64;

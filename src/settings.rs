@@ -66,6 +66,9 @@ pub struct HttpSettings {
     /// Whether to use the backend's batch endpoint when it offers one (`RELAIS_BATCHES`
     /// `auto`, the default, or `off`; `http.batches` true or false).
     pub batches: bool,
+    /// Whether media go as resumable uploads when the backend offers them
+    /// (`RELAIS_UPLOADS` `auto`, the default, or `off`; `http.uploads` true or false).
+    pub uploads: bool,
 }
 
 /// When failed rows are tried again.
@@ -254,6 +257,7 @@ const HTTP_KEYS: &[(&str, Key)] = &[
     ("in_flight", Key::Value),
     ("io_timeout_s", Key::Value),
     ("response_timeout_s", Key::Value),
+    ("uploads", Key::Value),
 ];
 const MEDIA_LANE_KEYS: &[(&str, Key)] = &[
     ("max_bytes_per_sec", Key::Value),
@@ -774,19 +778,19 @@ fn parse_http(src: &Source) -> Result<HttpSettings, SettingsError> {
             .or(http.string("bearer_token")?),
         ca_file,
         in_flight: parse_in_flight(src, &http)?,
-        batches: parse_batches(src, &http)?,
+        batches: parse_offered(src, &http, "RELAIS_BATCHES", "batches")?,
+        uploads: parse_offered(src, &http, "RELAIS_UPLOADS", "uploads")?,
     })
 }
 
-fn parse_batches(src: &Source, http: &Fields) -> Result<bool, SettingsError> {
-    match src.env("RELAIS_BATCHES").as_deref().map(str::trim) {
+/// A use of something the backend may offer: `auto` (the default) or `off` in `var`,
+/// true or false as `key` in the file.
+fn parse_offered(src: &Source, http: &Fields, var: &str, key: &str) -> Result<bool, SettingsError> {
+    match src.env(var).as_deref().map(str::trim) {
         Some("auto") => Ok(true),
         Some("off") => Ok(false),
-        Some(other) => Err(invalid(
-            "RELAIS_BATCHES",
-            format!("must be auto or off, got {other:?}"),
-        )),
-        None => Ok(http.boolean("batches")?.unwrap_or(true)),
+        Some(other) => Err(invalid(var, format!("must be auto or off, got {other:?}"))),
+        None => Ok(http.boolean(key)?.unwrap_or(true)),
     }
 }
 
@@ -1160,6 +1164,17 @@ mod tests {
         }
         let e = load(&[], Some(r#"{"http": {"in_flight": 0}}"#)).unwrap_err();
         assert_eq!(e.setting, "http.in_flight", "{e}");
+    }
+
+    #[test]
+    fn uploads_are_on_unless_turned_off() {
+        assert!(load(&[], None).unwrap().http.uploads);
+        let off = load(&[("RELAIS_UPLOADS", "off")], None).unwrap();
+        assert!(!off.http.uploads && off.http.batches);
+        let file = Some(r#"{"http": {"uploads": false}}"#);
+        assert!(!load(&[], file).unwrap().http.uploads);
+        let e = load(&[("RELAIS_UPLOADS", "yes")], None).unwrap_err();
+        assert_eq!(e.setting, "RELAIS_UPLOADS", "{e}");
     }
 
     #[test]

@@ -84,6 +84,15 @@ pub struct Acked {
     pub bytes: u64,
 }
 
+/// A media row's upload under way, as [`Tracking::upload`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistedUpload {
+    pub location: String,
+    pub length: u64,
+    pub sha256: String,
+    pub offset: u64,
+}
+
 /// Counts for `relais status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Count {
@@ -162,7 +171,22 @@ CREATE TABLE IF NOT EXISTS sync_forgotten (
     attempts INTEGER,
     forgotten_at TEXT NOT NULL
 );
-PRAGMA user_version = 1;
+-- A media row's resumable upload under way (`upload`): where it is and what the server
+-- confirmed it holds, so a dropped link, a crash or a power cut resumes from there. The
+-- BLOB's length and SHA-256 tell whether the upload is still the row's.
+CREATE TABLE IF NOT EXISTS media_uploads (
+    source TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    local_id INTEGER NOT NULL,
+    location TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    upload_offset INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (source, table_name, local_id)
+);
+-- 2: media_uploads (a version 1 database gains it when opened).
+PRAGMA user_version = 2;
 ";
 
 /// Whether recorded rows move the table's high-water mark.
@@ -458,6 +482,11 @@ impl Tracking {
                        error_message = NULL, attempts = attempts + 1, next_attempt_at = NULL, bytes = excluded.bytes",
                 )
                 .map_err(sql("record a synced row"))?;
+            let mut forget = tx
+                .prepare_cached(
+                    "DELETE FROM media_uploads WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                )
+                .map_err(sql("forget a completed upload"))?;
             for a in acked {
                 stmt.execute(params![
                     source,
@@ -468,9 +497,84 @@ impl Tracking {
                     a.bytes as i64
                 ])
                 .map_err(sql("record a synced row"))?;
+                // A media row's upload is done with once the row is recorded.
+                forget
+                    .execute(params![source, a.table, stored(&a.local_id)])
+                    .map_err(sql("forget a completed upload"))?;
             }
         }
         tx.commit().map_err(sql("commit synced rows"))
+    }
+
+    /// The upload under way for a media row, if one was recorded.
+    pub fn upload(
+        &self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+    ) -> Result<Option<PersistedUpload>, TrackingError> {
+        self.conn
+            .query_row(
+                "SELECT location, length, sha256, upload_offset FROM media_uploads
+                 WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+                params![source, table, stored(local_id)],
+                |r| {
+                    Ok(PersistedUpload {
+                        location: r.get(0)?,
+                        length: r.get::<_, i64>(1)? as u64,
+                        sha256: r.get(2)?,
+                        offset: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql("read a media upload"))
+    }
+
+    /// Records a media row's upload and the offset the server confirmed.
+    pub fn save_upload(
+        &mut self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+        upload: &PersistedUpload,
+    ) -> Result<(), TrackingError> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO media_uploads (source, table_name, local_id, location, length, sha256, upload_offset, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (source, table_name, local_id) DO UPDATE SET
+               location = excluded.location, length = excluded.length, sha256 = excluded.sha256,
+               upload_offset = excluded.upload_offset, updated_at = excluded.updated_at",
+            params![
+                source,
+                table,
+                stored(local_id),
+                upload.location,
+                upload.length as i64,
+                upload.sha256,
+                upload.offset as i64,
+                clock::now_iso8601()
+            ],
+        )
+        .map_err(sql("record a media upload"))?;
+        tx.commit().map_err(sql("commit a media upload"))
+    }
+
+    /// Forgets a media row's upload: the next attempt creates one from byte 0.
+    pub fn forget_upload(
+        &mut self,
+        source: &str,
+        table: &str,
+        local_id: &Value,
+    ) -> Result<(), TrackingError> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "DELETE FROM media_uploads WHERE source = ?1 AND table_name = ?2 AND local_id = ?3",
+            params![source, table, stored(local_id)],
+        )
+        .map_err(sql("forget a media upload"))?;
+        tx.commit().map_err(sql("commit a forgotten media upload"))
     }
 
     /// Records a failed attempt (its message redacted) and when to try again.
@@ -842,6 +946,8 @@ impl Tracking {
             [source],
         )
         .map_err(sql("close out forgotten rows"))?;
+        tx.execute("DELETE FROM media_uploads WHERE source = ?1", [source])
+            .map_err(sql("forget the source's media uploads"))?;
         tx.commit().map_err(sql("commit forgotten rows"))?;
         Ok(moved as u64)
     }
@@ -1077,6 +1183,42 @@ mod tests {
             t.due("a.db", "media", None, now, 10).unwrap(),
             [Value::Text("0042".into())]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_state_gains_media_uploads_and_success_forgets_the_upload() {
+        let dir =
+            std::env::temp_dir().join(format!("relais-tracking-uploads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(Tracking::open(&dir).unwrap());
+        let old = Connection::open(dir.join(STATE_DB_NAME)).unwrap();
+        old.execute_batch("DROP TABLE media_uploads; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(old);
+        let mut t = Tracking::open(&dir).unwrap();
+        let version: i64 = t
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        let id = Value::Integer(7);
+        let upload = PersistedUpload {
+            location: "/api/uploads/ab".into(),
+            length: 10,
+            sha256: "00".into(),
+            offset: 4,
+        };
+        t.save_upload("a.db", "media", &id, &upload).unwrap();
+        assert_eq!(t.upload("a.db", "media", &id).unwrap(), Some(upload));
+        let acked = Acked {
+            table: "media".into(),
+            local_id: id.clone(),
+            remote_id: Some(Value::Integer(3)),
+            bytes: 10,
+        };
+        t.mark_success("a.db", &[acked]).unwrap();
+        assert_eq!(t.upload("a.db", "media", &id).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use miniserde::json::{Number, Value as Json};
 use rusqlite::types::Value;
 use ureq::Timeout;
+use ureq::http::Method;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
@@ -69,6 +70,15 @@ pub struct Transport {
     limits: Limits,
     /// The end of the [`Transport::get`] in progress.
     deadline: Deadline,
+}
+
+/// An answer to a request of the upload protocol ([`Transport::exchange`]).
+#[derive(Debug)]
+pub struct Exchanged {
+    pub status: u16,
+    pub headers: ureq::http::HeaderMap,
+    /// The answer judged as a push's would be (the id of a JSON body, a 5xx transient).
+    pub outcome: Outcome,
 }
 
 /// A GET answer, for the configuration pull.
@@ -142,6 +152,52 @@ impl Transport {
                 retry_after: None,
             },
         }
+    }
+
+    /// Sends `method` (HEAD, PATCH, else POST) to `path` (under the backend's URL, or
+    /// an absolute URL the backend gave) with `headers` and a body of exactly `len`
+    /// bytes from `body`, if any. `Err`: no answer (the sentence says why), transient.
+    pub fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(u64, &mut dyn Read)>,
+    ) -> Result<Exchanged, String> {
+        let url = if path.starts_with('/') {
+            format!("{}{path}", self.base_url)
+        } else {
+            path.to_string()
+        };
+        let bearer = self.bearer.as_ref().map(|token| format!("Bearer {token}"));
+        let auth = bearer.as_deref().map(|b| ("Authorization", b));
+        let headers = headers.iter().copied().chain(auth);
+        let sent = match (method, body) {
+            (Method::HEAD, _) => {
+                let req = headers.fold(self.agent.head(url), |r, (n, v)| r.header(n, v));
+                req.call()
+            }
+            (method, body) => {
+                let req = match method {
+                    Method::PATCH => self.agent.patch(url),
+                    _ => self.agent.post(url),
+                };
+                let req = headers.fold(req, |r, (n, v)| r.header(n, v));
+                match body {
+                    Some((len, reader)) => req
+                        .header("Content-Length", len.to_string())
+                        .send(ureq::SendBody::from_reader(reader)),
+                    None => req.header("Content-Length", "0").send_empty(),
+                }
+            }
+        };
+        let resp = sent.map_err(|e| self.describe(&e, "the upload"))?;
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        Ok(Exchanged {
+            status,
+            headers,
+            outcome: classify_answer(resp),
+        })
     }
 
     /// POSTs a batch `body` (gzip-compressed when `gzip`) to `path`: each row's outcome

@@ -29,10 +29,12 @@ fn app(tag: &str, events: usize, media: &[u64]) -> (Scratch, PathBuf) {
 }
 
 /// A pusher to `url` with these HTTP timeouts, in seconds.
+/// The JSON push's timeouts: uploads off, or a silent backend's media row would wait
+/// for the capability question first (cut as any unanswered exchange).
 fn pusher(dir: &Scratch, db: &Path, url: &str, io: f64, response: f64) -> Pusher {
     let config = dir.join("relais.json");
     let json = format!(
-        r#"{{"http": {{"connect_timeout_s": 1, "io_timeout_s": {io}, "response_timeout_s": {response}}}}}"#
+        r#"{{"http": {{"connect_timeout_s": 1, "io_timeout_s": {io}, "response_timeout_s": {response}, "uploads": false}}}}"#
     );
     std::fs::write(&config, json).expect("write config");
     let config = config.display().to_string();

@@ -451,6 +451,9 @@ pub enum ProxyFault {
     /// Answer `200` with this body without forwarding (a backend serving what it
     /// should not).
     Body(String),
+    /// Forward the request with the byte in the middle of its body flipped (a chunk
+    /// damaged on the way).
+    FlipByte,
 }
 
 impl ProxyFault {
@@ -468,6 +471,7 @@ impl ProxyFault {
             ProxyFault::HtmlCreated => "201 with HTML".into(),
             ProxyFault::Refuse => "connection reset".into(),
             ProxyFault::Body(body) => format!("200 with {} bytes here", body.len()),
+            ProxyFault::FlipByte => "a body byte flipped".into(),
         }
     }
 }
@@ -510,7 +514,8 @@ pub struct ProxyStats {
 }
 
 struct ProxyShared {
-    target: String,
+    /// `host:port` of the server; changed by [`Receiver::restart`].
+    target: std::sync::Mutex<String>,
     policy: std::sync::Mutex<Policy>,
     stats: std::sync::Mutex<ProxyStats>,
     /// Client-to-server pacing, bytes per second (0: unthrottled).
@@ -549,15 +554,19 @@ pub struct FaultProxy {
     accept: Option<JoinHandle<()>>,
 }
 
+/// `host:port` of an `http://host:port/` URL.
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 impl FaultProxy {
     pub fn start(target: &str) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let port = listener.local_addr().expect("proxy addr").port();
         let shared = Arc::new(ProxyShared {
-            target: target
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string(),
+            target: std::sync::Mutex::new(host_port(target)),
             policy: std::sync::Mutex::new(Box::new(|_: &ProxyRequest| ProxyFault::Pass)),
             stats: std::sync::Mutex::new(ProxyStats::default()),
             rate: AtomicU64::new(0),
@@ -766,9 +775,10 @@ fn copy_n(
     Ok(done)
 }
 
-/// Reads a whole answer from the server (head and body; answers are small): its bytes,
-/// its status and whether the server closes the connection after it.
-fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, u16, bool)> {
+/// Reads a whole answer from the server to a `method` request (head and body; answers
+/// are small): its bytes, its status and whether the server closes the connection after
+/// it.
+fn read_answer(r: &mut impl std::io::BufRead, method: &str) -> Option<(Vec<u8>, u16, bool)> {
     let head = read_head(r)?;
     let status: u16 = head
         .first_line
@@ -777,7 +787,7 @@ fn read_answer(r: &mut impl std::io::BufRead) -> Option<(Vec<u8>, u16, bool)> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let mut bytes = head.raw;
-    let bodyless = status < 200 || status == 204 || status == 304;
+    let bodyless = status < 200 || status == 204 || status == 304 || method == "HEAD";
     match head.content_length {
         _ if bodyless => {}
         Some(n) => {
@@ -900,7 +910,8 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             _ => {}
         }
         if upstream.is_none() {
-            let Ok(s) = TcpStream::connect(&sh.target) else {
+            let target = lock(&sh.target).clone();
+            let Ok(s) = TcpStream::connect(&target) else {
                 reset(&client);
                 return;
             };
@@ -933,12 +944,31 @@ fn serve_proxied(sh: &ProxyShared, client: TcpStream) {
             reset(&client);
             return;
         }
-        if copy_n(&mut from_client, Some(to_server), len, rate, &sh.stopping).is_err() {
+        let damaged = fault == ProxyFault::FlipByte && len > 0;
+        let forwarded = if damaged {
+            let half = len / 2;
+            let mut byte = [0u8];
+            copy_n(&mut from_client, Some(to_server), half, rate, &sh.stopping)
+                .and_then(|_| from_client.read_exact(&mut byte).map_err(|_| half))
+                .and_then(|()| to_server.write_all(&[byte[0] ^ 0xff]).map_err(|_| half))
+                .and_then(|()| {
+                    copy_n(
+                        &mut from_client,
+                        Some(to_server),
+                        len - half - 1,
+                        rate,
+                        &sh.stopping,
+                    )
+                })
+        } else {
+            copy_n(&mut from_client, Some(to_server), len, rate, &sh.stopping)
+        };
+        if forwarded.is_err() {
             // The agent gave up mid-body: the server must not take half a row for a row.
             reset(to_server);
             return;
         }
-        let Some((answer, status, server_closes)) = read_answer(from_server) else {
+        let Some((answer, status, server_closes)) = read_answer(from_server, &req.method) else {
             reset(&client);
             return;
         };
@@ -998,7 +1028,11 @@ pub struct Receiver {
     server: EmbeddedServer,
     /// relais-server's batch endpoint is announced ([`Receiver::offer_batches`]).
     offer: Arc<AtomicBool>,
+    /// Its resumable uploads are announced ([`Receiver::offer_uploads`]).
+    offer_uploads: Arc<AtomicBool>,
     faults: Arc<std::sync::Mutex<VecDeque<ProxyFault>>>,
+    /// Faults for the next `PATCH` requests (an upload's chunks), one each.
+    patch_faults: Arc<std::sync::Mutex<VecDeque<ProxyFault>>>,
     config_faults: Arc<std::sync::Mutex<VecDeque<ConfigFault>>>,
     admin: SiteAdmin,
     /// The site id of each token set so far.
@@ -1057,16 +1091,31 @@ impl Receiver {
         let (queue, config_queue) = (Arc::clone(&faults), Arc::clone(&config_faults));
         let offer = Arc::new(AtomicBool::new(false));
         let offered = Arc::clone(&offer);
+        let offer_uploads = Arc::new(AtomicBool::new(false));
+        let uploads_offered = Arc::clone(&offer_uploads);
+        let patch_faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let patch_queue = Arc::clone(&patch_faults);
+        let [batch_only, uploads_only] = ["uploads", "batch"].map(|hidden| {
+            let mut doc = capability_document(&server.url());
+            doc.remove(hidden);
+            ProxyFault::Body(miniserde::json::to_string(&doc))
+        });
         proxy.set_policy(move |req| {
             let fault = match req.method.as_str() {
-                // The contract's backend (the seed's) has no batch endpoint.
-                "GET"
-                    if req.path.ends_with(relais::batch::CAPABILITIES_PATH)
-                        && !offered.load(Ordering::Relaxed) =>
-                {
-                    Some(ProxyFault::Status(404, None))
+                // The contract's backend (the seed's) has neither batches nor uploads.
+                "GET" if req.path.ends_with(relais::batch::CAPABILITIES_PATH) => {
+                    match (
+                        offered.load(Ordering::Relaxed),
+                        uploads_offered.load(Ordering::Relaxed),
+                    ) {
+                        (false, false) => Some(ProxyFault::Status(404, None)),
+                        (true, false) => Some(batch_only.clone()),
+                        (false, true) => Some(uploads_only.clone()),
+                        (true, true) => None,
+                    }
                 }
                 "POST" if req.path.starts_with("/api/") => lock(&queue).pop_front(),
+                "PATCH" => lock(&patch_queue).pop_front(),
                 "GET" if req.path.starts_with("/config/") => {
                     lock(&config_queue).pop_front().map(ConfigFault::proxied)
                 }
@@ -1082,7 +1131,9 @@ impl Receiver {
             proxy,
             server,
             offer,
+            offer_uploads,
             faults,
+            patch_faults,
             config_faults,
             sites: Default::default(),
         }
@@ -1096,6 +1147,37 @@ impl Receiver {
     /// otherwise: the receiver is the contract's per-row backend unless asked.
     pub fn offer_batches(&self) {
         self.offer.store(true, Ordering::Relaxed);
+    }
+
+    /// Announces relais-server's resumable uploads, hidden otherwise: media go as JSON
+    /// with base64 unless asked.
+    pub fn offer_uploads(&self) {
+        self.offer_uploads.store(true, Ordering::Relaxed);
+    }
+
+    /// Queues a fault for a future `PATCH` (an upload's chunk).
+    pub fn patch_fault(&self, fault: ProxyFault) {
+        lock(&self.patch_faults).push_back(fault);
+    }
+
+    /// Removes every upload the server holds, as its expiry would: `HEAD` and `PATCH`
+    /// answer 404 for them from now on.
+    pub fn expire_uploads(&self) -> usize {
+        let store = Connection::open(self.server.store_path()).expect("open the store");
+        store
+            .busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        store
+            .execute("DELETE FROM uploads", [])
+            .expect("remove the uploads")
+    }
+
+    /// Uploads the server holds (not completed or expired).
+    pub fn uploads(&self) -> i64 {
+        let store = Connection::open(self.server.store_path()).expect("open the store");
+        store
+            .query_row("SELECT count(*) FROM uploads", [], |r| r.get(0))
+            .expect("count the uploads")
     }
 
     /// Queues a fault for a future `POST /api/...`.
@@ -1161,8 +1243,37 @@ impl Receiver {
         lock(&self.config_faults).push_back(fault);
     }
 
+    /// Stops the server and starts another on the same store and media directory (a
+    /// server restart; its port changes, the proxy's does not).
+    pub fn restart(&mut self, dir: &Path) {
+        let old = std::mem::replace(
+            &mut self.server,
+            EmbeddedServer::start(dir).expect("relais-server starts again"),
+        );
+        // The new one listens before the old one stops, as in a rolling restart of a
+        // fleet on one store: from now on the proxy connects to the new one only.
+        *lock(&self.proxy.shared.target) = host_port(&self.server.url());
+        old.shutdown().expect("the old server stops");
+        self.admin = SiteAdmin::new(&self.server.url());
+    }
+
     /// Stops the proxy and the server (as dropping does).
     pub fn shutdown(self) {}
+}
+
+/// The server's own capability document, asked directly (not through the proxy).
+fn capability_document(server: &str) -> Object {
+    let url = format!("{server}{}", relais::batch::CAPABILITIES_PATH);
+    let text = ureq::get(&url)
+        .call()
+        .expect("GET the capability document")
+        .body_mut()
+        .read_to_string()
+        .expect("read the capability document");
+    match miniserde::json::from_str::<Json>(&text) {
+        Ok(Json::Object(doc)) => doc,
+        _ => panic!("not a capability document: {text}"),
+    }
 }
 
 /// The admin API's bodies for a configuration as the contract serves it: the site's
