@@ -378,7 +378,7 @@ fn digest(reader: &mut BlobReader) -> Result<String, BlobError> {
         }
         hash.update(chunk);
     }
-    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(relais_wire::hex(&hash.finalize()))
 }
 
 fn transient(reason: &str) -> Outcome {
