@@ -713,17 +713,22 @@ fn sick_backend_campaign(scale: Scale) -> Line {
         0u64,
     )));
     let inj = injected.clone();
+    // Requests seen per endpoint: events and media go on lanes of their own, so the
+    // order of the two kinds in the proxy's sequence is the scheduler's.
+    let mut seen = (0u64, 0u64);
     proxy.set_policy(move |req| {
         let mut q = inj.lock().unwrap_or_else(|p| p.into_inner());
-        // A fault on every third request: the agent makes progress between them.
-        if req.method != "POST" || req.seq % 3 != 0 {
+        if req.method != "POST" {
             return ProxyFault::Pass;
         }
-        let next = if req.path.ends_with("/media") {
-            q.1.next()
-        } else {
-            q.0.next()
-        };
+        let media = req.path.ends_with("/media");
+        let n = if media { &mut seen.1 } else { &mut seen.0 };
+        *n += 1;
+        // A fault on every third request of each kind: the agent makes progress between.
+        if *n % 3 != 1 {
+            return ProxyFault::Pass;
+        }
+        let next = if media { q.1.next() } else { q.0.next() };
         match next {
             Some(f) => {
                 q.2 += 1;

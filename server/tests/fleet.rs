@@ -518,8 +518,10 @@ fn a_media_upload_cut_by_sigkill_leaves_no_row_and_no_visible_file() {
         "leftover kept: {:?}",
         incoming_files(&media_dir)
     );
+    // The line comes after the removal: waited for, not read at once.
     assert!(
-        a.logged("media: removed 1 partial upload file(s)"),
+        wait_for(Duration::from_secs(5), || a
+            .logged("media: removed 1 partial upload file(s)")),
         "{}",
         a.log_text()
     );
