@@ -11,17 +11,11 @@ use std::time::Duration;
 
 use common::{
     DEVICE, Proxy, Receiver, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged,
-    tracked, unix_now, wait_exit, wait_for,
+    tracked, utc_in, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
 
 const KIB: u64 = 1 << 10;
-
-/// `HH:MM:SS` in UTC, `secs` from now.
-fn utc_in(secs: i64) -> String {
-    let t = (unix_now() + secs).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
-}
 
 /// A configuration file with these `(from, to)` media windows and the lane's cap.
 fn windows_config(dir: &Scratch, windows: &[(String, String)], cap: Option<u64>) -> String {

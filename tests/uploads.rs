@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     DEVICE, Proxy, ProxyFault, Receiver, Scratch, agent_env, log_text, run_relais, spawn_logged,
-    tracked, wait_exit, wait_for,
+    tracked, utc_in, wait_exit, wait_for,
 };
 use relais::demo::{check_delivery, create_app_db, insert_media};
 use rusqlite::{Connection, OpenFlags};
@@ -253,12 +253,6 @@ fn a_backend_without_uploads_gets_json_with_base64_and_uploads_off_does_too() {
     }
 }
 
-/// `HH:MM:SS` in UTC, `secs` from now.
-fn utc_in(secs: i64) -> String {
-    let t = (common::unix_now() + secs).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
-}
-
 #[test]
 fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_there() {
     const KIB: u64 = 1 << 10;
@@ -267,8 +261,9 @@ fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_the
     let db = app(&dir, blob);
     let rx = receiver(&dir);
     let proxy = Proxy::start(&rx.url(), UNTHROTTLED);
-    // 1 MiB at the lane's cap of 128 KiB/s, 64 KiB chunks: about 8 s, longer than the
-    // first window (3 s); the second opens 5 s after it closes.
+    // 1 MiB at the lane's cap of 128 KiB/s, 64 KiB chunks: about 8 s, longer than what
+    // is left of the first window (6 s, with room for a slow start under qemu); the
+    // second opens 6 s after it closes.
     let config = dir.join("relais.json");
     std::fs::write(
         &config,
@@ -276,8 +271,8 @@ fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_the
             r#"{{"blob_chunk_bytes": 65536, "media_lane": {{"max_bytes_per_sec": 131072,
                 "windows": [{{"from": "{}", "to": "{}"}}, {{"from": "{}", "to": "{}"}}]}}}}"#,
             utc_in(-60),
-            utc_in(3),
-            utc_in(8),
+            utc_in(6),
+            utc_in(12),
             utc_in(3600)
         ),
     )
@@ -294,12 +289,12 @@ fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_the
         ],
     );
     let (mut agent, stderr) = spawn_logged(&["run"], &vars);
-    let held = wait_for(Duration::from_secs(10), || {
+    let held = wait_for(Duration::from_secs(15), || {
         std::fs::read_to_string(dir.join("log/relais.log"))
             .is_ok_and(|l| l.contains("media pushed 0 failed 0 waiting 1"))
     });
     let between = (tracked(&dir.state_db(), "media", 1), persisted_offset(&dir));
-    let done = wait_for(Duration::from_secs(40), || rx.rows().len() == 1);
+    let done = wait_for(Duration::from_secs(60), || rx.rows().len() == 1);
     common::send_signal(agent.id(), "TERM");
     let code = wait_exit(&mut agent, Duration::from_secs(10));
     let log = log_text(stderr);

@@ -414,6 +414,13 @@ pub fn count_status(path: &Path, status: &str) -> usize {
 }
 
 /// Seconds since the Unix epoch.
+/// `HH:MM:SS` in UTC, `secs` from now: a media window's bound for an agent run with
+/// `TZ=UTC0`.
+pub fn utc_in(secs: i64) -> String {
+    let t = (unix_now() + secs).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+}
+
 pub fn unix_now() -> i64 {
     relais::clock::unix_now()
 }
