@@ -392,6 +392,74 @@ fn the_backend_dying_mid_batch_then_every_row_is_stored_once() {
     assert_eq!(count_status(&dir.state_db(), "success"), 2000);
 }
 
+/// `relais once` with 8 requests in flight, one answer in three held back 150 ms: the
+/// answers arrive out of order and each row is recorded with its own remote id.
+#[test]
+fn answers_out_of_order_are_each_recorded_with_their_own_remote_id() {
+    let dir = Scratch::new("out-of-order-process");
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, false).expect("create app db");
+    insert_events(&conn, 60).expect("insert events");
+    let rx = receiver(&dir);
+    for i in 0..60 {
+        rx.push_fault(match i % 3 {
+            0 => ProxyFault::DelayAnswer(Duration::from_millis(150)),
+            _ => ProxyFault::Pass,
+        });
+    }
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[("RELAIS_IN_FLIGHT", "8")]);
+    once_delivers_everything(&db, &rx, &vars);
+    let stats = rx.stats();
+    assert!(stats.max_in_flight >= 2, "{stats:?}");
+    assert_eq!(stats.requests, 60, "nothing sent twice: {stats:?}");
+    let rows = rx.rows();
+    for id in 1..=60 {
+        let stored = rows
+            .iter()
+            .find(|r| {
+                r.idempotency_key
+                    .as_deref()
+                    .is_some_and(|k| k.ends_with(&format!(":evenement:{id}")))
+            })
+            .expect("stored");
+        let row = tracked(&dir.state_db(), "evenement", id).expect("tracked");
+        assert_eq!(row.remote_id, Some(stored.id), "{row:?}");
+    }
+}
+
+/// `relais once` against a batch answer with rows stored, replayed and rejected: each
+/// row is recorded by its own result, and the exit code says rows failed.
+#[test]
+fn a_batch_partly_accepted_records_each_rows_own_outcome() {
+    let dir = Scratch::new("batch-partial-process");
+    let db = dir.join("surveillance.db");
+    let conn = create_app_db(&db, false).expect("create app db");
+    insert_events(&conn, 5).expect("insert events");
+    let rx = receiver(&dir);
+    rx.offer_batches();
+    // The first batch holds one row; the second the four others.
+    rx.push_fault(ProxyFault::Pass);
+    rx.push_fault(ProxyFault::Body(
+        r#"{"results": [{"status": "stored", "id": 900},
+            {"status": "rejected", "code": 422, "detail": "bad date"},
+            {"status": "replayed", "id": 901},
+            {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#
+            .into(),
+    ));
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
+    let out = run_relais(&["once"], &vars, Duration::from_secs(60));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let state = dir.state_db();
+    let remote = |id| tracked(&state, "evenement", id).and_then(|t| t.remote_id);
+    assert_eq!((remote(2), remote(4)), (Some(900), Some(901)), "{log}");
+    for (id, reason) in [(3, "bad date"), (5, "no such endpoint")] {
+        let row = tracked(&state, "evenement", id).expect("tracked");
+        assert_eq!(row.status, "failed", "{row:?}");
+        assert!(row.error.unwrap_or_default().contains(reason), "{log}");
+    }
+}
+
 // ---------------------------------------------------------------- 13. exit codes
 
 #[test]
