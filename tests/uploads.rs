@@ -196,9 +196,11 @@ fn an_upload_the_server_expired_starts_again_from_zero() {
     assert_eq!(persisted_uploads(&dir), 0);
 }
 
-#[test]
-fn a_row_deleted_mid_upload_is_abandoned_with_the_reason_and_its_upload_forgotten() {
-    let dir = Scratch::new("upload-deleted");
+/// Starts `relais once` on a 32 MiB upload through an 8 MiB/s proxy, runs `change` on
+/// the application's database once a chunk is confirmed, and checks the row is
+/// abandoned with `reason`, its upload forgotten, nothing stored.
+fn changed_mid_upload(tag: &str, change: &str, reason: &str) {
+    let dir = Scratch::new(tag);
     let db = app(&dir, 32 * MB);
     let rx = receiver(&dir);
     let proxy = Proxy::start(&rx.url(), 8 * MB);
@@ -213,17 +215,34 @@ fn a_row_deleted_mid_upload_is_abandoned_with_the_reason_and_its_upload_forgotte
     }
     let app = Connection::open(&db).expect("open app db");
     app.busy_timeout(Duration::from_secs(5)).unwrap();
-    app.execute_batch("DELETE FROM media WHERE id_media = 1")
-        .expect("delete");
+    app.execute_batch(change).expect("the application's change");
     let status = wait_exit(&mut agent, Duration::from_secs(30));
     let log = log_text(stderr);
     assert_eq!(status.code(), Some(1), "{log}");
     let row = tracked(&dir.state_db(), "media", 1).expect("tracked");
     assert_eq!(row.status, "failed", "{row:?}");
     let error = row.error.unwrap_or_default();
-    assert!(error.contains("deleted"), "error_message: {error}");
+    assert!(error.contains(reason), "error_message: {error}");
     assert_eq!(persisted_uploads(&dir), 0, "the upload is forgotten");
     assert!(rx.rows().is_empty());
+}
+
+#[test]
+fn a_row_deleted_mid_upload_is_abandoned_with_the_reason_and_its_upload_forgotten() {
+    changed_mid_upload(
+        "upload-deleted",
+        "DELETE FROM media WHERE id_media = 1",
+        "deleted",
+    );
+}
+
+#[test]
+fn a_blob_changed_mid_upload_is_abandoned_with_the_reason_and_its_upload_forgotten() {
+    changed_mid_upload(
+        "upload-changed",
+        "UPDATE media SET video = zeroblob(1000000) WHERE id_media = 1",
+        "changed",
+    );
 }
 
 #[test]
