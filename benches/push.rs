@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench --bench push` (about 22 minutes; `RELAIS_BENCH_QUICK=1` for a
 //! smoke test of about 5 minutes; `RELAIS_BENCH_ONLY=uplink` for figure 8 alone, about
-//! 2 minutes; `RELAIS_BENCH_ONLY=lanes` for figures 9 and 10 alone, about 13 minutes).
+//! 2 minutes; `RELAIS_BENCH_ONLY=lanes` for figures 9 and 10 alone, about 13 minutes;
+//! `RELAIS_BENCH_ONLY=resumable` for figure 11 alone, about 20 minutes).
 //! See the README section "Benchmark".
 //!
 //! How it measures:
@@ -86,7 +87,8 @@ struct Config {
     lanes_media_mib: u64,
     /// Figures 9 and 10: the longest run of an agent.
     lanes_bound: Duration,
-    /// `RELAIS_BENCH_ONLY`: `uplink` (figure 8) or `lanes` (figures 9 and 10) alone.
+    /// `RELAIS_BENCH_ONLY`: `uplink` (figure 8), `lanes` (figures 9 and 10) or
+    /// `resumable` (figure 11) alone.
     only: Option<String>,
 }
 
@@ -357,6 +359,12 @@ impl Running {
     fn terminate(&self) {
         // SAFETY: signalling our own, not yet reaped, child.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
+    }
+
+    /// SIGKILL: a power cut, as far as the agent can tell.
+    fn kill(&self) {
+        // SAFETY: signalling our own, not yet reaped, child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
     }
 }
 
@@ -1377,8 +1385,11 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
         None | Some("") => None,
         Some("uplink") => Some(uplink),
         Some("lanes") => Some(lanes::lanes),
+        Some("resumable") => Some(lanes::resumable),
         Some(other) => {
-            return Err(format!("RELAIS_BENCH_ONLY={other}: want uplink or lanes"));
+            return Err(format!(
+                "RELAIS_BENCH_ONLY={other}: want uplink, lanes or resumable"
+            ));
         }
     };
     if let Some(figures) = only {
@@ -1674,6 +1685,7 @@ fn measure(env: &Env, cfg: &Config) -> Res<()> {
     table.cost("6. idle RSS".into(), idle_rss(0), idle_rss(1), fmt_bytes);
     uplink(env, cfg, &mut table)?;
     lanes::lanes(env, cfg, &mut table)?;
+    lanes::resumable(env, cfg, &mut table)?;
 
     // Targets.
     // Flat: from 16 MiB up (4× the 4 MiB chunk, so every buffer has its full size), the

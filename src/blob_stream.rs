@@ -163,9 +163,10 @@ impl<'c> BlobReader<'c> {
         self.end = 0;
     }
 
-    /// The next chunk of at most `chunk_bytes`, straight from the reader's own buffer
-    /// (an upload hashes it before sending it: one buffer, not two); empty at the end.
-    pub fn next_chunk(&mut self) -> Result<&[u8], BlobError> {
+    /// The next chunk of at most `max` bytes (and `chunk_bytes`), straight from the
+    /// reader's own buffer (an upload hashes it before sending it: one buffer, not two);
+    /// empty at the end. SQLite is still read `chunk_bytes` at a time.
+    pub fn next_chunk(&mut self, max: usize) -> Result<&[u8], BlobError> {
         if self.start == self.end && self.offset < self.len {
             if let Err(e) = self.refill() {
                 self.failure = Some(e.clone());
@@ -173,8 +174,9 @@ impl<'c> BlobReader<'c> {
                 return Err(e);
             }
         }
-        let chunk = &self.chunk[self.start..self.end];
-        self.start = self.end;
+        let end = self.end.min(self.start.saturating_add(max));
+        let chunk = &self.chunk[self.start..end];
+        self.start = end;
         Ok(chunk)
     }
 

@@ -32,6 +32,11 @@ use crate::transport::{Outcome, Transport};
 pub type Sent = Result<(Outcome, u64), BlobError>;
 
 const TUS_VERSION: &str = "1.0.0";
+/// Bytes of one PATCH at most: a dropped connection loses the PATCH in flight, on average
+/// half of one. With every connection cut every 20 s at 1 MB/s, 1 MiB PATCHes put about
+/// 1.03 bytes on the wire per BLOB byte, the 4 MiB of a BLOB read 1.14 (bench figure
+/// 11); the server's fsync per PATCH is nothing at field uplink rates.
+const PATCH_BYTES: usize = 1 << 20;
 /// Tries of one chunk the server found damaged (460) before the row fails for now.
 const CHUNK_TRIES: u32 = 3;
 /// `409`s (another request appending, an offset out of step) followed by a `HEAD`
@@ -277,7 +282,7 @@ impl Uploader<'_> {
         reader.skip_to(upload.offset);
         loop {
             let offset = upload.offset;
-            let chunk = match reader.next_chunk() {
+            let chunk = match reader.next_chunk(PATCH_BYTES) {
                 Ok(chunk) => chunk,
                 Err(e) => return Ok(Patched::Done(Err(e))),
             };
@@ -372,7 +377,7 @@ impl Uploader<'_> {
 fn digest(reader: &mut BlobReader) -> Result<String, BlobError> {
     let mut hash = Sha256::new();
     loop {
-        let chunk = reader.next_chunk()?;
+        let chunk = reader.next_chunk(usize::MAX)?;
         if chunk.is_empty() {
             break;
         }

@@ -20,8 +20,8 @@ use relais::demo::{check_delivery, create_app_db, insert_media};
 use rusqlite::{Connection, OpenFlags};
 
 const MB: u64 = 1 << 20;
-/// The agent's default `blob_chunk_bytes`: one PATCH.
-const CHUNK: u64 = 4 * MB;
+/// Bytes of one PATCH (`PATCH_BYTES` of src/upload.rs).
+const CHUNK: u64 = MB;
 /// A rate the proxy never waits for.
 const UNTHROTTLED: u64 = 1 << 40;
 

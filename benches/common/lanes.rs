@@ -1,7 +1,9 @@
-//! Figures 9 and 10 (issue 14): new events while the uplink is busy. A `run` child of
-//! each agent pushes through the shaped link while a writer thread inserts new events at
-//! a fixed cadence into the application database; each new event's latency is the time
-//! the store recorded it minus the time its insert committed.
+//! Figures 9 and 10 (issue 14): new events while the uplink is busy; figure 11 (issue
+//! 15): a large BLOB over a link that drops, after a SIGKILL, and at the media lane's
+//! bandwidth cap. A `run` child of each agent pushes through the shaped link while a
+//! writer thread inserts new events at a fixed cadence into the application database;
+//! each new event's latency is the time the store recorded it minus the time its insert
+//! committed.
 //!
 //! Arrival times are the store's own `received_at`, stamped by the statement that
 //! stores the row (millisecond precision, the same system clock as the writer's): exact
@@ -144,6 +146,10 @@ struct Plan<'a> {
     done: &'a dyn Fn(&Seen) -> bool,
     /// The media row's size, if the fixture has one.
     media: Option<u64>,
+    /// Added to the agent's environment.
+    vars: &'a [(&'a str, &'a str)],
+    /// SIGKILL the agent once the link has forwarded this much up, and start it again.
+    kill_after_up: Option<u64>,
 }
 
 struct LiveRun {
@@ -157,6 +163,8 @@ struct LiveRun {
     inserted: Vec<(String, f64)>,
     seen: Seen,
     up: u64,
+    /// (Unix seconds, bytes the link forwarded up) at each look while the writer ran.
+    samples: Vec<(f64, u64)>,
 }
 
 /// Polls `cond` until it holds (true), or the deadline passes or the child exits (false).
@@ -178,24 +186,37 @@ fn poll_until(
 
 fn live_run(env: &Env, fixture: &Path, agent: Agent, tag: &str, plan: &Plan) -> Res<LiveRun> {
     let run = Fresh::new(env, fixture, agent, tag, Some(plan.shape))?;
-    let mut command = env.command(agent, &run.db, &run.url(), &run.dir, false);
-    let minutes = format!("{}", INTERVAL_S / 60.0);
-    let seconds = format!("{INTERVAL_S}");
-    command.envs([
-        ("SYNC_INTERVAL_SECONDS", seconds.as_str()),
-        ("SYNC_INTERVAL_MINUTES", minutes.as_str()),
-    ]);
+    let command = || {
+        let mut command = env.command(agent, &run.db, &run.url(), &run.dir, false);
+        let minutes = format!("{}", INTERVAL_S / 60.0);
+        let seconds = format!("{INTERVAL_S}");
+        command.envs([
+            ("SYNC_INTERVAL_SECONDS", seconds.as_str()),
+            ("SYNC_INTERVAL_MINUTES", minutes.as_str()),
+        ]);
+        command.envs(plan.vars.iter().copied());
+        command
+    };
     sync_disks();
     let started = unix_now();
     let deadline = Instant::now() + plan.bound;
-    let child = spawn(command)?;
+    let mut child = spawn(command())?;
     let link = run.link.as_ref().ok_or("a live run needs a link")?;
+    let mut killed = None;
+    if let Some(at) = plan.kill_after_up {
+        poll_until(&child, deadline, || Ok(link.bytes_up() >= at))?;
+        child.kill();
+        killed = Some(child.wait()?.0);
+        child = spawn(command())?;
+    }
     poll_until(&child, deadline, || {
         Ok(link.bytes_up() >= plan.start_after_up)
     })?;
     let writer = Writer::start(&run.db, plan.every)?;
     let mut seen = Seen::default();
+    let mut samples = Vec::new();
     let done = poll_until(&child, deadline, || {
+        samples.push((unix_now(), link.bytes_up()));
         seen.poll(&run.receiver)?;
         Ok((plan.done)(&seen))
     });
@@ -208,7 +229,12 @@ fn live_run(env: &Env, fixture: &Path, agent: Agent, tag: &str, plan: &Plan) -> 
     }
     let ended = unix_now();
     child.terminate();
-    let (usage, tail) = child.wait()?;
+    let (mut usage, tail) = child.wait()?;
+    // Both processes of a killed run: their CPU together, the higher peak.
+    if let Some(first) = killed {
+        usage.cpu += first.cpu;
+        usage.maxrss = usage.maxrss.max(first.maxrss);
+    }
     if usage.status != 0 && usage.status != -libc::SIGTERM {
         return Err(format!(
             "{} run: exit status {}\n{tail}",
@@ -230,6 +256,7 @@ fn live_run(env: &Env, fixture: &Path, agent: Agent, tag: &str, plan: &Plan) -> 
         inserted,
         seen,
         up,
+        samples,
     })
 }
 
@@ -394,6 +421,8 @@ fn drain(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
         start_after_up: 1,
         done: &drained,
         media: None,
+        vars: &[],
+        kill_after_up: None,
     };
     let relais = live_run(
         env,
@@ -502,6 +531,8 @@ fn media(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
         start_after_up: 5_000_000,
         done: &arrived,
         media: Some(mib * MIB),
+        vars: &[],
+        kill_after_up: None,
     };
     let runs = [
         live_run(env, &fixture, Agent::Relais, "lanes-media", &plan)?,
@@ -565,8 +596,187 @@ fn media(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
     Ok(())
 }
 
+/// Issue 15's bound on the bytes a resumed upload puts on the wire, per BLOB byte.
+const RESUME_TARGET: f64 = 1.05;
+/// Figure 11's cap for the media lane, and how close over how long the link must keep to it.
+const CAP: u64 = 250_000;
+const CAP_TOLERANCE: f64 = 0.10;
+const CAP_WINDOW_S: f64 = 60.0;
+
+fn fmt_per_byte(v: f64) -> String {
+    format!("{v:.3}")
+}
+
+/// Figure 11, a and b: the BLOB over 1 MB/s with every connection cut every 20 s, then
+/// with the agent killed (SIGKILL) at half of it; bytes up per BLOB byte.
+fn resumed(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
+    let mib = cfg.lanes_media_mib;
+    let blob = mib * MIB;
+    let fixture = env.work.join("fixture-resumable.db");
+    lanes_db(&fixture, 0, Some(mib))?;
+    let arrived = |s: &Seen| s.media.is_some();
+    for (label, cut, kill) in [
+        (
+            "every connection cut every 20 s",
+            Some(Duration::from_secs(20)),
+            None,
+        ),
+        ("the agent killed (SIGKILL) at 50 %", None, Some(blob / 2)),
+    ] {
+        println!(
+            "11. a {mib} MiB BLOB over 1 MB/s, 25 ms each way, {label}, an event every 500 ms, at most {} s per agent ...",
+            cfg.lanes_bound.as_secs()
+        );
+        let plan = Plan {
+            shape: link::Shape {
+                delay_each_way: Duration::from_millis(25),
+                bytes_per_sec: Some(1_000_000),
+                cut_every: cut,
+            },
+            every: Duration::from_millis(500),
+            bound: cfg.lanes_bound,
+            start_after_up: 1,
+            done: &arrived,
+            media: Some(blob),
+            vars: &[],
+            kill_after_up: kill,
+        };
+        let runs = [
+            live_run(env, &fixture, Agent::Relais, "resumable", &plan)?,
+            live_run(env, &fixture, Agent::Baseline, "resumable", &plan)?,
+        ];
+        let per_byte = |r: &LiveRun| r.up as f64 / blob as f64;
+        for run in &runs {
+            let media = match run.seen.media {
+                Some(at) => format!("media arrived intact at {}", fmt_secs(at - run.started)),
+                None => format!(
+                    "media not arrived within {}",
+                    fmt_secs(run.ended - run.started)
+                ),
+            };
+            println!(
+                "     {:<8} {media} · {:.3} bytes up per BLOB byte · {} · {}",
+                run.agent.name(),
+                per_byte(run),
+                Latency::of(run).summary(),
+                resources(run)
+            );
+        }
+        let what = format!("11. a {mib} MiB BLOB at 1 MB/s, {label}");
+        table.cost(
+            format!(
+                "{what}: bytes up per BLOB byte{}",
+                if runs[1].done {
+                    ""
+                } else {
+                    " (baseline: not arrived)"
+                }
+            ),
+            per_byte(&runs[0]),
+            per_byte(&runs[1]),
+            fmt_per_byte,
+        );
+        resource_rows(table, &what, &runs);
+        let ok = runs[0].done && per_byte(&runs[0]) <= RESUME_TARGET;
+        println!(
+            "     relais: {:.3} bytes up per BLOB byte against issue 15's target ≤ {RESUME_TARGET}: target met: {}",
+            per_byte(&runs[0]),
+            met(ok)
+        );
+        table.target(
+            ok,
+            format!(
+                "{what}: relais completes with at most {RESUME_TARGET} bytes up per BLOB byte (issue 15; {:.3})",
+                per_byte(&runs[0])
+            ),
+        );
+    }
+    let _ = std::fs::remove_file(&fixture);
+    Ok(())
+}
+
+/// Bytes/s the link forwarded up over [`CAP_WINDOW_S`], from the first look after 1 MB
+/// went up (the upload under way); `None` when the run was shorter.
+fn capped_rate(samples: &[(f64, u64)]) -> Option<f64> {
+    let start = samples.iter().find(|(_, up)| *up >= 1_000_000)?;
+    let end = samples.iter().find(|(t, _)| *t >= start.0 + CAP_WINDOW_S)?;
+    Some((end.1 - start.1) as f64 / (end.0 - start.0))
+}
+
+/// Figure 11, c: a 20 MiB BLOB at the media lane's cap of 250 kB/s on a link that could
+/// carry more, events every 500 ms meanwhile. The baseline has no cap to keep to.
+fn capped(env: &Env, table: &mut Table) -> Res<()> {
+    let mib = 20;
+    let cap = CAP.to_string();
+    println!(
+        "11. a {mib} MiB BLOB at the media lane's cap of {CAP} B/s, 25 ms each way and no link limit, an event every 500 ms ..."
+    );
+    let fixture = env.work.join("fixture-capped.db");
+    lanes_db(&fixture, 0, Some(mib))?;
+    let arrived = |s: &Seen| s.media.is_some();
+    let vars = [("RELAIS_MEDIA_MAX_BYTES_PER_SEC", cap.as_str())];
+    let plan = Plan {
+        shape: link::Shape {
+            delay_each_way: Duration::from_millis(25),
+            bytes_per_sec: None,
+            cut_every: None,
+        },
+        every: Duration::from_millis(500),
+        bound: Duration::from_secs(180),
+        start_after_up: 1,
+        done: &arrived,
+        media: Some(mib * MIB),
+        vars: &vars,
+        kill_after_up: None,
+    };
+    let run = live_run(env, &fixture, Agent::Relais, "capped", &plan)?;
+    let _ = std::fs::remove_file(&fixture);
+    let lat = Latency::of(&run);
+    let rate = capped_rate(&run.samples);
+    println!(
+        "     relais   {} over {CAP_WINDOW_S} s · {} · {}",
+        rate.map_or("upload shorter than the window".to_string(), |r| format!(
+            "{r:.0} B/s up ({:.1} % of the cap)",
+            r * 100.0 / CAP as f64
+        )),
+        lat.summary(),
+        resources(&run)
+    );
+    println!("     baseline has no bandwidth cap (the seed's service sends at the link's speed)");
+    let within = rate.is_some_and(|r| (r - CAP as f64).abs() <= CAP_TOLERANCE * CAP as f64);
+    let events_ok = lat.complete() && lat.p99 < MEDIA_TARGET_S + INTERVAL_S;
+    let flat = (run.usage.maxrss as f64) < FLAT_RSS;
+    println!(
+        "     relais: the cap kept within {:.0} % over {CAP_WINDOW_S} s: {}; events' p99 {} (< {} s): {}; peak RSS {}: {}",
+        CAP_TOLERANCE * 100.0,
+        met(within),
+        fmt_secs(lat.p99),
+        MEDIA_TARGET_S + INTERVAL_S,
+        met(events_ok),
+        fmt_bytes(run.usage.maxrss as f64),
+        met(flat)
+    );
+    table.target(
+        within && events_ok && flat,
+        format!(
+            "11. the media lane's cap of {CAP} B/s kept within {:.0} % over {CAP_WINDOW_S} s ({}), events unaffected (p99 {}), memory flat ({}) (issue 15)",
+            CAP_TOLERANCE * 100.0,
+            rate.map_or("no window".to_string(), |r| format!("{r:.0} B/s")),
+            fmt_secs(lat.p99),
+            fmt_bytes(run.usage.maxrss as f64)
+        ),
+    );
+    Ok(())
+}
+
 /// Figures 9 and 10.
 pub(super) fn lanes(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
     drain(env, cfg, table)?;
     media(env, cfg, table)
+}
+
+/// Figure 11.
+pub(super) fn resumable(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
+    resumed(env, cfg, table)?;
+    capped(env, table)
 }
