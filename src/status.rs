@@ -115,6 +115,7 @@ fn render(
         TEXT_FAILURES
     })?;
     let forgotten = tracking.forgotten()?;
+    let uploads = tracking.uploads_under_way()?;
     let vanished: Vec<(String, String)> = tracking
         .meta(VANISHED)?
         .unwrap_or_default()
@@ -188,6 +189,21 @@ fn render(
             json::push_str(&mut out, at);
             out.push('}');
         }
+        out.push_str("], \"uploads\": [");
+        for (i, u) in uploads.iter().enumerate() {
+            out.push_str(if i > 0 { ", {" } else { "{" });
+            json::push_key(&mut out, "source", true);
+            json::push_str(&mut out, &u.source);
+            json::push_key(&mut out, "table", false);
+            json::push_str(&mut out, &u.table);
+            json::push_key(&mut out, "local_id", false);
+            json::push_str(&mut out, &id_text(&u.local_id));
+            let _ = write!(
+                out,
+                ", \"offset\": {}, \"length\": {}}}",
+                u.offset, u.length
+            );
+        }
         out.push(']');
         json::push_key(&mut out, "config_pull", false);
         out.push_str(&pull.map_or_else(|| "null".to_string(), SyncStatus::to_json));
@@ -211,11 +227,7 @@ fn render(
         media.push_text(&mut out, "media ");
     }
     for f in &failures {
-        let id = match &f.local_id {
-            Value::Integer(i) => i.to_string(),
-            Value::Text(t) => t.clone(),
-            _ => "?".into(),
-        };
+        let id = id_text(&f.local_id);
         let next = match f.next_attempt_at {
             Some(t) if t > clock::unix_now() => clock::iso8601(t),
             _ => "at the next pass".to_string(),
@@ -261,6 +273,17 @@ fn render(
         let _ = writeln!(
             out,
             "forgotten: source {source}: {rows} unsynced rows closed out by hand, last on {at}"
+        );
+    }
+    for u in &uploads {
+        let _ = writeln!(
+            out,
+            "upload: {} {} {}: {} of {} on the server, the upload resumes there",
+            u.source,
+            u.table,
+            id_text(&u.local_id),
+            crate::push::human_bytes(u.offset),
+            crate::push::human_bytes(u.length)
         );
     }
     if let Some(p) = pull {
@@ -315,6 +338,14 @@ impl LastPass {
             let at = self.error_at.as_deref().unwrap_or("");
             let _ = writeln!(out, "last {lane}error: {at} {e}");
         }
+    }
+}
+
+fn id_text(v: &Value) -> String {
+    match v {
+        Value::Integer(i) => i.to_string(),
+        Value::Text(t) => t.clone(),
+        _ => "?".into(),
     }
 }
 

@@ -93,6 +93,17 @@ pub struct PersistedUpload {
     pub offset: u64,
 }
 
+/// A media upload under way, as `relais status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadUnderWay {
+    pub source: String,
+    pub table: String,
+    pub local_id: Value,
+    /// Bytes the server confirmed.
+    pub offset: u64,
+    pub length: u64,
+}
+
 /// Counts for `relais status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Count {
@@ -529,6 +540,32 @@ impl Tracking {
             )
             .optional()
             .map_err(sql("read a media upload"))
+    }
+
+    /// The media uploads under way, oldest first, for `relais status`. A state database
+    /// from before uploads (opened read-only, not upgraded) has none.
+    pub fn uploads_under_way(&self) -> Result<Vec<UploadUnderWay>, TrackingError> {
+        let mut stmt = match self.conn.prepare(
+            "SELECT source, table_name, local_id, upload_offset, length FROM media_uploads
+             ORDER BY updated_at",
+        ) {
+            Ok(stmt) => stmt,
+            Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
+            Err(e) => return Err(sql("list media uploads")(e)),
+        };
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(UploadUnderWay {
+                    source: r.get(0)?,
+                    table: r.get(1)?,
+                    local_id: r.get(2)?,
+                    offset: r.get::<_, i64>(3)? as u64,
+                    length: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(sql("list media uploads"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("list media uploads"))
     }
 
     /// Records a media row's upload and the offset the server confirmed.

@@ -100,6 +100,18 @@ fn sigkill_mid_upload_resumes_from_the_servers_offset_and_the_media_arrives_once
         "offset {offset}"
     );
     assert_eq!(rx.rows().len(), 0, "nothing stored yet");
+    let status = run_relais(&["status"], &vars, Duration::from_secs(10));
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let said = format!(
+        "{:.1} MiB of 32.0 MiB on the server",
+        offset as f64 / MB as f64
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("upload: ") && l.contains(&said)),
+        "{status}"
+    );
 
     let (code, log) = once(&vars);
     assert_eq!(code, Some(0), "{log}");
