@@ -255,11 +255,16 @@ impl LaneLoop {
         loop {
             let delay = if self.lane.has_work(&self.settings) {
                 let (interrupted, wrong_url, window) = match self.pass(shared) {
-                    Ok(report) => (
-                        report.interrupted,
-                        !report.wrong_url.is_empty(),
-                        report.window.flatten(),
-                    ),
+                    Ok(report) => {
+                        if report.progressed() {
+                            self.backoff.reset();
+                        }
+                        (
+                            report.interrupted,
+                            !report.wrong_url.is_empty(),
+                            report.window.flatten(),
+                        )
+                    }
                     Err(Unbuilt::State(e)) => {
                         log::error!("{e}; nothing is pushed until this is fixed");
                         notify::status(&e);

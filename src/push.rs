@@ -60,6 +60,9 @@ pub struct TableReport {
     pub gone: bool,
     /// Media rows left pending for a media window that takes them.
     pub waiting: u64,
+    /// Bytes of uploads cut short that the server confirmed and keeps: progress, however
+    /// the pass ended.
+    pub kept: u64,
 }
 
 /// Why a pass ended before it was done.
@@ -108,6 +111,12 @@ impl CycleReport {
 
     pub fn bytes(&self) -> u64 {
         self.tables.iter().map(|t| t.bytes).sum()
+    }
+
+    /// Whether the pass moved anything on: rows stored, or bytes of an upload the server
+    /// keeps. A failure after progress is a link cut, not a backend refusing.
+    pub fn progressed(&self) -> bool {
+        self.tables.iter().any(|t| t.pushed > 0 || t.kept > 0)
     }
 
     pub fn html_answers(&self) -> u64 {
@@ -832,6 +841,9 @@ impl Pusher {
             stop: &self.stop,
         };
         let sent = uploader.send(&upload_row, &mut t.report.max_lock_hold)?;
+        if let Some(Ok((Outcome::Transient { .. }, bytes))) = &sent {
+            t.report.kept += bytes;
+        }
         if let Some(Ok((Outcome::Stored { .. }, bytes))) = &sent {
             log::info!(
                 "{} {} -> backend (resumable upload, {} sent, longest read lock {:?})",
