@@ -510,6 +510,17 @@ fn drain(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
     Ok(())
 }
 
+/// When the media row arrived, or that it had not by the end of the run.
+fn media_arrival(run: &LiveRun) -> String {
+    match run.seen.media {
+        Some(at) => format!("media arrived intact at {}", fmt_secs(at - run.started)),
+        None => format!(
+            "media not arrived within {}",
+            fmt_secs(run.ended - run.started)
+        ),
+    }
+}
+
 /// Figure 10: events recorded while a large BLOB uploads over 1 MB/s.
 fn media(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
     let mib = cfg.lanes_media_mib;
@@ -541,13 +552,7 @@ fn media(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
     let _ = std::fs::remove_file(&fixture);
     let lat: Vec<Latency> = runs.iter().map(Latency::of).collect();
     for (run, l) in runs.iter().zip(&lat) {
-        let media = match run.seen.media {
-            Some(at) => format!("media arrived intact at {}", fmt_secs(at - run.started)),
-            None => format!(
-                "media not arrived within {}",
-                fmt_secs(run.ended - run.started)
-            ),
-        };
+        let media = media_arrival(run);
         println!(
             "     {:<8} {media} · {} · {}",
             run.agent.name(),
@@ -647,13 +652,7 @@ fn resumed(env: &Env, cfg: &Config, table: &mut Table) -> Res<()> {
         ];
         let per_byte = |r: &LiveRun| r.up as f64 / blob as f64;
         for run in &runs {
-            let media = match run.seen.media {
-                Some(at) => format!("media arrived intact at {}", fmt_secs(at - run.started)),
-                None => format!(
-                    "media not arrived within {}",
-                    fmt_secs(run.ended - run.started)
-                ),
-            };
+            let media = media_arrival(run);
             println!(
                 "     {:<8} {media} · {:.3} bytes up per BLOB byte · {} · {}",
                 run.agent.name(),
