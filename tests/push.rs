@@ -955,13 +955,7 @@ fn batches_to_relais_server_store_each_row_once_with_its_id() {
 fn a_batch_partly_accepted_records_each_rows_own_outcome() {
     let (dir, _db, rx, mut p) = with_batches("batch-partial", 5);
     rx.push_fault(ProxyFault::Pass);
-    rx.push_fault(ProxyFault::Body(
-        r#"{"results": [{"status": "stored", "id": 900},
-            {"status": "rejected", "code": 422, "detail": "bad date"},
-            {"status": "replayed", "id": 901},
-            {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#
-            .into(),
-    ));
+    rx.push_fault(ProxyFault::Body(common::PARTLY_ACCEPTED.into()));
     let report = p.sync_once();
     assert_eq!((report.pushed(), report.failed()), (3, 2), "{report}");
     let state = dir.state_db();

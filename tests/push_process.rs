@@ -439,13 +439,7 @@ fn a_batch_partly_accepted_records_each_rows_own_outcome() {
     rx.offer_batches();
     // The first batch holds one row; the second the four others.
     rx.push_fault(ProxyFault::Pass);
-    rx.push_fault(ProxyFault::Body(
-        r#"{"results": [{"status": "stored", "id": 900},
-            {"status": "rejected", "code": 422, "detail": "bad date"},
-            {"status": "replayed", "id": 901},
-            {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#
-            .into(),
-    ));
+    rx.push_fault(ProxyFault::Body(common::PARTLY_ACCEPTED.into()));
     let vars = agent_env(&db, &rx.url(), dir.path(), &[]);
     let out = run_relais(&["once"], &vars, Duration::from_secs(60));
     let log = String::from_utf8_lossy(&out.stderr);

@@ -414,6 +414,13 @@ pub fn count_status(path: &Path, status: &str) -> usize {
 }
 
 /// Seconds since the Unix epoch.
+/// A batch answer for four rows: stored (id 900), rejected 422, replayed (id 901),
+/// rejected 404: what a partly accepted batch's rows must each be recorded as.
+pub const PARTLY_ACCEPTED: &str = r#"{"results": [{"status": "stored", "id": 900},
+    {"status": "rejected", "code": 422, "detail": "bad date"},
+    {"status": "replayed", "id": 901},
+    {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#;
+
 /// `HH:MM:SS` in UTC, `secs` from now: a media window's bound for an agent run with
 /// `TZ=UTC0`.
 pub fn utc_in(secs: i64) -> String {
