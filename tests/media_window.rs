@@ -11,30 +11,11 @@ use std::time::Duration;
 
 use common::{
     DEVICE, Proxy, Receiver, Scratch, agent_env, log_text, run_relais, send_signal, spawn_logged,
-    tracked, utc_in, wait_exit, wait_for,
+    tracked, utc_in, wait_exit, wait_for, windows_config,
 };
 use relais::demo::{check_delivery, create_app_db, insert_events, insert_media};
 
 const KIB: u64 = 1 << 10;
-
-/// A configuration file with these `(from, to)` media windows and the lane's cap.
-fn windows_config(dir: &Scratch, windows: &[(String, String)], cap: Option<u64>) -> String {
-    let list: Vec<String> = windows
-        .iter()
-        .map(|(from, to)| format!(r#"{{"from": "{from}", "to": "{to}"}}"#))
-        .collect();
-    let path = dir.join("relais.json");
-    std::fs::write(
-        &path,
-        format!(
-            r#"{{"media_lane": {{"windows": [{}]{}}}}}"#,
-            list.join(", "),
-            cap.map_or(String::new(), |c| format!(r#", "max_bytes_per_sec": {c}"#))
-        ),
-    )
-    .expect("config");
-    path.display().to_string()
-}
 
 fn arrived(rx: &Receiver, endpoint: &str) -> usize {
     rx.rows().iter().filter(|r| r.endpoint == endpoint).count()
@@ -48,7 +29,7 @@ fn media_wait_for_their_window_and_go_when_it_opens_while_events_go_at_once() {
     insert_media(&app, Some(64 * KIB)).expect("media");
     insert_events(&app, 2).expect("events");
     let rx = Receiver::start(&dir.join("receiver"));
-    let config = windows_config(&dir, &[(utc_in(10), utc_in(3600))], None);
+    let config = windows_config(&dir, &[(utc_in(10), utc_in(3600))], None, "");
     // An interval far longer than the test: the media lane must wake for the window.
     let vars = agent_env(
         &db,
@@ -97,6 +78,7 @@ fn a_window_closing_mid_upload_leaves_the_row_pending_until_the_next_one() {
         &dir,
         &[(utc_in(-60), utc_in(6)), (utc_in(12), utc_in(3600))],
         Some(128 * KIB),
+        "",
     );
     let vars = agent_env(
         &db,
@@ -140,7 +122,7 @@ fn once_waits_for_the_window_and_once_now_does_not() {
     insert_media(&app, Some(64 * KIB)).expect("media");
     insert_events(&app, 1).expect("event");
     let rx = Receiver::start(&dir.join("receiver"));
-    let config = windows_config(&dir, &[(utc_in(3600), utc_in(7200))], None);
+    let config = windows_config(&dir, &[(utc_in(3600), utc_in(7200))], None, "");
     let vars = agent_env(
         &db,
         &rx.url(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     DEVICE, Proxy, ProxyFault, Receiver, Scratch, agent_env, log_text, run_relais, spawn_logged,
-    tracked, utc_in, wait_exit, wait_for,
+    tracked, utc_in, wait_exit, wait_for, windows_config,
 };
 use relais::demo::{check_delivery, create_app_db, insert_media};
 use rusqlite::{Connection, OpenFlags};
@@ -295,20 +295,12 @@ fn a_window_closing_mid_upload_leaves_the_offset_and_the_next_window_resumes_the
     // 1 MiB at the lane's cap of 128 KiB/s, 64 KiB chunks: about 8 s, longer than what
     // is left of the first window (6 s, with room for a slow start under qemu); the
     // second opens 6 s after it closes.
-    let config = dir.join("relais.json");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{{"blob_chunk_bytes": 65536, "media_lane": {{"max_bytes_per_sec": 131072,
-                "windows": [{{"from": "{}", "to": "{}"}}, {{"from": "{}", "to": "{}"}}]}}}}"#,
-            utc_in(-60),
-            utc_in(6),
-            utc_in(12),
-            utc_in(3600)
-        ),
-    )
-    .expect("config");
-    let config = config.display().to_string();
+    let config = windows_config(
+        &dir,
+        &[(utc_in(-60), utc_in(6)), (utc_in(12), utc_in(3600))],
+        Some(131_072),
+        r#""blob_chunk_bytes": 65536, "#,
+    );
     let vars = agent_env(
         &db,
         &proxy.url(),

@@ -421,6 +421,31 @@ pub const PARTLY_ACCEPTED: &str = r#"{"results": [{"status": "stored", "id": 900
     {"status": "replayed", "id": 901},
     {"status": "rejected", "code": 404, "detail": "no such endpoint"}]}"#;
 
+/// A configuration file in `dir` with these `(from, to)` media windows, the media lane's
+/// cap, and `extra` top-level members (`"key": value, ` each); its path.
+pub fn windows_config(
+    dir: &Scratch,
+    windows: &[(String, String)],
+    cap: Option<u64>,
+    extra: &str,
+) -> String {
+    let list: Vec<String> = windows
+        .iter()
+        .map(|(from, to)| format!(r#"{{"from": "{from}", "to": "{to}"}}"#))
+        .collect();
+    let path = dir.join("relais.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{{extra}"media_lane": {{"windows": [{}]{}}}}}"#,
+            list.join(", "),
+            cap.map_or(String::new(), |c| format!(r#", "max_bytes_per_sec": {c}"#))
+        ),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
 /// `HH:MM:SS` in UTC, `secs` from now: a media window's bound for an agent run with
 /// `TZ=UTC0`.
 pub fn utc_in(secs: i64) -> String {
