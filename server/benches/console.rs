@@ -189,14 +189,14 @@ fn fill_postgres(url: &str, now: i64) -> Result<(), postgres::Error> {
     // The hours of every device, set-based: 720,000 rows per table in one statement.
     tx.execute(
         "INSERT INTO heartbeat_hours (device_id, hour, backlog, failed, pass_ok)
-         SELECT d, $2 - h * 3600, h % 13, 0, h % 97 <> 0
-         FROM unnest($1::text[]) AS d, generate_series(0, $3 - 1) AS h",
+         SELECT d, $2::bigint - h * 3600, h % 13, 0, h % 97 <> 0
+         FROM unnest($1::text[]) AS d, generate_series(0, $3::bigint - 1) AS h",
         &[&ids, &last_hour, &HOURS],
     )?;
     tx.execute(
         "INSERT INTO received_hours (device_id, hour, rows)
-         SELECT d, $2 - h * 3600, 40 + (h % 24) * 3
-         FROM unnest($1::text[]) AS d, generate_series(0, $3 - 1) AS h",
+         SELECT d, $2::bigint - h * 3600, 40 + (h % 24) * 3
+         FROM unnest($1::text[]) AS d, generate_series(0, $3::bigint - 1) AS h",
         &[&ids, &last_hour, &HOURS],
     )?;
     tx.commit()
