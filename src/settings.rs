@@ -1672,6 +1672,80 @@ mod tests {
     }
 
     #[test]
+    fn sync_tables_are_validated() {
+        let sync =
+            |tables: &str| format!(r#"{{"sync": {{"tenant": "school-1", "tables": [{tables}]}}}}"#);
+        let s = load(
+            &[("LOCAL_DB_PATH", "/data/app.db")],
+            Some(&sync(r#"{"table": "grades", "strategy": "field_merge"}"#)),
+        )
+        .unwrap();
+        let sync_settings = s.sync.unwrap();
+        let t = &sync_settings.tables[0];
+        assert_eq!(
+            t.source,
+            PathBuf::from("/data/app.db"),
+            "local_db_path by default"
+        );
+        assert_eq!(
+            (t.entity_type.as_str(), t.strategy),
+            ("GRADES", Strategy::FieldMerge)
+        );
+        assert_eq!(sync_settings.retention, Duration::from_secs(7 * 86_400));
+        assert!(load(&[], None).unwrap().sync.is_none(), "opt-in");
+        for (tables, setting, problem) in [
+            (
+                r#"{"table": "grades", "strategy": "newest"}"#,
+                "sync.tables[0].strategy",
+                "\"newest\" is not one of server_wins, client_wins, last_writer_wins, field_merge, manual",
+            ),
+            (
+                r#"{"table": "evenement", "strategy": "manual"}"#,
+                "sync.tables[0].table",
+                "also pushed insert-only",
+            ),
+            // capteur is read by the default event query's JOIN.
+            (
+                r#"{"table": "capteur", "strategy": "manual", "source": "/data/surveillance.db"}"#,
+                "sync.tables[0].table",
+                "one table, one mode",
+            ),
+            (
+                r#"{"table": "relais_outbox", "strategy": "manual"}"#,
+                "sync.tables[0].table",
+                "relais's or SQLite's own table",
+            ),
+            (
+                r#"{"table": "g", "strategy": "manual", "source": "/data/*.db"}"#,
+                "sync.tables[0].source",
+                "not a glob",
+            ),
+            (
+                r#"{"table": "g", "strategy": "manual"}, {"table": "g", "strategy": "manual"}"#,
+                "sync.tables[1].table",
+                "appears twice",
+            ),
+        ] {
+            let e = load(&[], Some(&sync(tables))).unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
+            assert!(e.problem.contains(problem), "{e}");
+        }
+        // The same table name in another file than the pushed one is another table.
+        let s = load(
+            &[],
+            Some(&sync(
+                r#"{"table": "evenement", "strategy": "manual", "source": "/data/other.db"}"#,
+            )),
+        )
+        .unwrap();
+        assert_eq!(s.sync.unwrap().tables[0].entity_type, "EVENEMENT");
+        let e = load(&[], Some(r#"{"sync": {"tables": []}}"#)).unwrap_err();
+        assert_eq!(e.setting, "sync.tenant", "{e}");
+        let e = load(&[], Some(r#"{"sync": {"tenant": "t", "tabels": []}}"#)).unwrap_err();
+        assert_eq!(e.setting, "sync.tabels", "{e}");
+    }
+
+    #[test]
     fn custom_table_with_blob() {
         let s = load(
             &[],
