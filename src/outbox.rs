@@ -169,11 +169,14 @@ fn installed(conn: &Connection) -> rusqlite::Result<Vec<Installed>> {
         "SELECT table_name, tenant, entity_type, columns, primary_key, installed_at, \
          relais_version FROM {TABLES} ORDER BY table_name"
     ))?;
+    // A list edited into something else by hand reads as empty: the table then shows
+    // as drifted, and the agent's next pass recreates its triggers and the record.
     let parse = |text: String| miniserde::json::from_str::<Vec<String>>(&text).unwrap_or_default();
     stmt.query_map([], |r| {
         let shape = Shape {
             columns: parse(r.get(3)?),
             primary_key: parse(r.get(4)?),
+            // Only install warns about integer keys, from the live table.
             integer_key: false,
         };
         Ok(Installed {
