@@ -27,7 +27,7 @@ use crate::settings::{Settings, SettingsError};
 use crate::state_lock::{self, LockError, StateLock};
 use crate::tracking::Tracking;
 use crate::transport::Transport;
-use crate::{backlog, clock, heartbeat, notify, status};
+use crate::{backlog, clock, heartbeat, notify, outbox, status};
 
 /// Longest time between a stop signal and the agent's exit.
 pub const STOP_GRACE: Duration = Duration::from_millis(4500);
@@ -240,6 +240,8 @@ struct LaneLoop {
     backoff: Backoff,
     clock_watch: clock::ClockWatch,
     heartbeats: heartbeat::Heartbeats,
+    /// Two-way sync's upkeep, on the event lane only.
+    outbox: outbox::Maintainer,
 }
 
 impl LaneLoop {
@@ -251,6 +253,7 @@ impl LaneLoop {
             backoff: Backoff::new(&settings.retry),
             clock_watch: clock::ClockWatch::default(),
             heartbeats: heartbeat::Heartbeats::default(),
+            outbox: outbox::Maintainer::default(),
         }
     }
 
@@ -347,6 +350,10 @@ impl LaneLoop {
                     .clone();
                 self.heartbeats
                     .after_pass(&self.settings, pusher, &report, media);
+                // Whatever the push's outcome: the capture is local, it needs no backend.
+                if let Some(sync) = &self.settings.sync {
+                    self.outbox.pass(sync);
+                }
             }
         }
         Ok(report)

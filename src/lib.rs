@@ -11,6 +11,7 @@
 //! - [`tracking`]: the agent's own state (`sync_tracking`, high-water marks);
 //!   [`state_lock`]: one process per state directory;
 //! - [`transport`], [`tcp_transport`], [`backoff`]: talking to the backend;
+//! - [`outbox`]: two-way sync's change capture (triggers and the outbox table);
 //! - [`push`]: one synchronisation pass; [`daemon`]: the loop, signals and schedule;
 //! - [`notify`]: systemd readiness and watchdog;
 //! - [`logging`], [`redact`], [`atomic_file`], [`clock`], [`json`]: shared mechanisms.
@@ -30,6 +31,7 @@ pub mod lane;
 pub mod logging;
 pub mod media_window;
 pub mod notify;
+pub mod outbox;
 pub mod payload;
 pub mod pull;
 pub mod push;

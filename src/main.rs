@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use relais::daemon::{EXIT_CONFIG, EXIT_FAILED_ROWS, EXIT_OK};
 use relais::settings::{Settings, SyncMode};
-use relais::{clock, daemon, logging, state_lock, status, tracking};
+use relais::{clock, daemon, logging, outbox, state_lock, status, tracking};
 
 const USAGE: &str = "usage: relais [--config FILE] [COMMAND]
 
@@ -18,6 +18,9 @@ commands:
   retry-failed   make every failed row due now
   reconcile      queue every row below the high-water mark that was never sent
   forget SOURCE  close out the unsynced rows of a source whose file is gone
+  outbox install     capture the changes of sync.tables (outbox table and triggers)
+  outbox uninstall [--force]  remove exactly what install created
+  outbox status [--json]      what is captured, the outbox's events per status
   state reset    move the state database aside (relais.db.bad-<time>) and start afresh
   demo           push a generated database to relais-server in-process, check every byte
   help, --help   print this text
@@ -78,6 +81,14 @@ fn run(args: &[String]) -> i32 {
         ("reconcile", None) => reconcile(&settings),
         ("forget", Some(source)) if rest.len() == 2 => forget(&settings, source),
         ("state", Some("reset")) if rest.len() == 2 => state_reset(&settings),
+        ("outbox", Some(sub)) => match (sub, &rest[2..]) {
+            ("install", []) => outbox::run_install(&settings),
+            ("uninstall", []) => outbox::run_uninstall(&settings, false),
+            ("uninstall", [force]) if force == "--force" => outbox::run_uninstall(&settings, true),
+            ("status", []) => outbox::run_status(&settings, false),
+            ("status", [json]) if json == "--json" => outbox::run_status(&settings, true),
+            _ => usage_error(&format!("unknown command {:?}", rest.join(" "))),
+        },
         ("run", None) => agent(&settings, false, &load),
         ("once", None) => agent(&settings, true, &load),
         ("once", Some("--now")) if rest.len() == 2 => {

@@ -104,6 +104,28 @@ pub struct TableSpec {
     pub blob: Option<BlobSpec>,
 }
 
+impl TableSpec {
+    /// Whether this push reads `table` (case-insensitively, as SQLite names go): its
+    /// name, its BLOB's table, or a table its query reads `FROM` or `JOIN`s.
+    pub fn reads_table(&self, table: &str) -> bool {
+        let words: Vec<&str> = self
+            .query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let read_by_query = words.windows(2).any(|w| {
+            (w[0].eq_ignore_ascii_case("from") || w[0].eq_ignore_ascii_case("join"))
+                && w[1].eq_ignore_ascii_case(table)
+        });
+        read_by_query
+            || self.name.eq_ignore_ascii_case(table)
+            || self
+                .blob
+                .as_ref()
+                .is_some_and(|b| b.table.eq_ignore_ascii_case(table))
+    }
+}
+
 /// The command run after the pulled configuration file is replaced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HookSpec {
@@ -147,6 +169,80 @@ pub struct Settings {
     /// Whether a heartbeat follows each event-lane pass ([`crate::heartbeat`];
     /// `RELAIS_HEARTBEAT` `1`, the default, or `0`; the file's `heartbeat` true or false).
     pub heartbeat: bool,
+    /// Two-way sync ([`crate::outbox`]): `None` unless the file has a `sync` member.
+    pub sync: Option<SyncSettings>,
+}
+
+/// How a conflict between a device's change and the server's is settled (issue 17's
+/// "Conflicts" part applies it; the capture only records it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    ServerWins,
+    ClientWins,
+    LastWriterWins,
+    FieldMerge,
+    Manual,
+}
+
+impl Strategy {
+    const ALL: [Strategy; 5] = [
+        Strategy::ServerWins,
+        Strategy::ClientWins,
+        Strategy::LastWriterWins,
+        Strategy::FieldMerge,
+        Strategy::Manual,
+    ];
+
+    /// The configuration file's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::ServerWins => "server_wins",
+            Strategy::ClientWins => "client_wins",
+            Strategy::LastWriterWins => "last_writer_wins",
+            Strategy::FieldMerge => "field_merge",
+            Strategy::Manual => "manual",
+        }
+    }
+}
+
+/// One application table synchronised both ways: its changes are captured in the
+/// database's outbox by triggers ([`crate::outbox`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncTable {
+    /// The application database holding the table (one file, never a glob: the
+    /// triggers live in it).
+    pub source: PathBuf,
+    pub table: String,
+    pub strategy: Strategy,
+    /// The outbox's `entity_type` (seed 002's `GRADE`, `STUDENT`...).
+    pub entity_type: String,
+}
+
+/// The `sync` member of the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    pub tenant: String,
+    pub tables: Vec<SyncTable>,
+    /// How long an acknowledged event stays in the outbox (`retention_days`).
+    pub retention: Duration,
+}
+
+impl SyncSettings {
+    /// The distinct source files, in the order the configuration names them.
+    pub fn sources(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
+        for t in &self.tables {
+            if !out.contains(&t.source.as_path()) {
+                out.push(&t.source);
+            }
+        }
+        out
+    }
+
+    /// The configured tables of `source`.
+    pub fn tables_of<'a>(&'a self, source: &'a Path) -> impl Iterator<Item = &'a SyncTable> {
+        self.tables.iter().filter(move |t| t.source == source)
+    }
 }
 
 pub const DEFAULT_EVENT_QUERY: &str = "SELECT e.id_evenement AS local_id, e.date AS date, \
@@ -250,8 +346,20 @@ const FILE_KEYS: &[(&str, Key)] = &[
     ("state_lock_wait_s", Key::Value),
     ("sync_interval_minutes", Key::Value),
     ("sync_interval_seconds", Key::Value),
+    ("sync", Key::Object(SYNC_KEYS)),
     ("sync_mode", Key::Value),
     ("tables", Key::Objects(TABLE_KEYS)),
+];
+const SYNC_KEYS: &[(&str, Key)] = &[
+    ("retention_days", Key::Value),
+    ("tables", Key::Objects(SYNC_TABLE_KEYS)),
+    ("tenant", Key::Value),
+];
+const SYNC_TABLE_KEYS: &[(&str, Key)] = &[
+    ("entity_type", Key::Value),
+    ("source", Key::Value),
+    ("strategy", Key::Value),
+    ("table", Key::Value),
 ];
 const HTTP_KEYS: &[(&str, Key)] = &[
     ("batches", Key::Value),
@@ -601,6 +709,8 @@ impl Settings {
             .string("LOCAL_DB_PATH", "local_db_path")?
             .unwrap_or_else(|| "/data/surveillance.db".into());
         let (device_id, device_id_origin) = parse_device_id(&src)?;
+        let tables = parse_tables(&src.file)?;
+        let sync = parse_sync(&src.file, &local_db_path, &tables)?;
         let settings = Settings {
             local_db_path,
             device_id,
@@ -610,7 +720,7 @@ impl Settings {
             http: parse_http(&src)?,
             retry: parse_retry(&src.file)?,
             media: parse_media_lane(&src)?,
-            tables: parse_tables(&src.file)?,
+            tables,
             batch_size: src.file.number("batch_size")?.map_or(Ok(100.0), |n| {
                 whole(n, 1.0, 10_000.0, &src.file.name("batch_size"))
             })? as usize,
@@ -648,6 +758,7 @@ impl Settings {
             on_config_change: parse_hook(&src.file)?,
             state_lock_wait: src.file.seconds("state_lock_wait_s", 30.0)?,
             heartbeat: parse_heartbeat(&src)?,
+            sync,
         };
         settings.validate()?;
         Ok(settings)
@@ -1015,6 +1126,155 @@ fn parse_table(t: &Fields) -> Result<TableSpec, SettingsError> {
         query,
         endpoint,
         blob,
+    })
+}
+
+/// The `sync` member: two-way sync, opt-in per table. A table is pushed insert-only
+/// (`tables`) or synchronised, never both: both would send each new row twice, by two
+/// routes, with two different identities on the server.
+fn parse_sync(
+    file: &Fields,
+    local_db_path: &str,
+    pushed: &[TableSpec],
+) -> Result<Option<SyncSettings>, SettingsError> {
+    let Some(sync) = file.object("sync")? else {
+        return Ok(None);
+    };
+    let tenant = sync
+        .string("tenant")?
+        .ok_or_else(|| invalid(&sync.name("tenant"), "is required: the tenant's id"))?;
+    if tenant.trim().is_empty() || tenant.chars().any(char::is_control) {
+        return Err(invalid(
+            &sync.name("tenant"),
+            "must be a non-empty id without control characters",
+        ));
+    }
+    let retention = match sync.number("retention_days")? {
+        None => 7.0,
+        Some(n) => whole(n, 1.0, 36_500.0, &sync.name("retention_days"))?,
+    };
+    let items = match sync.get("tables") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        _ => {
+            return Err(invalid(
+                &sync.name("tables"),
+                "is required: an array of {\"source\", \"table\", \"strategy\"} objects",
+            ));
+        }
+    };
+    let mut tables: Vec<SyncTable> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let prefix = sync.name(&format!("tables[{i}]"));
+        let Value::Object(obj) = item else {
+            return Err(invalid(&prefix, "must be an object"));
+        };
+        let t = Fields {
+            prefix,
+            map: obj_map(obj),
+        };
+        let table = parse_sync_table(&t, local_db_path, pushed)?;
+        if tables
+            .iter()
+            .any(|o| o.source == table.source && o.table == table.table)
+        {
+            return Err(invalid(
+                &t.name("table"),
+                format!(
+                    "{:?} of {} appears twice",
+                    table.table,
+                    table.source.display()
+                ),
+            ));
+        }
+        tables.push(table);
+    }
+    Ok(Some(SyncSettings {
+        tenant,
+        tables,
+        retention: Duration::from_secs((retention * 86_400.0) as u64),
+    }))
+}
+
+fn parse_sync_table(
+    t: &Fields,
+    local_db_path: &str,
+    pushed: &[TableSpec],
+) -> Result<SyncTable, SettingsError> {
+    let table = t
+        .string("table")?
+        .ok_or_else(|| invalid(&t.name("table"), "is required"))?;
+    // The name goes into trigger names (`relais_sync_<table>_ins`): kept to plain
+    // identifiers, as the push's table names are.
+    if !is_identifier(&table) {
+        return Err(invalid(
+            &t.name("table"),
+            format!("{table:?} must be letters, digits and '_'"),
+        ));
+    }
+    let lower = table.to_ascii_lowercase();
+    if lower.starts_with("relais_") || lower.starts_with("sqlite_") {
+        return Err(invalid(
+            &t.name("table"),
+            format!("{table:?} is relais's or SQLite's own table, not the application's"),
+        ));
+    }
+    let source = match t.string("source")? {
+        Some(s) if crate::source::is_glob(&s) => {
+            return Err(invalid(
+                &t.name("source"),
+                format!("{s:?} must name one database file, not a glob"),
+            ));
+        }
+        Some(s) if s.trim().is_empty() => return Err(invalid(&t.name("source"), "is empty")),
+        Some(s) => PathBuf::from(s),
+        None if crate::source::is_glob(local_db_path) => {
+            return Err(invalid(
+                &t.name("source"),
+                format!("is required: local_db_path ({local_db_path}) is a glob"),
+            ));
+        }
+        None => PathBuf::from(local_db_path),
+    };
+    let known = Strategy::ALL.map(Strategy::name).join(", ");
+    let strategy = match t.string("strategy")? {
+        None => {
+            return Err(invalid(
+                &t.name("strategy"),
+                format!("is required: one of {known}"),
+            ));
+        }
+        Some(s) => Strategy::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| invalid(&t.name("strategy"), format!("{s:?} is not one of {known}")))?,
+    };
+    let entity_type = match t.string("entity_type")? {
+        None => table.to_ascii_uppercase(),
+        Some(e) if is_identifier(&e) => e,
+        Some(e) => {
+            return Err(invalid(
+                &t.name("entity_type"),
+                format!("{e:?} must be letters, digits and '_'"),
+            ));
+        }
+    };
+    if crate::source::names_file(local_db_path, &source) {
+        if let Some(p) = pushed.iter().find(|p| p.reads_table(&table)) {
+            return Err(invalid(
+                &t.name("table"),
+                format!(
+                    "{table:?} is also pushed insert-only (tables entry {:?}): one table, one mode; \
+                     remove it from one of tables and sync.tables",
+                    p.name
+                ),
+            ));
+        }
+    }
+    Ok(SyncTable {
+        source,
+        table,
+        strategy,
+        entity_type,
     })
 }
 
@@ -1409,6 +1669,80 @@ mod tests {
         .unwrap();
         assert!(s.site_token.is_none() && s.http.bearer_token.is_none());
         assert!(s.http.ca_file.is_none());
+    }
+
+    #[test]
+    fn sync_tables_are_validated() {
+        let sync =
+            |tables: &str| format!(r#"{{"sync": {{"tenant": "school-1", "tables": [{tables}]}}}}"#);
+        let s = load(
+            &[("LOCAL_DB_PATH", "/data/app.db")],
+            Some(&sync(r#"{"table": "grades", "strategy": "field_merge"}"#)),
+        )
+        .unwrap();
+        let sync_settings = s.sync.unwrap();
+        let t = &sync_settings.tables[0];
+        assert_eq!(
+            t.source,
+            PathBuf::from("/data/app.db"),
+            "local_db_path by default"
+        );
+        assert_eq!(
+            (t.entity_type.as_str(), t.strategy),
+            ("GRADES", Strategy::FieldMerge)
+        );
+        assert_eq!(sync_settings.retention, Duration::from_secs(7 * 86_400));
+        assert!(load(&[], None).unwrap().sync.is_none(), "opt-in");
+        for (tables, setting, problem) in [
+            (
+                r#"{"table": "grades", "strategy": "newest"}"#,
+                "sync.tables[0].strategy",
+                "\"newest\" is not one of server_wins, client_wins, last_writer_wins, field_merge, manual",
+            ),
+            (
+                r#"{"table": "evenement", "strategy": "manual"}"#,
+                "sync.tables[0].table",
+                "also pushed insert-only",
+            ),
+            // capteur is read by the default event query's JOIN.
+            (
+                r#"{"table": "capteur", "strategy": "manual", "source": "/data/surveillance.db"}"#,
+                "sync.tables[0].table",
+                "one table, one mode",
+            ),
+            (
+                r#"{"table": "relais_outbox", "strategy": "manual"}"#,
+                "sync.tables[0].table",
+                "relais's or SQLite's own table",
+            ),
+            (
+                r#"{"table": "g", "strategy": "manual", "source": "/data/*.db"}"#,
+                "sync.tables[0].source",
+                "not a glob",
+            ),
+            (
+                r#"{"table": "g", "strategy": "manual"}, {"table": "g", "strategy": "manual"}"#,
+                "sync.tables[1].table",
+                "appears twice",
+            ),
+        ] {
+            let e = load(&[], Some(&sync(tables))).unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
+            assert!(e.problem.contains(problem), "{e}");
+        }
+        // The same table name in another file than the pushed one is another table.
+        let s = load(
+            &[],
+            Some(&sync(
+                r#"{"table": "evenement", "strategy": "manual", "source": "/data/other.db"}"#,
+            )),
+        )
+        .unwrap();
+        assert_eq!(s.sync.unwrap().tables[0].entity_type, "EVENEMENT");
+        let e = load(&[], Some(r#"{"sync": {"tables": []}}"#)).unwrap_err();
+        assert_eq!(e.setting, "sync.tenant", "{e}");
+        let e = load(&[], Some(r#"{"sync": {"tenant": "t", "tabels": []}}"#)).unwrap_err();
+        assert_eq!(e.setting, "sync.tabels", "{e}");
     }
 
     #[test]

@@ -165,6 +165,21 @@ pub fn normalise(path: &Path) -> PathBuf {
     absolute.components().collect()
 }
 
+/// Whether `pattern` (a path or a glob on the file name, as `LOCAL_DB_PATH`) names the
+/// file at `path`, compared on their normalised spelling.
+pub fn names_file(pattern: &str, path: &Path) -> bool {
+    let (pattern, path) = (normalise(Path::new(pattern)), normalise(path));
+    if !is_glob(&pattern.to_string_lossy()) {
+        return pattern == path;
+    }
+    let name_of = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    pattern.parent() == path.parent()
+        && match (name_of(&pattern), name_of(&path)) {
+            (Some(glob), Some(name)) => wildcard_match(&glob, &name),
+            _ => false,
+        }
+}
+
 /// Whether the path has wildcards; only the file name may have them.
 pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?'])
@@ -200,7 +215,17 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
 /// Opens an application database read-only. A busy timeout lets a short application
 /// commit finish instead of failing the read.
 pub fn open(path: &Path) -> Result<Connection, SourceError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    open_with(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+/// Opens an application database for writing, never creating it: only the two-way
+/// sync's outbox ([`crate::outbox`]) writes there, in short transactions of its own.
+pub fn open_writable(path: &Path) -> Result<Connection, SourceError> {
+    open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+}
+
+fn open_with(path: &Path, mode: OpenFlags) -> Result<Connection, SourceError> {
+    let flags = mode | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn =
         Connection::open_with_flags(path, flags).map_err(|e| SourceError::Open(path.into(), e))?;
     conn.busy_timeout(Duration::from_secs(5))
