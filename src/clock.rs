@@ -165,6 +165,24 @@ pub fn parse_http_date(text: &str) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
 }
 
+/// Parses what [`iso8601`] writes (`2025-12-18T17:30:00+00:00`; only UTC) into Unix
+/// seconds: the pull status's times, for the heartbeat.
+pub fn parse_iso8601(text: &str) -> Option<i64> {
+    let (date, time) = text.strip_suffix("+00:00")?.split_once('T')?;
+    let ymd: Vec<i64> = date
+        .split('-')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let hms: Vec<i64> = time
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let (&[y, mo, d], &[h, mi, sec]) = (&ymd[..], &hms[..]) else {
+        return None;
+    };
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
 /// Howard Hinnant's civil-to-days algorithm, the inverse of [`civil_from_days`].
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -190,6 +208,14 @@ pub fn human_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn iso8601_round_trips() {
+        for t in [0, 1_766_079_000, 951_782_400] {
+            assert_eq!(parse_iso8601(&iso8601(t)), Some(t));
+        }
+        assert_eq!(parse_iso8601("2025-12-18T17:30:00Z"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -27,7 +27,7 @@ use crate::settings::{Settings, SettingsError};
 use crate::state_lock::{self, LockError, StateLock};
 use crate::tracking::Tracking;
 use crate::transport::Transport;
-use crate::{backlog, clock, notify, status};
+use crate::{backlog, clock, heartbeat, notify, status};
 
 /// Longest time between a stop signal and the agent's exit.
 pub const STOP_GRACE: Duration = Duration::from_millis(4500);
@@ -74,6 +74,8 @@ struct Shared {
     lock: Mutex<Option<StateLock>>,
     stop: Arc<AtomicBool>,
     command: &'static str,
+    /// The media lane's last pass, for the event lane's heartbeat.
+    media_pass: Mutex<Option<relais_wire::heartbeat::Pass>>,
 }
 
 /// What the signal thread's dispatcher tells a lane.
@@ -109,6 +111,7 @@ pub fn run(settings: &Settings, once: bool, load: Load) -> i32 {
         lock: Mutex::new(lock),
         stop: Arc::new(AtomicBool::new(false)),
         command,
+        media_pass: Mutex::new(None),
     };
     let (tx, rx) = mpsc::channel();
     let pull: PullHandle = Arc::new(Mutex::new(if once { None } else { start_pull(&settings) }));
@@ -236,6 +239,7 @@ struct LaneLoop {
     pusher: Option<Pusher>,
     backoff: Backoff,
     clock_watch: clock::ClockWatch,
+    heartbeats: heartbeat::Heartbeats,
 }
 
 impl LaneLoop {
@@ -246,6 +250,7 @@ impl LaneLoop {
             pusher: None,
             backoff: Backoff::new(&settings.retry),
             clock_watch: clock::ClockWatch::default(),
+            heartbeats: heartbeat::Heartbeats::default(),
         }
     }
 
@@ -327,6 +332,23 @@ impl LaneLoop {
         log_report(&report);
         status::record_cycle(pusher.tracking(), &report, self.lane);
         notify::status(&report.to_string());
+        match self.lane {
+            Lane::Media => {
+                *shared
+                    .media_pass
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(heartbeat::pass_of(&report));
+            }
+            Lane::Events => {
+                let media = shared
+                    .media_pass
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                self.heartbeats
+                    .after_pass(&self.settings, pusher, &report, media);
+            }
+        }
         Ok(report)
     }
 

@@ -24,6 +24,7 @@ pub mod blob_stream;
 pub mod clock;
 pub mod daemon;
 pub mod device_id;
+pub mod heartbeat;
 pub mod json;
 pub mod lane;
 pub mod logging;

@@ -331,6 +331,11 @@ impl Pusher {
         &mut self.tracking
     }
 
+    /// The lane's transport, for the heartbeat that follows a pass.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
     /// One pass over every source and table. Never panics on bad input: problems end up
     /// in the report, one line each.
     pub fn sync_once(&mut self) -> CycleReport {

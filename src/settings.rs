@@ -144,6 +144,9 @@ pub struct Settings {
     /// How long `relais once` (and `run`, `state reset`) waits for another process to
     /// release the state directory (`state_lock_wait_s`).
     pub state_lock_wait: Duration,
+    /// Whether a heartbeat follows each event-lane pass ([`crate::heartbeat`];
+    /// `RELAIS_HEARTBEAT` `1`, the default, or `0`; the file's `heartbeat` true or false).
+    pub heartbeat: bool,
 }
 
 pub const DEFAULT_EVENT_QUERY: &str = "SELECT e.id_evenement AS local_id, e.date AS date, \
@@ -233,6 +236,7 @@ const FILE_KEYS: &[(&str, Key)] = &[
     ("config_pull_timeout_s", Key::Value),
     ("config_sync_interval_min", Key::Value),
     ("device_id", Key::Value),
+    ("heartbeat", Key::Value),
     ("http", Key::Object(HTTP_KEYS)),
     ("local_db_path", Key::Value),
     ("log_dir", Key::Value),
@@ -643,6 +647,7 @@ impl Settings {
             config_pull_timeout: src.file.seconds("config_pull_timeout_s", 60.0)?,
             on_config_change: parse_hook(&src.file)?,
             state_lock_wait: src.file.seconds("state_lock_wait_s", 30.0)?,
+            heartbeat: parse_heartbeat(&src)?,
         };
         settings.validate()?;
         Ok(settings)
@@ -791,6 +796,18 @@ fn parse_offered(src: &Source, http: &Fields, var: &str, key: &str) -> Result<bo
         Some("off") => Ok(false),
         Some(other) => Err(invalid(var, format!("must be auto or off, got {other:?}"))),
         None => Ok(http.boolean(key)?.unwrap_or(true)),
+    }
+}
+
+fn parse_heartbeat(src: &Source) -> Result<bool, SettingsError> {
+    match src.env("RELAIS_HEARTBEAT").as_deref().map(str::trim) {
+        Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(invalid(
+            "RELAIS_HEARTBEAT",
+            format!("must be 1 or 0, got {other:?}"),
+        )),
+        None => Ok(src.file.boolean("heartbeat")?.unwrap_or(true)),
     }
 }
 
@@ -1164,6 +1181,19 @@ mod tests {
         }
         let e = load(&[], Some(r#"{"http": {"in_flight": 0}}"#)).unwrap_err();
         assert_eq!(e.setting, "http.in_flight", "{e}");
+    }
+
+    #[test]
+    fn heartbeats_are_on_unless_turned_off() {
+        assert!(load(&[], None).unwrap().heartbeat);
+        assert!(!load(&[("RELAIS_HEARTBEAT", "0")], None).unwrap().heartbeat);
+        assert!(
+            !load(&[], Some(r#"{"heartbeat": false}"#))
+                .unwrap()
+                .heartbeat
+        );
+        let e = load(&[("RELAIS_HEARTBEAT", "no")], None).unwrap_err();
+        assert_eq!(e.setting, "RELAIS_HEARTBEAT", "{e}");
     }
 
     #[test]

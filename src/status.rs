@@ -28,17 +28,7 @@ const JSON_FAILURES: usize = 100;
 pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport, lane: Lane) {
     let now = clock::now_iso8601();
     let cycle = report.to_string();
-    let error = report
-        .errors
-        .first()
-        .cloned()
-        .or_else(|| match &report.interrupted {
-            Some(crate::push::Interruption::Backend { reason, .. }) => Some(reason.clone()),
-            Some(crate::push::Interruption::State(e)) => Some(e.clone()),
-            _ => None,
-        })
-        .or_else(|| report.tables.iter().find_map(|t| t.rejection.clone()))
-        .map(|e| crate::redact::redact(&e));
+    let error = pass_error(report);
     let vanished: String = report
         .vanished
         .iter()
@@ -59,6 +49,22 @@ pub fn record_cycle(tracking: &mut Tracking, report: &CycleReport, lane: Lane) {
     if let Err(e) = result {
         log::warn!("{e}");
     }
+}
+
+/// What went wrong in the pass, redacted: its first error, else why it stopped, else
+/// its first rejection; what `relais status` and the heartbeat show.
+pub fn pass_error(report: &CycleReport) -> Option<String> {
+    report
+        .errors
+        .first()
+        .cloned()
+        .or_else(|| match &report.interrupted {
+            Some(crate::push::Interruption::Backend { reason, .. }) => Some(reason.clone()),
+            Some(crate::push::Interruption::State(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .or_else(|| report.tables.iter().find_map(|t| t.rejection.clone()))
+        .map(|e| crate::redact::redact(&e))
 }
 
 /// Prints the status; returns the exit code.

@@ -87,6 +87,10 @@ pub struct Cli {
         default_value_t = 10
     )]
     pub store_check_interval_s: u64,
+    /// Days of agents' hourly history kept (heartbeats and rows received per hour);
+    /// older hours are removed once an hour.
+    #[arg(long, env = "RELAIS_SERVER_HISTORY_DAYS", default_value_t = 30)]
+    pub history_days: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub batch: batch::Limits,
     /// What `/api/uploads` accepts, and how long an upload lives.
     pub uploads: uploads::Limits,
+    /// `--history-days`.
+    pub history_days: u64,
 }
 
 impl Config {
@@ -71,6 +73,9 @@ impl Config {
                 "config: --batch-max-bytes must be at least {} (one row of the largest size)",
                 batch::MAX_ROW_BYTES
             ));
+        }
+        if cli.history_days == 0 {
+            return Err("config: --history-days must be at least 1".into());
         }
         if cli.upload_expiry_s == 0 {
             return Err("config: --upload-expiry-s must be at least 1".into());
@@ -100,6 +105,7 @@ impl Config {
                 max_bytes: cli.upload_max_bytes,
                 expiry: Duration::from_secs(cli.upload_expiry_s),
             },
+            history_days: cli.history_days,
         })
     }
 }

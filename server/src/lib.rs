@@ -147,7 +147,12 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
         app.clone(),
         expiry_sweep(config),
     ));
-    let router = http::router(app, config);
+    let flush = tokio::spawn(store::fleet::flush_every(app.store.clone()));
+    let prune = tokio::spawn(store::fleet::prune_every(
+        app.store.clone(),
+        config.history_days,
+    ));
+    let router = http::router(app.clone(), config);
     let served = http::accept::serve_with(
         listener,
         router,
@@ -159,5 +164,9 @@ async fn serve_with<S: Store>(store: S, config: &Config) -> Result<(), String> {
     watch.abort();
     sweep.abort();
     expire.abort();
+    prune.abort();
+    flush.abort();
+    // The counts of the last seconds, which the periodic flush has not stored yet.
+    store::fleet::flush(&app.store).await;
     served
 }

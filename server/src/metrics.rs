@@ -48,6 +48,8 @@ pub enum Outcome {
     UploadCreated,
     /// A resumable upload completed: its row stored (`true`) or replayed.
     UploadCompleted(bool),
+    /// An agent's heartbeat was stored.
+    Heartbeat,
 }
 
 /// A batch's rows by result.
@@ -80,6 +82,7 @@ struct Counters {
     batch_rows_rejected: u64,
     uploads_created: u64,
     uploads_completed: u64,
+    heartbeats: u64,
 }
 
 #[derive(Debug, Default)]
@@ -138,6 +141,7 @@ impl Metrics {
                 c.batch_rows_rejected += rows.rejected;
             }
             Some(Outcome::UploadCreated) => c.uploads_created += 1,
+            Some(Outcome::Heartbeat) => c.heartbeats += 1,
             Some(Outcome::UploadCompleted(stored)) => {
                 c.uploads_completed += 1;
                 if stored {
@@ -227,6 +231,11 @@ impl Metrics {
                 "relais_server_uploads_expired_total",
                 "Resumable uploads this server removed once expired, with their partial files.",
                 self.uploads_expired.load(Ordering::Relaxed),
+            ),
+            (
+                "relais_server_heartbeats_total",
+                "Agents' heartbeats stored.",
+                c.heartbeats,
             ),
             (
                 "relais_server_received_bytes_total",

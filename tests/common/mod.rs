@@ -127,6 +127,9 @@ pub fn agent_env(
             "RELAIS_LOG_DIR".into(),
             dir.join("log").display().to_string(),
         ),
+        // Off unless a test turns it on (tests/heartbeat.rs): the other tests count
+        // the requests a pass makes.
+        ("RELAIS_HEARTBEAT".into(), "0".into()),
     ];
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     vars
@@ -1076,6 +1079,10 @@ pub struct Receiver {
     admin: SiteAdmin,
     /// The site id of each token set so far.
     sites: std::sync::Mutex<HashMap<String, i64>>,
+    /// Heartbeats answered 404, as the seed's backend does ([`Receiver::refuse_heartbeats`]).
+    refuse_heartbeats: Arc<AtomicBool>,
+    /// Heartbeat POSTs that reached the proxy.
+    heartbeat_posts: Arc<AtomicU64>,
 }
 
 /// A misbehaving configuration endpoint: what the proxy does with one `GET /config/...`
@@ -1134,6 +1141,9 @@ impl Receiver {
         let uploads_offered = Arc::clone(&offer_uploads);
         let patch_faults = Arc::new(std::sync::Mutex::new(VecDeque::new()));
         let patch_queue = Arc::clone(&patch_faults);
+        let refuse_heartbeats = Arc::new(AtomicBool::new(false));
+        let heartbeat_posts = Arc::new(AtomicU64::new(0));
+        let (refused, posts) = (Arc::clone(&refuse_heartbeats), Arc::clone(&heartbeat_posts));
         let [batch_only, uploads_only] = ["uploads", "batch"].map(|hidden| {
             let mut doc = capability_document(&server.url());
             doc.remove(hidden);
@@ -1152,6 +1162,13 @@ impl Receiver {
                         (false, true) => Some(uploads_only.clone()),
                         (true, true) => None,
                     }
+                }
+                // Not a push: the push faults a test queues are for its rows.
+                "POST" if req.path.ends_with(relais_wire::heartbeat::HEARTBEAT_PATH) => {
+                    posts.fetch_add(1, Ordering::Relaxed);
+                    refused
+                        .load(Ordering::Relaxed)
+                        .then_some(ProxyFault::Status(404, None))
                 }
                 "POST" if req.path.starts_with("/api/") => lock(&queue).pop_front(),
                 "PATCH" => lock(&patch_queue).pop_front(),
@@ -1175,6 +1192,8 @@ impl Receiver {
             patch_faults,
             config_faults,
             sites: Default::default(),
+            refuse_heartbeats,
+            heartbeat_posts,
         }
     }
 
@@ -1220,6 +1239,28 @@ impl Receiver {
     }
 
     /// Queues a fault for a future `POST /api/...`.
+    /// Answers heartbeats 404 from now on, as a backend without the endpoint does.
+    pub fn refuse_heartbeats(&self) {
+        self.refuse_heartbeats.store(true, Ordering::Relaxed);
+    }
+
+    /// Heartbeat POSTs sent so far, answered or refused.
+    pub fn heartbeat_posts(&self) -> u64 {
+        self.heartbeat_posts.load(Ordering::Relaxed)
+    }
+
+    /// The latest heartbeat the server keeps for `device`, as its JSON text.
+    pub fn heartbeat(&self, device: &str) -> Option<String> {
+        let store = Connection::open(self.server.store_path()).expect("open the store");
+        store
+            .query_row(
+                "SELECT json FROM heartbeats_latest WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .ok()
+    }
+
     pub fn push_fault(&self, fault: ProxyFault) {
         lock(&self.faults).push_back(fault);
     }

@@ -1,11 +1,13 @@
 //! What the relais agent and relais-server must agree on, in one place both use: the
 //! push endpoints and header names, the payload members every push carries, the
-//! idempotency key format (contract section 2) and the configuration hash (section 3).
+//! idempotency key format (contract section 2), the configuration hash (section 3) and
+//! the agents' heartbeat ([`heartbeat`]).
 //!
 //! Tiny and synchronous on purpose: the device build depends on it, so its only
 //! dependency is miniserde.
 
 pub mod config_hash;
+pub mod heartbeat;
 pub mod json;
 
 /// The endpoint of sensor events.

@@ -1,7 +1,8 @@
 //! Who may call what, decided by the request path before any handler runs: `/api/...`
 //! takes a device token, `/admin/...` and `/metrics` an admin token (so every admin
 //! route, present or future, is behind it), everything else is open (`/health`,
-//! `/ready`; `/config/{site_token}` carries its own secret). `--no-auth` opens all.
+//! `/ready`; `/config/{site_token}` carries its own secret, and a device token with it
+//! only says which device pulled). `--no-auth` opens all.
 //!
 //! A token is found by the SHA-256 of what the client sent, through the store's unique
 //! index: the secret is never compared byte by byte in the application (no timing leak)
@@ -143,7 +144,12 @@ pub async fn gate<S: Store>(
         Caller::Open
     } else {
         match need(req.uri().path()) {
-            Need::Nothing => return Ok(next.run(req).await),
+            Need::Nothing => {
+                if let Some(device) = puller(&gate, req.uri().path(), req.headers()).await {
+                    req.extensions_mut().insert(Caller::Device(device));
+                }
+                return Ok(next.run(req).await);
+            }
             Need::Device => match authenticate(&gate, req.headers()).await? {
                 TokenInfo {
                     kind: TokenKind::Device,
@@ -168,6 +174,30 @@ pub async fn gate<S: Store>(
     };
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
+}
+
+/// The device of a configuration pull that carries a valid device token, so the pull
+/// can be recorded as that device's; a pull without one (the seed's agents), or with an
+/// unknown one, is served as before: the site token is what authorises it.
+async fn puller<S: Store>(gate: &Gate<S>, path: &str, headers: &HeaderMap) -> Option<String> {
+    if !path.starts_with("/config/") || bearer(headers).is_none() {
+        return None;
+    }
+    match authenticate(gate, headers).await {
+        Ok(TokenInfo {
+            kind: TokenKind::Device,
+            device_id: Some(device),
+            ..
+        }) => Some(device),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(
+                "config pull: its bearer token names no device: {}",
+                e.detail()
+            );
+            None
+        }
+    }
 }
 
 async fn authenticate<S: Store>(gate: &Gate<S>, headers: &HeaderMap) -> Result<TokenInfo, Error> {

@@ -68,8 +68,11 @@ pub async fn capabilities(State(capabilities): State<Capabilities>) -> Response 
         &format!(
             "{{\"version\": 1, \"batch\": {{\"path\": \"/api/batch\", \"max_rows\": {max_rows}, \
              \"max_bytes\": {max_bytes}, \"max_row_bytes\": {MAX_ROW_BYTES}, \
-             \"encodings\": [\"gzip\", \"identity\"]}}, \"uploads\": {}}}",
-            capabilities.uploads.capability()
+             \"encodings\": [\"gzip\", \"identity\"]}}, \"uploads\": {}, \
+             \"heartbeat\": {{\"path\": \"{}\", \"max_bytes\": {}}}}}",
+            capabilities.uploads.capability(),
+            relais_wire::heartbeat::HEARTBEAT_PATH,
+            relais_wire::heartbeat::MAX_BYTES
         ),
     )
 }

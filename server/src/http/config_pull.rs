@@ -3,32 +3,45 @@
 //! when `If-None-Match` holds that tag; `401` for an unknown token. The token is a
 //! secret: it is only hashed and looked up, never written into a message (and the
 //! request log names the route template `/config/{site_token}`, never the path).
+//! A pull carrying a device token (the gate's [`Caller::Device`]) is recorded as that
+//! device's (`config_pulls`), for the console; recording it failing does not fail the
+//! pull.
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::App;
+use super::auth::Caller;
 use super::error::Error;
 use crate::site_config;
 use crate::store::Store;
+use crate::store::fleet::now;
 
 pub async fn config<S: Store>(
     State(app): State<App<S>>,
+    caller: Option<Extension<Caller>>,
     Path(token): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let Some((site, devices)) = app
-        .store
-        .site_config(crate::tokens::sha256_hex(&token))
-        .await?
-    else {
+    let token_sha256 = crate::tokens::sha256_hex(&token);
+    let Some((site, devices)) = app.store.site_config(token_sha256.clone()).await? else {
         return Err(Error::Unauthorized(
             "config: unknown site token: check the agent's SITE_TOKEN".into(),
         ));
     };
     let (hash, body) = site_config::served(&site, &devices)
         .map_err(|e| Error::Internal(format!("config: site {:?}: {e}", site.name)))?;
+    if let Some(Extension(Caller::Device(device))) = caller {
+        let recorded = app
+            .store
+            .record_config_pull(device, token_sha256, hash.clone(), now())
+            .await;
+        if let Err(e) = recorded {
+            tracing::warn!("config pull: not recorded: {e}");
+        }
+    }
     let etag = format!("\"{hash}\"");
     let etag = HeaderValue::from_str(&etag)
         .map_err(|_| Error::Internal("config: the hash is not a valid ETag".into()))?;

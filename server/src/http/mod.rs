@@ -10,6 +10,7 @@ pub mod batch;
 mod config_pull;
 mod error;
 mod health;
+mod heartbeat;
 mod push;
 pub mod uploads;
 
@@ -80,6 +81,10 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready::<S>))
         .route("/api/{name}", post(push::push::<S>))
+        .route(
+            relais_wire::heartbeat::HEARTBEAT_PATH,
+            post(heartbeat::heartbeat::<S>),
+        )
         .route("/config/{site_token}", get(config_pull::config::<S>))
         .nest("/admin", admin::router::<S>())
         .fallback(not_found)

@@ -14,7 +14,11 @@
 //! site or its devices recomputes the site's hash with
 //! [`crate::site_config::config_hash`] in the change's own transaction, updating
 //! `config_version` and `config_updated_at` only when the hash moved.
+//!
+//! What the server knows of its agents (heartbeats, hourly history, rows received per
+//! hour, configuration pulls) is in [`fleet`].
 
+pub mod fleet;
 pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
@@ -22,6 +26,9 @@ pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
+
+pub use fleet::{DeviceHistory, FleetEntry, HourPoint};
+use relais_wire::heartbeat::Heartbeat;
 
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
@@ -254,6 +261,56 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// The group commit's counters, for `/metrics`.
     fn commit_counts(&self) -> Arc<group_commit::Counts>;
+
+    /// The rows stored new per (device, hour) and not flushed yet ([`fleet::flush`]).
+    fn received_counts(&self) -> Arc<fleet::ReceivedCounts>;
+
+    /// Keeps `heartbeat` (`json`: its text as received) as the device's latest and as
+    /// its hour's (`received_at`'s) point of history, replacing an earlier one of the
+    /// same hour.
+    fn record_heartbeat(
+        &self,
+        device_id: String,
+        received_at: i64,
+        heartbeat: Heartbeat,
+        json: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// One per device known to the server: every device token's device_id (not revoked)
+    /// and every device with a heartbeat; `None` fields for "never seen". Two queries
+    /// whatever the number of devices.
+    fn fleet(
+        &self,
+        today_start: i64,
+    ) -> impl Future<Output = Result<Vec<FleetEntry>, StoreError>> + Send;
+
+    /// The device's latest heartbeat and its hours from `since` on.
+    fn device_history(
+        &self,
+        device_id: String,
+        since: i64,
+    ) -> impl Future<Output = Result<DeviceHistory, StoreError>> + Send;
+
+    /// Adds (device_id, hour, rows) to the rows received per hour: additive, so the
+    /// servers sharing a store add up.
+    fn add_received(
+        &self,
+        counts: Vec<(String, i64, u64)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the hours (heartbeat history and rows received) before `before`; returns
+    /// how many rows went.
+    fn prune_history(&self, before: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Records that `device_id` pulled the configuration of the site whose token has
+    /// this SHA-256, and was served `hash`, at `pulled_at`.
+    fn record_config_pull(
+        &self,
+        device_id: String,
+        site_token_sha256: String,
+        hash: String,
+        pulled_at: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Stores a new token; returns its id.
     fn add_token(&self, token: NewToken) -> impl Future<Output = Result<i64, StoreError>> + Send;

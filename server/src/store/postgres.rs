@@ -26,6 +26,7 @@
 //! The configuration backend's queries are in [`site_config`]; the tokens' are here.
 //! Timestamps are `timestamptz` columns, answered in the text SQLite stores.
 
+mod fleet;
 mod site_config;
 mod uploads;
 
@@ -42,11 +43,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::fleet::ReceivedCounts;
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{
-    Creation, NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind,
-    Upload,
+    Creation, DeviceHistory, FleetEntry, NewPush, NewToken, Outcome, Revoked, Store, StoreError,
+    Stored, TokenInfo, TokenKind, Upload,
 };
+use relais_wire::heartbeat::Heartbeat;
+
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
@@ -72,6 +76,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "uploads",
         include_str!("../../migrations/postgres/0004_uploads.sql"),
+    ),
+    (
+        5,
+        "heartbeats",
+        include_str!("../../migrations/postgres/0005_heartbeats.sql"),
     ),
 ];
 
@@ -202,6 +211,7 @@ pub struct PostgresStore {
     /// The redacted URL, for error lines (shared: the store is cloned for every request).
     target: Arc<str>,
     pushes: Arc<GroupCommit>,
+    received: Arc<ReceivedCounts>,
 }
 
 impl PostgresStore {
@@ -242,6 +252,7 @@ impl PostgresStore {
             pool,
             target: target.into(),
             pushes: Arc::new(GroupCommit::new(FLUSHES_IN_FLIGHT)),
+            received: Arc::default(),
         })
     }
 
@@ -600,16 +611,98 @@ fn token_row(r: &Row) -> Result<TokenInfo, Fault> {
 
 impl Store for PostgresStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
-        if push.idempotency_key.is_none() {
+        let device_id = push.device_id.clone();
+        let stored = if push.idempotency_key.is_none() {
             // A keyless push is a new row every time: nothing in a batch's RETURNING
             // rows (the table's columns only) would say which request a row is.
-            return self.bounded(self.insert(&push)).await;
+            self.bounded(self.insert(&push)).await
+        } else {
+            self.pushes.push(self, push).await
+        };
+        if let Ok(Stored::New(_)) = stored {
+            self.received.bump(&device_id);
         }
-        self.pushes.push(self, push).await
+        stored
     }
 
     fn commit_counts(&self) -> Arc<group_commit::Counts> {
         self.pushes.counts()
+    }
+
+    fn received_counts(&self) -> Arc<ReceivedCounts> {
+        Arc::clone(&self.received)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        device_id: String,
+        received_at: i64,
+        heartbeat: Heartbeat,
+        json: String,
+    ) -> Result<(), StoreError> {
+        self.run("heartbeat", async {
+            fleet::record_heartbeat(
+                &mut self.client().await?,
+                &device_id,
+                received_at,
+                &heartbeat,
+                &json,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn fleet(&self, today_start: i64) -> Result<Vec<FleetEntry>, StoreError> {
+        self.run("fleet", async {
+            fleet::fleet(&self.client().await?, today_start).await
+        })
+        .await
+    }
+
+    async fn device_history(
+        &self,
+        device_id: String,
+        since: i64,
+    ) -> Result<DeviceHistory, StoreError> {
+        self.run("device history", async {
+            fleet::device_history(&mut self.client().await?, &device_id, since).await
+        })
+        .await
+    }
+
+    async fn add_received(&self, counts: Vec<(String, i64, u64)>) -> Result<(), StoreError> {
+        self.run("received rows per hour", async {
+            fleet::add_received(&self.client().await?, &counts).await
+        })
+        .await
+    }
+
+    async fn prune_history(&self, before: i64) -> Result<u64, StoreError> {
+        self.run("prune history", async {
+            fleet::prune_history(&mut self.client().await?, before).await
+        })
+        .await
+    }
+
+    async fn record_config_pull(
+        &self,
+        device_id: String,
+        site_token_sha256: String,
+        hash: String,
+        pulled_at: i64,
+    ) -> Result<(), StoreError> {
+        self.run("config pull", async {
+            fleet::record_config_pull(
+                &self.client().await?,
+                &device_id,
+                &site_token_sha256,
+                &hash,
+                pulled_at,
+            )
+            .await
+        })
+        .await
     }
 
     async fn create_upload(&self, upload: Upload, now: i64) -> Result<Creation, StoreError> {

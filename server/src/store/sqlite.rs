@@ -4,8 +4,10 @@
 //! anyway, and a push's insert is a few hundred microseconds. Pushes go through
 //! [`super::group_commit`], one batch at a time (the single writer): the batch's rows in
 //! one `BEGIN IMMEDIATE` transaction, one commit, so one fsync for them all. The
-//! configuration backend's queries are in [`site_config`].
+//! configuration backend's queries are in [`site_config`], the agents' ([`super::fleet`])
+//! in [`fleet`].
 
+mod fleet;
 mod site_config;
 mod uploads;
 
@@ -15,11 +17,14 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::fleet::ReceivedCounts;
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{
-    Creation, NewPush, NewToken, Outcome, Revoked, Store, StoreError, Stored, TokenInfo, TokenKind,
-    Upload,
+    Creation, DeviceHistory, FleetEntry, NewPush, NewToken, Outcome, Revoked, Store, StoreError,
+    Stored, TokenInfo, TokenKind, Upload,
 };
+use relais_wire::heartbeat::Heartbeat;
+
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
@@ -47,6 +52,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "uploads",
         include_str!("../../migrations/sqlite/0004_uploads.sql"),
     ),
+    (
+        5,
+        "heartbeats",
+        include_str!("../../migrations/sqlite/0005_heartbeats.sql"),
+    ),
 ];
 
 const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256, created_at)
@@ -68,6 +78,7 @@ const TOKEN_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM tokens WHERE id = ?1)";
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     pushes: Arc<GroupCommit>,
+    received: Arc<ReceivedCounts>,
 }
 
 impl SqliteStore {
@@ -90,6 +101,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             // One writer: a second batch would only wait for the lock.
             pushes: Arc::new(GroupCommit::new(1)),
+            received: Arc::default(),
         })
     }
 
@@ -127,11 +139,70 @@ impl Flush for SqliteStore {
 
 impl Store for SqliteStore {
     async fn store_push(&self, push: NewPush) -> Result<Stored, StoreError> {
-        self.pushes.push(self, push).await
+        let device_id = push.device_id.clone();
+        let stored = self.pushes.push(self, push).await;
+        if let Ok(Stored::New(_)) = stored {
+            self.received.bump(&device_id);
+        }
+        stored
     }
 
     fn commit_counts(&self) -> Arc<group_commit::Counts> {
         self.pushes.counts()
+    }
+
+    fn received_counts(&self) -> Arc<ReceivedCounts> {
+        Arc::clone(&self.received)
+    }
+
+    async fn record_heartbeat(
+        &self,
+        device_id: String,
+        received_at: i64,
+        heartbeat: Heartbeat,
+        json: String,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| {
+            fleet::record_heartbeat(conn, &device_id, received_at, &heartbeat, &json)
+        })
+        .await
+    }
+
+    async fn fleet(&self, today_start: i64) -> Result<Vec<FleetEntry>, StoreError> {
+        self.blocking(move |conn| fleet::fleet(conn, today_start))
+            .await
+    }
+
+    async fn device_history(
+        &self,
+        device_id: String,
+        since: i64,
+    ) -> Result<DeviceHistory, StoreError> {
+        self.blocking(move |conn| fleet::device_history(conn, &device_id, since))
+            .await
+    }
+
+    async fn add_received(&self, counts: Vec<(String, i64, u64)>) -> Result<(), StoreError> {
+        self.blocking(move |conn| fleet::add_received(conn, &counts))
+            .await
+    }
+
+    async fn prune_history(&self, before: i64) -> Result<u64, StoreError> {
+        self.blocking(move |conn| fleet::prune_history(conn, before))
+            .await
+    }
+
+    async fn record_config_pull(
+        &self,
+        device_id: String,
+        site_token_sha256: String,
+        hash: String,
+        pulled_at: i64,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| {
+            fleet::record_config_pull(conn, &device_id, &site_token_sha256, &hash, pulled_at)
+        })
+        .await
     }
 
     async fn create_upload(&self, upload: Upload, now: i64) -> Result<Creation, StoreError> {

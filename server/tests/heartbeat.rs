@@ -1,0 +1,219 @@
+//! Heartbeats against a real relais-server on both stores: `POST /api/agent/heartbeat`
+//! takes a device token (401 without, 403 for an admin's), refuses a body above the
+//! bound (413) or one that is not a heartbeat (422 naming the member); what it stores is
+//! read back through the store's own `fleet()` and `device_history()` (the store opened
+//! by the test on the server's database); the hourly history UPSERTs per hour and is
+//! pruned; the rows received per hour count new rows only, once flushed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, StoreAt, StoreKind, client, event, post_as, wait_for};
+use relais_server::store::Store;
+use relais_server::store::postgres::{PostgresStore, PostgresUrl};
+use relais_server::store::sqlite::SqliteStore;
+use relais_wire::heartbeat::{ConfigState, HEARTBEAT_PATH, Heartbeat, Pass, TableState};
+
+common::on_both_stores!(
+    a_heartbeat_is_kept_and_read_back_by_fleet,
+    the_history_keeps_one_point_per_hour_and_is_pruned,
+    received_rows_per_hour_count_new_rows_only,
+);
+
+fn heartbeat(device: &str, backlog: u64) -> Heartbeat {
+    Heartbeat {
+        device_id: Some(device.into()),
+        agent_version: "0.1.0".into(),
+        interval_s: 60,
+        pass: Pass {
+            at: 1_766_000_000,
+            ok: true,
+            pushed: 3,
+            failed: 0,
+            error: None,
+        },
+        tables: vec![TableState {
+            source: "app.db".into(),
+            table: "evenement".into(),
+            backlog,
+            failed: 2,
+            oldest_unsent_s: None,
+        }],
+        tables_truncated: 0,
+        config: ConfigState {
+            hash: Some("abc123".into()),
+            last_pull_at: Some(1_766_000_000),
+            last_pull_ok: Some(true),
+            error: None,
+        },
+        free_bytes: Some(1 << 30),
+        media_lane: None,
+    }
+}
+
+/// Runs `f` on the server's store, opened by the test, within a runtime of its own.
+fn on_store<T>(server: &Server, f: impl FnOnce(&dyn StoreCalls) -> T) -> T {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _in = runtime.enter();
+    match &server.store {
+        StoreAt::Sqlite(path) => f(&SqliteStore::open(path).expect("open")),
+        StoreAt::Postgres(url) => {
+            let url = PostgresUrl::parse(url).expect("url");
+            f(&PostgresStore::open(&url).expect("open"))
+        }
+    }
+}
+
+/// The store methods these tests call, object-safe (the trait's are `impl Future`).
+trait StoreCalls {
+    fn fleet(&self) -> Vec<relais_server::store::FleetEntry>;
+    fn history(&self, device: &str) -> relais_server::store::DeviceHistory;
+    fn record(&self, device: &str, at: i64, hb: Heartbeat);
+    fn add(&self, counts: Vec<(String, i64, u64)>);
+    fn prune(&self, before: i64) -> u64;
+}
+
+impl<S: Store> StoreCalls for S {
+    fn fleet(&self) -> Vec<relais_server::store::FleetEntry> {
+        block(Store::fleet(self, 0)).expect("fleet")
+    }
+    fn history(&self, device: &str) -> relais_server::store::DeviceHistory {
+        block(self.device_history(device.into(), 0)).expect("history")
+    }
+    fn record(&self, device: &str, at: i64, hb: Heartbeat) {
+        let json = hb.clone().encode();
+        block(self.record_heartbeat(device.into(), at, hb, json)).expect("record");
+    }
+    fn add(&self, counts: Vec<(String, i64, u64)>) {
+        block(self.add_received(counts)).expect("add");
+    }
+    fn prune(&self, before: i64) -> u64 {
+        block(self.prune_history(before)).expect("prune")
+    }
+}
+
+/// Runs a store future on the runtime [`on_store`] entered.
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Handle::current().block_on(f)
+}
+
+fn send(server: &Server, token: Option<&str>, body: &str) -> (u16, String) {
+    post_as(
+        &client(),
+        &server.url,
+        HEARTBEAT_PATH,
+        token,
+        None,
+        body.as_bytes(),
+    )
+}
+
+fn a_heartbeat_is_kept_and_read_back_by_fleet(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
+    let token = server.token(&["--device", "pi-1"]);
+    let _never_seen = server.token(&["--device", "pi-2"]);
+    let admin = server.token(&["--admin", "ops"]);
+    let body = heartbeat("pi-1", 7).encode();
+
+    assert_eq!(send(&server, None, &body).0, 401);
+    assert_eq!(send(&server, Some(&admin), &body).0, 403);
+    let big = format!("{}{}", body, " ".repeat(17 * 1024));
+    assert_eq!(send(&server, Some(&token), &big).0, 413);
+    let (status, detail) = send(&server, Some(&token), r#"{"agent_version": 3}"#);
+    assert_eq!(status, 422, "{detail}");
+    assert!(detail.contains("agent_version"), "{detail}");
+    let other = heartbeat("pi-9", 7).encode();
+    assert_eq!(send(&server, Some(&token), &other).0, 403, "another device");
+    let (status, answer) = send(&server, Some(&token), &body);
+    assert_eq!((status, answer.as_str()), (204, ""));
+
+    let fleet = on_store(&server, |s| s.fleet());
+    let devices: Vec<&str> = fleet.iter().map(|e| e.device_id.as_str()).collect();
+    assert_eq!(devices, ["pi-1", "pi-2"]);
+    let seen = &fleet[0];
+    assert_eq!(seen.heartbeat, Some(heartbeat("pi-1", 7)));
+    assert!(seen.last_contact.is_some());
+    let never = &fleet[1];
+    assert_eq!(
+        (never.last_contact, &never.heartbeat, never.rows_today),
+        (None, &None, 0)
+    );
+    assert_eq!((never.site_id, &never.pulled_hash), (None, &None));
+    assert_eq!(
+        server.row("SELECT backlog, failed, config_hash, agent_version FROM heartbeats_latest"),
+        ["7", "2", "abc123", "0.1.0"]
+    );
+    let metrics = common::get_as(&client(), &server.url, "/metrics", Some(&admin)).2;
+    assert!(
+        metrics.contains("relais_server_heartbeats_total 1\n"),
+        "{metrics}"
+    );
+}
+
+fn the_history_keeps_one_point_per_hour_and_is_pruned(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
+    let hour = 490_000 * 3600;
+    let history = on_store(&server, |s| {
+        s.record("pi", hour + 10, heartbeat("pi", 5));
+        s.record("pi", hour + 3000, heartbeat("pi", 6));
+        s.record("pi", hour + 3600, heartbeat("pi", 8));
+        s.add(vec![("pi".into(), hour, 4)]);
+        s.history("pi")
+    });
+    let points: Vec<(i64, u64, Option<u64>)> = history
+        .hours
+        .iter()
+        .map(|p| (p.hour, p.rows_received, p.backlog))
+        .collect();
+    assert_eq!(
+        points,
+        [(hour, 4, Some(6)), (hour + 3600, 0, Some(8))],
+        "the hour's latest heartbeat overwrote its point"
+    );
+    assert_eq!(
+        history.latest.map(|(at, hb)| (at, hb.backlog_total())),
+        Some((hour + 3600, 8))
+    );
+    let (pruned, left) = on_store(&server, |s| {
+        (s.prune(hour + 3600), s.history("pi").hours.len())
+    });
+    assert_eq!(
+        (pruned, left),
+        (2, 1),
+        "one heartbeat hour and one received hour"
+    );
+}
+
+fn received_rows_per_hour_count_new_rows_only(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
+    let agent = client();
+    for (key, n) in [
+        ("pi:evenement:1", 1),
+        ("pi:evenement:1", 1),
+        ("pi:evenement:2", 2),
+    ] {
+        let (status, body) = post_as(
+            &agent,
+            &server.url,
+            "/api/evenements",
+            None,
+            Some(key),
+            event("pi", n).as_bytes(),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    // Flushed every 5 s: the replay is not counted.
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            server.count("SELECT coalesce(sum(rows), 0) FROM received_hours") == 2
+        }),
+        "received_hours: {:?}",
+        server.rows("SELECT device_id, hour, rows FROM received_hours")
+    );
+    let fleet = on_store(&server, |s| {
+        s.record("pi", relais_server::store::fleet::now(), heartbeat("pi", 1));
+        s.fleet()
+    });
+    assert_eq!(fleet[0].rows_today, 2);
+}
