@@ -196,6 +196,29 @@ impl Browser {
         path
     }
 
+    /// [`Browser::page`] for a page answered with an error `status` on purpose (a
+    /// refused form): Chromium logs the document's own status as a failed resource,
+    /// which is the one `SEVERE` entry allowed (any other still fails the test).
+    pub async fn page_answered(&self, name: &str, status: u16) -> PathBuf {
+        let url = self.client.current_url().await.expect("current URL");
+        let own = format!(
+            "{url} - Failed to load resource: the server responded with a status of {status}"
+        );
+        let errors: Vec<String> = self
+            .console_errors()
+            .await
+            .into_iter()
+            .filter(|e| !e.contains(&own))
+            .collect();
+        let path = self.screenshot(name).await;
+        assert!(
+            errors.is_empty(),
+            "page {name} ({url}): console errors in Chromium:\n{}",
+            errors.join("\n")
+        );
+        path
+    }
+
     /// The console entries at level `SEVERE` since the last read (the read empties
     /// chromedriver's buffer), as `level source: message` lines.
     pub async fn console_errors(&self) -> Vec<String> {
