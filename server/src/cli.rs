@@ -43,6 +43,10 @@ pub struct Cli {
     /// store is asked at every request.
     #[arg(long, env = "RELAIS_SERVER_TOKEN_CACHE_S", default_value_t = 2)]
     pub token_cache_s: u64,
+    /// Mark the console's cookies `Secure` on every answer, for a TLS proxy that does not
+    /// send `X-Forwarded-Proto: https` (with it, they are Secure anyway).
+    #[arg(long, env = "RELAIS_SERVER_CONSOLE_SECURE_COOKIE")]
+    pub console_secure_cookie: bool,
     /// Largest request body accepted, in bytes (a media push is its BLOB in base64,
     /// 4/3 of its size).
     #[arg(long, env = "RELAIS_SERVER_MAX_BODY_BYTES", default_value_t = 1 << 30)]

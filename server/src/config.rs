@@ -40,6 +40,8 @@ pub struct Config {
     pub no_auth: bool,
     /// `--token-cache-s`.
     pub token_cache: Duration,
+    /// `--console-secure-cookie`.
+    pub console_secure_cookie: bool,
     /// What the accept loop enforces per connection.
     pub limits: Limits,
     pub store_check_interval: Duration,
@@ -89,6 +91,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(cli.shutdown_grace_s),
             no_auth: cli.no_auth,
             token_cache: Duration::from_secs(cli.token_cache_s),
+            console_secure_cookie: cli.console_secure_cookie,
             limits: Limits {
                 max_header_bytes: cli.max_header_bytes,
                 header_timeout: Duration::from_secs(cli.header_timeout_s),

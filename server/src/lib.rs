@@ -1,7 +1,7 @@
 //! relais-server as a library: the command line's pieces ([`cli`], [`config`]), the
-//! HTTP layer ([`http`]), the media directory ([`media`]), seed 001's configuration
-//! backend ([`site_config`]), the stores ([`store`]), the bearer tokens ([`tokens`]) and
-//! the counters ([`metrics`]). The binary (`main.rs`) is a thin command line over
+//! HTTP layer ([`http`]), the fleet console ([`console`]), the media directory
+//! ([`media`]), seed 001's configuration backend ([`site_config`]), the stores
+//! ([`store`]), the bearer tokens ([`tokens`]) and the counters ([`metrics`]). The binary (`main.rs`) is a thin command line over
 //! [`migrate`], [`serve`] and [`token`]; the agent's tests and demo start the same
 //! server in-process ([`embedded`]).
 //!
@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod embedded;
 pub mod http;
 pub mod media;

@@ -2,7 +2,8 @@
 //! takes a device token, `/admin/...` and `/metrics` an admin token (so every admin
 //! route, present or future, is behind it), everything else is open (`/health`,
 //! `/ready`; `/config/{site_token}` carries its own secret, and a device token with it
-//! only says which device pulled). `--no-auth` opens all.
+//! only says which device pulled; the console's pages check their session cookie
+//! themselves, [`crate::console`]). `--no-auth` opens all but the console.
 //!
 //! A token is found by the SHA-256 of what the client sent, through the store's unique
 //! index: the secret is never compared byte by byte in the application (no timing leak)
@@ -21,7 +22,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::Error;
-use crate::store::{Store, TokenInfo, TokenKind};
+use crate::store::{Store, StoreError, TokenInfo, TokenKind};
 use crate::tokens;
 
 /// Who is calling, as the gate found out; a request extension of the routes it guards.
@@ -206,16 +207,26 @@ async fn authenticate<S: Store>(gate: &Gate<S>, headers: &HeaderMap) -> Result<T
             "auth: this path needs an `Authorization: Bearer <token>` header".into(),
         )
     })?;
-    let sha256 = tokens::sha256_hex(token);
-    if let Some(info) = gate.cache.get(&sha256) {
-        return Ok(info);
-    }
-    let info = gate
-        .store
-        .find_token(sha256.clone())
+    find_token(&gate.store, &gate.cache, tokens::sha256_hex(token))
         .await?
-        .ok_or_else(|| Error::Unauthorized("auth: unknown or revoked token".into()))?;
-    gate.cache.keep(sha256, &info);
+        .ok_or_else(|| Error::Unauthorized("auth: unknown or revoked token".into()))
+}
+
+/// The token, not revoked, whose SHA-256 is `sha256`: from `cache`, else from the store
+/// (and then kept). The console's logins and sessions look their admin token up here
+/// too, so a revoked token closes its sessions within the same `--token-cache-s`.
+pub(crate) async fn find_token<S: Store>(
+    store: &S,
+    cache: &TokenCache,
+    sha256: String,
+) -> Result<Option<TokenInfo>, StoreError> {
+    if let Some(info) = cache.get(&sha256) {
+        return Ok(Some(info));
+    }
+    let info = store.find_token(sha256.clone()).await?;
+    if let Some(info) = &info {
+        cache.keep(sha256, info);
+    }
     Ok(info)
 }
 

@@ -183,14 +183,17 @@ pub fn json_response(status: StatusCode, body: &str) -> Response {
 }
 
 /// Middleware: an error answer without a JSON body (from the router or a layer) gets
-/// one, so every 4xx and 5xx has a `detail`.
+/// one, so every 4xx and 5xx has a `detail`. The console's pages (HTML, its errors
+/// included) are left as they are.
 pub async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+    let typed = |prefix: &[u8]| {
+        resp.headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(prefix))
+    };
+    let done = typed(b"application/json") || typed(b"text/html");
+    if done || !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
     match status {

@@ -1,11 +1,12 @@
 //! The HTTP layer: the router, its layers (metrics, tracing, JSON errors, access,
-//! request timeout, body size limit), and serving ([`accept`]: connection limits and a
+//! request timeout, body size limit) over the API's routes and the console's
+//! ([`crate::console`]), and serving ([`accept`]: connection limits and a
 //! bounded graceful shutdown). Handlers are thin: they read the request, call the media
 //! directory and the store, and map the outcome.
 
 pub mod accept;
 mod admin;
-mod auth;
+pub(crate) mod auth;
 pub mod batch;
 mod config_pull;
 mod error;
@@ -57,10 +58,16 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         app.store.commit_counts(),
         Arc::clone(&app.uploads_expired),
     ));
+    let tokens = Arc::new(auth::TokenCache::new(config.token_cache));
     let gate = auth::Gate {
         store: app.store.clone(),
         open: config.no_auth,
-        cache: Arc::new(auth::TokenCache::new(config.token_cache)),
+        cache: Arc::clone(&tokens),
+    };
+    let console = crate::console::Console {
+        app: app.clone(),
+        tokens,
+        secure_cookie: config.console_secure_cookie,
     };
     let batches = batch::Batches {
         app: app.clone(),
@@ -116,6 +123,7 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
                 .route("/metrics", get(metrics::render))
                 .with_state(Arc::clone(&metrics)),
         )
+        .merge(crate::console::router(console))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

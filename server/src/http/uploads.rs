@@ -619,7 +619,8 @@ pub async fn expire_every<S: Store>(app: App<S>, period: Duration) {
     }
 }
 
-fn now_s() -> i64 {
+/// Now, in Unix seconds (the console's sessions are timed by it too).
+pub(crate) fn now_s() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, secs)
 }
 

@@ -165,6 +165,56 @@ pub enum Revoked {
     NoSuchToken,
 }
 
+/// A console session about to be stored (README, "Fleet console"); times are Unix
+/// seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSession {
+    /// SHA-256 of the random id the cookie holds, lowercase hex.
+    pub id_sha256: String,
+    /// SHA-256 of the admin token it was opened with: the session lives as long as it.
+    pub token_sha256: String,
+    pub csrf: String,
+    pub now: i64,
+}
+
+/// A live console session, as [`Store::session`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub token_sha256: String,
+    pub csrf: String,
+}
+
+/// How long a session lives, in seconds: since its last request, and at most since its
+/// creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLife {
+    pub idle_s: i64,
+    pub absolute_s: i64,
+}
+
+/// One configuration a site served ([`Store::config_versions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    pub id: i64,
+    pub hash: String,
+    /// The body of `GET /config/{site_token}` at that version, secrets included.
+    pub body: String,
+    /// ISO-8601 UTC, as `config_updated_at`.
+    pub created_at: String,
+}
+
+/// How many versions of a site's configuration the store keeps.
+pub const CONFIG_VERSIONS_KEPT: i64 = 50;
+
+/// A media row of a device, as the console lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRow {
+    pub id: i64,
+    /// ISO-8601 UTC.
+    pub received_at: String,
+    pub size: Option<u64>,
+}
+
 /// A store failure: the server's problem, not the client's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -357,4 +407,39 @@ pub trait Store: Clone + Send + Sync + 'static {
         patch: DevicePatch,
     ) -> impl Future<Output = Outcome<Device>> + Send;
     fn delete_device(&self, id: i64) -> impl Future<Output = Outcome<()>> + Send;
+
+    /// Stores a new console session; sessions dead by `life` at `session.now` are
+    /// removed in the same go (logins are rare, so that is often enough).
+    fn create_session(
+        &self,
+        session: NewSession,
+        life: SessionLife,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The session whose id has this SHA-256 if it is alive at `now` by `life`, its
+    /// last request moved to `now` in the same statement.
+    fn session(
+        &self,
+        id_sha256: String,
+        now: i64,
+        life: SessionLife,
+    ) -> impl Future<Output = Result<Option<Session>, StoreError>> + Send;
+
+    fn delete_session(
+        &self,
+        id_sha256: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The site's kept configuration versions, newest first.
+    fn config_versions(
+        &self,
+        site_id: i64,
+    ) -> impl Future<Output = Result<Vec<ConfigVersion>, StoreError>> + Send;
+
+    /// The device's last `limit` media rows, newest first.
+    fn recent_media(
+        &self,
+        device_id: String,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<MediaRow>, StoreError>> + Send;
 }

@@ -26,6 +26,7 @@
 //! The configuration backend's queries are in [`site_config`]; the tokens' are here.
 //! Timestamps are `timestamptz` columns, answered in the text SQLite stores.
 
+mod console;
 mod fleet;
 mod site_config;
 mod uploads;
@@ -46,8 +47,9 @@ use tokio_postgres::{NoTls, Row};
 use super::fleet::ReceivedCounts;
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{
-    Creation, DeviceHistory, FleetEntry, NewPush, NewToken, Outcome, Revoked, Store, StoreError,
-    Stored, TokenInfo, TokenKind, Upload,
+    ConfigVersion, Creation, DeviceHistory, FleetEntry, MediaRow, NewPush, NewSession, NewToken,
+    Outcome, Revoked, Session, SessionLife, Store, StoreError, Stored, TokenInfo, TokenKind,
+    Upload,
 };
 use relais_wire::heartbeat::Heartbeat;
 
@@ -81,6 +83,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "heartbeats",
         include_str!("../../migrations/postgres/0005_heartbeats.sql"),
+    ),
+    (
+        6,
+        "console",
+        include_str!("../../migrations/postgres/0006_console.sql"),
     ),
 ];
 
@@ -843,7 +850,7 @@ impl Store for PostgresStore {
 
     async fn create_site(&self, site: NewSite) -> Outcome<Site> {
         self.run("create site", async {
-            site_config::create_site(&self.client().await?, &site).await
+            site_config::create_site(&mut self.client().await?, &site).await
         })
         .await
     }
@@ -907,6 +914,54 @@ impl Store for PostgresStore {
     async fn delete_device(&self, id: i64) -> Outcome<()> {
         self.run("delete device", async {
             site_config::delete_device(&mut self.client().await?, id).await
+        })
+        .await
+    }
+
+    async fn create_session(
+        &self,
+        session: NewSession,
+        life: SessionLife,
+    ) -> Result<(), StoreError> {
+        self.run("create session", async {
+            console::create_session(&mut self.client().await?, &session, life).await
+        })
+        .await
+    }
+
+    async fn session(
+        &self,
+        id_sha256: String,
+        now: i64,
+        life: SessionLife,
+    ) -> Result<Option<Session>, StoreError> {
+        self.run("session", async {
+            console::session(&self.client().await?, &id_sha256, now, life).await
+        })
+        .await
+    }
+
+    async fn delete_session(&self, id_sha256: String) -> Result<(), StoreError> {
+        self.run("delete session", async {
+            console::delete_session(&self.client().await?, &id_sha256).await
+        })
+        .await
+    }
+
+    async fn config_versions(&self, site_id: i64) -> Result<Vec<ConfigVersion>, StoreError> {
+        self.run("config versions", async {
+            site_config::config_versions(&self.client().await?, site_id).await
+        })
+        .await
+    }
+
+    async fn recent_media(
+        &self,
+        device_id: String,
+        limit: u32,
+    ) -> Result<Vec<MediaRow>, StoreError> {
+        self.run("recent media", async {
+            console::recent_media(&self.client().await?, &device_id, limit).await
         })
         .await
     }

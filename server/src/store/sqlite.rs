@@ -7,6 +7,7 @@
 //! configuration backend's queries are in [`site_config`], the agents' ([`super::fleet`])
 //! in [`fleet`].
 
+mod console;
 mod fleet;
 mod site_config;
 mod uploads;
@@ -20,8 +21,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::fleet::ReceivedCounts;
 use super::group_commit::{self, Flush, Flushed, GroupCommit};
 use super::{
-    Creation, DeviceHistory, FleetEntry, NewPush, NewToken, Outcome, Revoked, Store, StoreError,
-    Stored, TokenInfo, TokenKind, Upload,
+    ConfigVersion, Creation, DeviceHistory, FleetEntry, MediaRow, NewPush, NewSession, NewToken,
+    Outcome, Revoked, Session, SessionLife, Store, StoreError, Stored, TokenInfo, TokenKind,
+    Upload,
 };
 use relais_wire::heartbeat::Heartbeat;
 
@@ -56,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "heartbeats",
         include_str!("../../migrations/sqlite/0005_heartbeats.sql"),
+    ),
+    (
+        6,
+        "console",
+        include_str!("../../migrations/sqlite/0006_console.sql"),
     ),
 ];
 
@@ -353,6 +360,44 @@ impl Store for SqliteStore {
 
     async fn delete_device(&self, id: i64) -> Outcome<()> {
         self.blocking(move |conn| site_config::delete_device(conn, id))
+            .await
+    }
+
+    async fn create_session(
+        &self,
+        session: NewSession,
+        life: SessionLife,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| console::create_session(conn, &session, life))
+            .await
+    }
+
+    async fn session(
+        &self,
+        id_sha256: String,
+        now: i64,
+        life: SessionLife,
+    ) -> Result<Option<Session>, StoreError> {
+        self.blocking(move |conn| console::session(conn, &id_sha256, now, life))
+            .await
+    }
+
+    async fn delete_session(&self, id_sha256: String) -> Result<(), StoreError> {
+        self.blocking(move |conn| console::delete_session(conn, &id_sha256))
+            .await
+    }
+
+    async fn config_versions(&self, site_id: i64) -> Result<Vec<ConfigVersion>, StoreError> {
+        self.blocking(move |conn| site_config::config_versions(conn, site_id))
+            .await
+    }
+
+    async fn recent_media(
+        &self,
+        device_id: String,
+        limit: u32,
+    ) -> Result<Vec<MediaRow>, StoreError> {
+        self.blocking(move |conn| console::recent_media(conn, &device_id, limit))
             .await
     }
 }

@@ -18,7 +18,7 @@ use super::{Fault, exec, first, rows};
 use crate::site_config::{
     self, Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
-use crate::store::{Refused, StoreError};
+use crate::store::{CONFIG_VERSIONS_KEPT, ConfigVersion, Refused, StoreError};
 
 /// The columns of a [`Site`]; `config_updated_at` as SQLite writes it: ISO-8601 UTC
 /// with milliseconds and an explicit `+00:00` (seed 001's format).
@@ -66,6 +66,16 @@ const DELETE_SITE: &str = "DELETE FROM sites WHERE id = $1";
 /// the version and its date.
 const BUMP_VERSION: &str = "UPDATE sites SET config_version = $2, config_updated_at = now()
      WHERE id = $1 AND config_version <> $2";
+
+/// The version just recorded in `sites`, with the body it serves: its hash and time are
+/// the site row's, so the history and `config_updated_at` agree.
+const INSERT_VERSION: &str = "INSERT INTO config_versions (site_id, hash, body, created_at)
+     SELECT id, config_version, $2, config_updated_at FROM sites WHERE id = $1";
+const PRUNE_VERSIONS: &str = "DELETE FROM config_versions WHERE site_id = $1 AND id NOT IN
+     (SELECT id FROM config_versions WHERE site_id = $1 ORDER BY id DESC LIMIT $2)";
+const SELECT_VERSIONS: &str = "SELECT id, hash, body,
+         to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"+00:00\"')
+     FROM config_versions WHERE site_id = $1 ORDER BY id DESC";
 
 const INSERT_DEVICE: &str = "INSERT INTO devices (site_id, ip, name, building, floor, room,
          type, driver, driver_config, expectations)
@@ -115,13 +125,13 @@ pub async fn site_config(
     Ok(Some((site.fields, devices)))
 }
 
-pub async fn create_site(client: &Client, new: &NewSite) -> Outcome<Site> {
-    // A new site has no devices yet: its hash is known before the insert, and the
-    // insert is the whole change.
-    let hash = site_config::config_hash(&new.fields, &[]).map_err(hash_error)?;
+pub async fn create_site(client: &mut Client, new: &NewSite) -> Outcome<Site> {
+    // A new site has no devices yet: its hash is known before the insert.
+    let (hash, body) = site_config::served(&new.fields, &[]).map_err(hash_error)?;
     let f = &new.fields;
+    let tx = client.transaction().await?;
     let row = first(
-        client,
+        &tx,
         INSERT_SITE,
         &[
             &f.name,
@@ -134,7 +144,12 @@ pub async fn create_site(client: &Client, new: &NewSite) -> Outcome<Site> {
         ],
     )
     .await?;
-    Ok(row.map(|r| site_row(&r)).ok_or(Refused::Duplicate))
+    let Some(site) = row.map(|r| site_row(&r)) else {
+        return Ok(Err(Refused::Duplicate));
+    };
+    exec(&tx, INSERT_VERSION, &[&site.id, &body]).await?;
+    tx.commit().await?;
+    Ok(Ok(site))
 }
 
 pub async fn sites(client: &Client) -> Result<Vec<Site>, Fault> {
@@ -305,13 +320,29 @@ async fn lock_site_of_device(tx: &impl GenericClient, id: i64) -> Result<Option<
 }
 
 /// Recomputes the site's hash from its rows as they are now in this transaction and
-/// records it, with the time, when it moved.
+/// records it, with the time and the body it serves (the history), when it moved.
 async fn refresh_version(tx: &impl GenericClient, site_id: i64) -> Result<(), Fault> {
     let site = read_site(tx, site_id).await?;
     let devices = site_devices(tx, site_id).await?;
-    let hash = site_config::config_hash(&site.fields, &devices).map_err(hash_error)?;
-    exec(tx, BUMP_VERSION, &[&site_id, &hash]).await?;
+    let (hash, body) = site_config::served(&site.fields, &devices).map_err(hash_error)?;
+    if exec(tx, BUMP_VERSION, &[&site_id, &hash]).await? == 1 {
+        exec(tx, INSERT_VERSION, &[&site_id, &body]).await?;
+        exec(tx, PRUNE_VERSIONS, &[&site_id, &CONFIG_VERSIONS_KEPT]).await?;
+    }
     Ok(())
+}
+
+pub async fn config_versions(client: &Client, site_id: i64) -> Result<Vec<ConfigVersion>, Fault> {
+    Ok(rows(client, SELECT_VERSIONS, &[&site_id])
+        .await?
+        .iter()
+        .map(|r| ConfigVersion {
+            id: r.get(0),
+            hash: r.get(1),
+            body: r.get(2),
+            created_at: r.get(3),
+        })
+        .collect())
 }
 
 /// A row this transaction holds (locked, or just written).

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use crate::site_config::{
     self, Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
-use crate::store::Refused;
+use crate::store::{CONFIG_VERSIONS_KEPT, ConfigVersion, Refused};
 
 /// Now, ISO-8601 UTC with milliseconds and an explicit `+00:00` (seed 001's format).
 macro_rules! now {
@@ -48,6 +48,15 @@ const BUMP_VERSION: &str = concat!(
     now!(),
     " WHERE id = ?1 AND config_version <> ?2"
 );
+
+/// The version just recorded in `sites`, with the body it serves: its hash and time are
+/// the site row's, so the history and `config_updated_at` agree.
+const INSERT_VERSION: &str = "INSERT INTO config_versions (site_id, hash, body, created_at)
+     SELECT id, config_version, ?2, config_updated_at FROM sites WHERE id = ?1";
+const PRUNE_VERSIONS: &str = "DELETE FROM config_versions WHERE site_id = ?1 AND id NOT IN
+     (SELECT id FROM config_versions WHERE site_id = ?1 ORDER BY id DESC LIMIT ?2)";
+const SELECT_VERSIONS: &str = "SELECT id, hash, body, created_at FROM config_versions
+     WHERE site_id = ?1 ORDER BY id DESC";
 
 const INSERT_DEVICE: &str = "INSERT INTO devices (site_id, ip, name, building, floor, room,
          type, driver, driver_config, expectations)
@@ -93,7 +102,7 @@ pub fn site_config(
 
 pub fn create_site(conn: &mut Connection, new: &NewSite) -> Outcome<Site> {
     // A new site has no devices yet: its hash is known before the insert.
-    let hash = site_config::config_hash(&new.fields, &[]).map_err(hash_error)?;
+    let (hash, body) = site_config::served(&new.fields, &[]).map_err(hash_error)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let f = &new.fields;
     let id: Option<i64> = tx
@@ -114,6 +123,7 @@ pub fn create_site(conn: &mut Connection, new: &NewSite) -> Outcome<Site> {
     let Some(id) = id else {
         return Ok(Err(Refused::Duplicate));
     };
+    tx.execute(INSERT_VERSION, params![id, body])?;
     let site = tx.query_row(SELECT_SITE, [id], site_row)?;
     tx.commit()?;
     Ok(Ok(site))
@@ -257,16 +267,35 @@ pub fn delete_device(conn: &mut Connection, id: i64) -> Outcome<()> {
 }
 
 /// Recomputes the site's hash from its rows as they are now in this transaction and
-/// records it, with the time, when it moved.
+/// records it, with the time and the body it serves (the history), when it moved.
 fn refresh_version(conn: &Connection, site_id: i64) -> rusqlite::Result<()> {
     let site = conn.query_row(SELECT_SITE, [site_id], site_row)?;
     let devices: Vec<DeviceFields> = query_devices(conn, SELECT_SITE_DEVICES, Some(site_id))?
         .into_iter()
         .map(|d| d.fields)
         .collect();
-    let hash = site_config::config_hash(&site.fields, &devices).map_err(hash_error)?;
-    conn.execute(BUMP_VERSION, params![site_id, hash])?;
+    let (hash, body) = site_config::served(&site.fields, &devices).map_err(hash_error)?;
+    if conn.execute(BUMP_VERSION, params![site_id, hash])? == 1 {
+        conn.execute(INSERT_VERSION, params![site_id, body])?;
+        conn.execute(PRUNE_VERSIONS, params![site_id, CONFIG_VERSIONS_KEPT])?;
+    }
     Ok(())
+}
+
+pub fn config_versions(
+    conn: &mut Connection,
+    site_id: i64,
+) -> rusqlite::Result<Vec<ConfigVersion>> {
+    let mut stmt = conn.prepare(SELECT_VERSIONS)?;
+    let rows = stmt.query_map([site_id], |r| {
+        Ok(ConfigVersion {
+            id: r.get(0)?,
+            hash: r.get(1)?,
+            body: r.get(2)?,
+            created_at: r.get(3)?,
+        })
+    })?;
+    rows.collect()
 }
 
 fn query_devices(
