@@ -11,9 +11,13 @@ use common::{Server, StoreKind};
 
 /// The harness itself: a page loads, its screenshot is written, and an error in the
 /// page's console is seen (else "no console error" would prove nothing).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_harness_sees_console_errors_and_saves_screenshots() {
+#[test]
+fn the_harness_sees_console_errors_and_saves_screenshots() {
     let server = Server::start();
+    runtime().block_on(harness(&server));
+}
+
+async fn harness(server: &Server) {
     let Some(browser) = Browser::start("harness", &server.url).await else {
         return;
     };
@@ -47,15 +51,21 @@ const AGENT: &str = "pi-042";
 /// The console's "late" rule: no contact for 3 push intervals, never sooner than this
 /// (server/src/console/fleet.rs, README "Fleet console").
 const LATE_MIN_S: i64 = 180;
+/// The equipment's driver configuration, with a password that no page may show.
+const PJLINK: &str = r#"{"pjlink": {"password": "admin-secret", "port": 4352, "timeout_s": 2}}"#;
 
 /// The issue's scenario on the SQLite store: log in (a device token refused), a site and
 /// its equipment (an invalid IP refused beside its field, nothing saved; fixed: the hash
 /// moves), a real agent that pulls the new hash and pushes rows (the fleet shows it
 /// current, ok, with its rows), stopped (late), a `<script>` name shown as text, a form
 /// without its CSRF token refused, logout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_console_in_chromium() {
+#[test]
+fn the_console_in_chromium() {
     let server = Server::start_authenticated(StoreKind::Sqlite, &[], "info");
+    runtime().block_on(scenario(&server));
+}
+
+async fn scenario(server: &Server) {
     let admin = server.token(&["--admin", "browser-test"]);
     let device_token = server.token(&["--device", AGENT]);
     let Some(b) = Browser::start("console", &server.url).await else {
@@ -121,16 +131,17 @@ async fn the_console_in_chromium() {
     );
     b.page_answered("equipment-form-error", 422).await;
     assert_eq!(
-        equipment_count(&server, &admin, &site_id),
+        equipment_count(server, &admin, &site_id),
         0,
         "nothing saved"
     );
-    // Fixed: saved, and the site's configuration has a new hash.
+    // Fixed: saved, and the site's configuration has a new hash. The form came back
+    // with the password masked (never sent back to the browser), so it is typed again.
     b.fill("#ip", "192.168.1.10").await;
-    b.click("#save").await;
-    assert_eq!(b.path().await, site_page);
+    b.fill("#equipment-form #driver_config", PJLINK).await;
+    save(&b, &site_page).await;
     assert_eq!(b.find_all("#equipment tr[data-equipment]").await.len(), 1);
-    assert_eq!(equipment_count(&server, &admin, &site_id), 1);
+    assert_eq!(equipment_count(server, &admin, &site_id), 1);
     let hash = b.text("#config-hash").await;
     assert_ne!(hash, empty_hash, "the hash moved");
     assert!(!b.text("#config").await.contains("admin-secret"), "masked");
@@ -143,7 +154,7 @@ async fn the_console_in_chromium() {
     b.page("diff").await;
 
     // A real agent: pulls the new hash with its device token, pushes rows, reports in.
-    let agent = Agent::start(&server, &device_token, &site_token);
+    let agent = Agent::start(server, &device_token, &site_token);
     let deadline = Deadline::after(Duration::from_secs(60), "the agent on the new hash");
     loop {
         b.open("/").await;
@@ -193,10 +204,15 @@ async fn the_console_in_chromium() {
     }
     b.open("/").await;
     assert_eq!(fleet_row(&b, &row).await.state, "ok", "3 intervals < 3 min");
-    server.rows(&format!(
-        "UPDATE heartbeats_latest SET received_at = received_at - {LATE_MIN_S}
-         WHERE device_id = '{AGENT}'"
-    ));
+    // Its last contact is its latest heartbeat or configuration pull.
+    for (table, column) in [
+        ("heartbeats_latest", "received_at"),
+        ("config_pulls", "pulled_at"),
+    ] {
+        server.rows(&format!(
+            "UPDATE {table} SET {column} = {column} - {LATE_MIN_S} WHERE device_id = '{AGENT}'"
+        ));
+    }
     b.open("/").await;
     assert_eq!(fleet_row(&b, &row).await.state, "late");
     b.page("fleet-late").await;
@@ -206,8 +222,7 @@ async fn the_console_in_chromium() {
     b.open(&site_page).await;
     b.click("#equipment tr[data-equipment] a").await;
     b.fill("#name", xss).await;
-    b.click("#save").await;
-    assert_eq!(b.path().await, site_page);
+    save(&b, &site_page).await;
     assert!(b.text("#equipment").await.contains(xss), "shown literally");
     assert_eq!(
         b.script("return typeof window.__relais_xss;").await,
@@ -235,12 +250,17 @@ async fn the_console_in_chromium() {
 }
 
 /// Login and the fleet page on PostgreSQL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn login_and_fleet_on_postgres() {
+#[test]
+fn login_and_fleet_on_postgres() {
+    // The PostgreSQL helpers use the blocking client: outside the runtime.
     let Some(store) = StoreKind::postgres() else {
         return;
     };
     let server = Server::start_authenticated(store, &[], "info");
+    runtime().block_on(postgres_smoke(&server));
+}
+
+async fn postgres_smoke(server: &Server) {
     let admin = server.token(&["--admin", "browser-test"]);
     server.token(&["--device", AGENT]);
     let Some(b) = Browser::start("console-postgres", &server.url).await else {
@@ -253,6 +273,16 @@ async fn login_and_fleet_on_postgres() {
     assert_eq!(fleet_row(&b, &row).await.state, "never-seen");
     b.page("fleet").await;
     b.close().await;
+}
+
+/// The browser's runtime (fantoccini runs its session as a task); the server and the
+/// agent are processes and threads of their own.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 async fn log_in(b: &Browser, admin: &str) {
@@ -272,16 +302,33 @@ async fn fill_equipment(b: &Browser, ip: &str, name: &str) {
         ("floor", "1"),
         ("room", "Salle 101"),
         ("type", "projector"),
-        (
-            "driver_config",
-            r#"{"pjlink": {"password": "admin-secret", "port": 4352, "timeout_s": 2}}"#,
-        ),
+        ("driver_config", PJLINK),
         (
             "expectations",
             r#"{"always_on": false, "alert_after_s": 300}"#,
         ),
     ] {
         b.fill(&format!("#equipment-form #{field}"), value).await;
+    }
+    b.find("#equipment-form #driver")
+        .await
+        .select_by_value("pjlink")
+        .await
+        .expect("driver pjlink");
+}
+
+/// Submits the form and expects to land on `path`; else fails with the page's errors.
+async fn save(b: &Browser, path: &str) {
+    b.click("#save").await;
+    let at = b.path().await;
+    if at != path {
+        let mut errors = Vec::new();
+        for e in b.find_all(".field-error, #form-error").await {
+            errors.push(e.text().await.unwrap_or_default());
+        }
+        b.screenshot("save-failed").await;
+        let body = b.text("body").await;
+        panic!("saved to {at}, not {path}: {errors:?}\n{body}");
     }
 }
 
@@ -321,15 +368,31 @@ async fn fleet_row(b: &Browser, row: &str) -> FleetRow {
     }
 }
 
-/// The relais agent in-process, as `relais run` runs it (its lanes, heartbeats and
-/// configuration pull loop), on a demo database, with a 1 s push interval. The daemon
-/// is driven by signals, as under systemd: SIGUSR1 (a pass and a pull now) and SIGTERM
-/// (stop) go to this test process, where the agent's own handlers take them. Only
-/// this test runs an agent in this test binary.
+/// The relais agent as a process of its own, running what `relais run` runs (its lanes,
+/// heartbeats and configuration pull loop; `daemon::run` owns the process's signals and
+/// exits it after a stop's grace period, so it cannot run inside this one): this test
+/// binary again, running only [`agent_process`], its settings in the environment as the
+/// agent's service would give them. A demo database, a 1 s push interval.
 struct Agent {
     dir: std::path::PathBuf,
-    thread: Option<std::thread::JoinHandle<i32>>,
+    child: Option<std::process::Child>,
     pulled: std::cell::Cell<bool>,
+}
+
+/// Set in the environment of the agent's process.
+const AGENT_PROCESS: &str = "RELAIS_BROWSER_TEST_AGENT";
+
+/// Not a test of its own: the body of the agent's process ([`Agent`]); returns at once
+/// in a normal run.
+#[test]
+fn agent_process() {
+    if std::env::var_os(AGENT_PROCESS).is_none() {
+        return;
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let settings = relais::settings::Settings::load(&env, None).expect("agent settings");
+    let load = || relais::settings::Settings::load(&env, None);
+    std::process::exit(relais::daemon::run(&settings, false, &load));
 }
 
 impl Agent {
@@ -340,29 +403,30 @@ impl Agent {
         let conn = relais::demo::create_app_db(&db, false).expect("app db");
         relais::demo::insert_events(&conn, 40).expect("events");
         drop(conn);
-        let config = dir.join("config.json").display().to_string();
-        let settings = relais::demo::settings_for(
-            &db,
-            &server.url,
-            &dir,
-            &[
-                ("DEVICE_ID", AGENT),
-                ("RELAIS_BEARER_TOKEN", device_token),
-                ("SITE_TOKEN", site_token),
-                ("AGENT_CONFIG", &config),
-                ("SYNC_INTERVAL_SECONDS", "1"),
-                ("RELAIS_HEARTBEAT", "1"),
-            ],
-        )
-        .expect("agent settings");
-        let thread = std::thread::spawn(move || {
-            let again = settings.clone();
-            let load = move || Ok::<_, relais::settings::SettingsError>(again.clone());
-            relais::daemon::run(&settings, false, &load)
-        });
+        let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "agent_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(AGENT_PROCESS, "1")
+            .env("LOCAL_DB_PATH", &db)
+            .env("BACKEND_URL", &server.url)
+            .env("DEVICE_ID", AGENT)
+            .env("RELAIS_BEARER_TOKEN", device_token)
+            .env("SITE_TOKEN", site_token)
+            .env("AGENT_CONFIG", dir.join("config.json"))
+            .env("SYNC_INTERVAL_SECONDS", "1")
+            .env("RELAIS_HEARTBEAT", "1")
+            .env("RELAIS_STATE_DIR", dir.join("state"))
+            .env("RELAIS_LOG_DIR", dir.join("log"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the agent");
         Agent {
             dir,
-            thread: Some(thread),
+            child: Some(child),
             pulled: std::cell::Cell::new(false),
         }
     }
@@ -372,34 +436,31 @@ impl Agent {
     /// handlers are installed (they are before its first pass).
     fn pull_now(&self) {
         if !self.pulled.replace(true) {
-            signal(libc::SIGUSR1);
+            signal(self.child.as_ref().expect("running"), libc::SIGUSR1);
         }
     }
 
+    /// SIGTERM, as systemd stops it; its exit code is 0.
     fn stop(mut self) {
-        signal(libc::SIGTERM);
-        let code = self
-            .thread
-            .take()
-            .expect("running")
-            .join()
-            .expect("agent thread");
-        assert_eq!(code, 0, "the agent's exit code");
+        let mut child = self.child.take().expect("running");
+        signal(&child, libc::SIGTERM);
+        let status = child.wait().expect("the agent's exit");
+        assert!(status.success(), "the agent's exit: {status}");
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            // A failed test: stop the agent (its handlers are installed once it ran).
-            signal(libc::SIGTERM);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn signal(sig: i32) {
-    // SAFETY: kill(2) on this process, whose agent handles `sig`.
-    let rc = unsafe { libc::kill(libc::getpid(), sig) };
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
     assert_eq!(rc, 0, "kill");
 }

@@ -331,14 +331,35 @@ impl Browser {
             .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
-    /// Clicks the element matching `css` and waits for the page it loads (WebDriver's
-    /// click waits for a navigation it starts).
+    /// Clicks the element matching `css` (a link or a submit button) and waits until
+    /// the page it loads is there. WebDriver's click does not wait for a form's POST
+    /// to answer, and the new page may have the old one's URL (a refused form): the old
+    /// document is marked, and the wait is for a complete document without the mark.
     pub async fn click(&self, css: &str) {
-        self.find(css)
-            .await
+        let element = self.find(css).await;
+        self.script("window.__relais_old_page = true; return null;")
+            .await;
+        element
             .click()
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let deadline = Deadline::after(Duration::from_secs(10), &format!("the page {css} loads"))
+            .every(Duration::from_millis(20));
+        loop {
+            let state = self
+                .client
+                .execute(
+                    "return window.__relais_old_page === undefined \
+                     && document.readyState === 'complete';",
+                    Vec::new(),
+                )
+                .await;
+            // An error: the script ran while the document was being replaced.
+            if let Ok(Value::Bool(true)) = state {
+                return;
+            }
+            deadline.next(&format!("{state:?}")).await;
+        }
     }
 
     /// Runs `script` (a function body) in the page; its `return` value.
@@ -396,6 +417,7 @@ pub fn screenshot_root() -> PathBuf {
 pub struct Deadline {
     what: String,
     end: Instant,
+    pause: Duration,
 }
 
 impl Deadline {
@@ -403,7 +425,13 @@ impl Deadline {
         Deadline {
             what: what.to_string(),
             end: Instant::now() + timeout,
+            pause: Duration::from_millis(250),
         }
+    }
+
+    /// The same, looking again every `pause`.
+    pub fn every(self, pause: Duration) -> Deadline {
+        Deadline { pause, ..self }
     }
 
     /// Fails with `last` (what the page showed) past the deadline; else waits a
@@ -414,6 +442,6 @@ impl Deadline {
             "timed out waiting for {}; last seen: {last}",
             self.what
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(self.pause).await;
     }
 }
