@@ -412,7 +412,7 @@ fn capabilities_are_answered_to_a_device_token(store: StoreKind) {
     assert_eq!(status, 200, "{text}");
     assert_eq!(
         text,
-        r#"{"version": 1, "batch": {"path": "/api/batch", "max_rows": 7, "max_bytes": 4194304, "max_row_bytes": 65536, "encodings": ["gzip", "identity"]}, "uploads": {"path": "/api/uploads", "protocol": "tus/1.0.0", "checksum": "sha256", "max_bytes": 1073741824, "expiry_s": 86400}}"#
+        r#"{"version": 1, "batch": {"path": "/api/batch", "max_rows": 7, "max_bytes": 4194304, "max_row_bytes": 65536, "encodings": ["gzip", "identity"]}, "uploads": {"path": "/api/uploads", "protocol": "tus/1.0.0", "checksum": "sha256", "max_bytes": 1073741824, "expiry_s": 86400}, "heartbeat": {"path": "/api/agent/heartbeat", "max_bytes": 16384}}"#
     );
     let (status, challenge, text) = get_as(&client(), &server.url, "/api/capabilities", None);
     assert_eq!(

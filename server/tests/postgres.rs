@@ -46,6 +46,7 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         ("2", "config"),
         ("3", "tokens"),
         ("4", "uploads"),
+        ("5", "heartbeats"),
     ]
     .iter()
     .map(|(v, n)| vec![Some(v.to_string()), Some(n.to_string())])
@@ -65,6 +66,10 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         "devices",
         "uploads",
         "tokens",
+        "heartbeats_latest",
+        "heartbeat_hours",
+        "received_hours",
+        "config_pulls",
     ] {
         let rows = common::postgres_rows(&url, &format!("SELECT count(*) FROM {relation}"));
         assert_eq!(rows, [[Some("0".to_string())]], "{relation}");
