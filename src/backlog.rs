@@ -5,6 +5,9 @@
 
 use std::fmt;
 
+use rusqlite::types::Value;
+
+use crate::clock;
 use crate::settings::Settings;
 use crate::source;
 use crate::source_registry;
@@ -20,6 +23,10 @@ pub struct TableBacklog {
     /// Rows not read yet; `None` when it cannot be counted cheaply (text ids) or the
     /// application's database could not be read.
     pub unread: Option<u64>,
+    /// Unix seconds of the oldest row not sent yet, as far as known: the first unread
+    /// row's `date` column, or when the oldest tracked row was recorded, whichever is
+    /// older; `None` when nothing waits or neither time is known.
+    pub oldest_unsent: Option<i64>,
 }
 
 /// The whole backlog.
@@ -77,11 +84,18 @@ pub fn measure(tracking: &Tracking, settings: &Settings) -> Result<Backlog, Trac
                 Some(conn) => unread(tracking, conn, s, table)?,
                 None => None,
             };
+            let oldest_unsent = match &conn {
+                Some(conn) if tracked > 0 || unread.is_some_and(|n| n > 0) => {
+                    oldest_unsent(tracking, conn, s, table, unread)?
+                }
+                _ => None,
+            };
             backlog.tables.push(TableBacklog {
                 source: s.key.clone(),
                 table: table.name.clone(),
                 unsynced: tracked,
                 unread,
+                oldest_unsent,
             });
         }
     }
@@ -97,6 +111,39 @@ fn take(unsynced: &mut Vec<(String, String, u64)>, source: &str, table: &str) ->
         Some(i) => unsynced.swap_remove(i).2,
         None => 0,
     }
+}
+
+/// Unix seconds of the oldest row not sent: the `date` of the oldest tracked unsynced
+/// row (else when it was recorded) or of the first row above the high-water mark,
+/// whichever is older (`unread`: the count of the latter, `None` when uncountable). A
+/// query without a `date` column fails here, which is no problem
+/// of the table's: the time is then the tracking's, or unknown.
+fn oldest_unsent(
+    tracking: &Tracking,
+    conn: &rusqlite::Connection,
+    s: &source_registry::Resolved,
+    table: &crate::settings::TableSpec,
+    unread: Option<u64>,
+) -> Result<Option<i64>, TrackingError> {
+    let date_from = |from: &Value| {
+        source::first_date_from(conn, &s.path, table, from)
+            .ok()
+            .flatten()
+            .and_then(|d| clock::parse_iso8601(&d))
+    };
+    let tracked = tracking
+        .oldest_unsynced(&s.key, &table.name)?
+        .and_then(|(id, recorded)| date_from(&id).or_else(|| clock::parse_iso8601(&recorded)));
+    let unread = match unread {
+        Some(n) if n > 0 => {
+            let mark = tracking.high_water(&s.key, &table.name)?;
+            date_from(&Value::Integer(
+                mark.map_or(i64::MIN, |m| m.saturating_add(1)),
+            ))
+        }
+        _ => None,
+    };
+    Ok(tracked.into_iter().chain(unread).min())
 }
 
 /// Rows above the high-water mark (every row when nothing was pushed yet); `None` for a

@@ -165,22 +165,42 @@ pub fn parse_http_date(text: &str) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
 }
 
-/// Parses what [`iso8601`] writes (`2025-12-18T17:30:00+00:00`; only UTC) into Unix
-/// seconds: the pull status's times, for the heartbeat.
+/// Parses an ISO 8601 time into Unix seconds: what [`iso8601`] writes
+/// (`2025-12-18T17:30:00+00:00`, the pull status's times) and what applications write
+/// in their `date` columns (`2025-12-18 17:30:00.123`, `...Z`, `...+02:00`). A time
+/// without an offset is taken as UTC: the heartbeat's ages are then off by the device's
+/// offset at most, never unknown.
 pub fn parse_iso8601(text: &str) -> Option<i64> {
-    let (date, time) = text.strip_suffix("+00:00")?.split_once('T')?;
+    let (date, time) = text.trim().split_once(['T', ' '])?;
+    let (time, offset_s) = split_offset(time)?;
     let ymd: Vec<i64> = date
         .split('-')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
-    let hms: Vec<i64> = time
+    let whole_seconds = time.split_once('.').map_or(time, |(whole, _)| whole);
+    let hms: Vec<i64> = whole_seconds
         .split(':')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
     let (&[y, mo, d], &[h, mi, sec]) = (&ymd[..], &hms[..]) else {
         return None;
     };
-    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec)
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset_s)
+}
+
+/// A time of day and its UTC offset in seconds (`Z`, `+HH:MM`, `-HH:MM`, or none: 0).
+fn split_offset(time: &str) -> Option<(&str, i64)> {
+    if let Some(t) = time.strip_suffix('Z') {
+        return Some((t, 0));
+    }
+    let Some(at) = time.rfind(['+', '-']) else {
+        return Some((time, 0));
+    };
+    let (t, offset) = time.split_at(at);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let (h, m) = offset[1..].split_once(':')?;
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    Some((t, sign * (h * 3600 + m * 60)))
 }
 
 /// Howard Hinnant's civil-to-days algorithm, the inverse of [`civil_from_days`].
@@ -208,15 +228,27 @@ pub fn human_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn iso8601_round_trips() {
         for t in [0, 1_766_079_000, 951_782_400] {
             assert_eq!(parse_iso8601(&iso8601(t)), Some(t));
         }
-        assert_eq!(parse_iso8601("2025-12-18T17:30:00Z"), None);
     }
 
-    use super::*;
+    #[test]
+    fn application_dates_parse_with_their_offset() {
+        let utc = parse_iso8601("2025-12-18T17:30:00+00:00");
+        assert!(utc.is_some());
+        assert_eq!(parse_iso8601("2025-12-18T17:30:00Z"), utc);
+        assert_eq!(parse_iso8601("2025-12-18 17:30:00"), utc);
+        assert_eq!(parse_iso8601("2025-12-18 17:30:00.250"), utc);
+        assert_eq!(parse_iso8601("2025-12-18T19:30:00+02:00"), utc);
+        assert_eq!(parse_iso8601("2025-12-18T15:00:00-02:30"), utc);
+        assert_eq!(parse_iso8601("2025-12-18"), None);
+        assert_eq!(parse_iso8601("yesterday at noon"), None);
+    }
 
     #[test]
     fn formats_known_instants() {

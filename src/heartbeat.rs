@@ -125,6 +125,7 @@ fn build(
     report: &CycleReport,
     media: Option<Pass>,
 ) -> Heartbeat {
+    let now = clock::unix_now();
     let tracking = pusher.tracking();
     let failed = tracking.counts().unwrap_or_default();
     let failed_of = |source: &str, table: &str| -> u64 {
@@ -147,7 +148,9 @@ fn build(
                     // apart) and not read yet.
                     backlog: t.unsynced.saturating_sub(failed) + t.unread.unwrap_or(0),
                     failed,
-                    oldest_unsent_s: None,
+                    oldest_unsent_s: t
+                        .oldest_unsent
+                        .map(|at| now.saturating_sub(at).max(0) as u64),
                 }
             })
             .collect(),

@@ -303,6 +303,27 @@ pub fn count_after(
         .map_err(query_error(path, table))
 }
 
+/// The `date` column of the first row whose `local_id` is `from` or above, when the
+/// table's query has one (the contract's tables do); `None` without such a row.
+pub fn first_date_from(
+    conn: &Connection,
+    path: &Path,
+    table: &TableSpec,
+    from: &Value,
+) -> Result<Option<String>, SourceError> {
+    let sql = format!(
+        "SELECT CAST(date AS TEXT) FROM ({}) WHERE local_id >= ?1 ORDER BY local_id LIMIT 1",
+        table.query
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_row([from], |r| r.get::<_, Option<String>>(0))
+                .optional()
+        })
+        .map(Option::flatten)
+        .map_err(query_error(path, table))
+}
+
 /// The table's highest `local_id`, if it has rows. O(log n) for a rowid or indexed id.
 pub fn max_id(
     conn: &Connection,

@@ -180,10 +180,16 @@ fn render(
             let _ = write!(out, ", \"unsynced\": {}, \"unread\": ", t.unsynced);
             match t.unread {
                 Some(n) => {
-                    let _ = write!(out, "{n}}}");
+                    let _ = write!(out, "{n}");
                 }
-                None => out.push_str("null}"),
+                None => out.push_str("null"),
             }
+            json::push_key(&mut out, "oldest_unsent_at", false);
+            match t.oldest_unsent {
+                Some(at) => json::push_str(&mut out, &clock::iso8601(at)),
+                None => out.push_str("null"),
+            }
+            out.push('}');
         }
         out.push_str("], \"forgotten\": [");
         for (i, (source, rows, at)) in forgotten.iter().enumerate() {
@@ -263,9 +269,12 @@ fn render(
         let unread = t
             .unread
             .map_or("an uncounted number of".to_string(), |n| n.to_string());
+        let oldest = t.oldest_unsent.map_or(String::new(), |at| {
+            format!("; the oldest from {}", clock::iso8601(at))
+        });
         let _ = writeln!(
             out,
-            "backlog: {} {}: {} tracked and waiting, {unread} rows not read yet",
+            "backlog: {} {}: {} tracked and waiting, {unread} rows not read yet{oldest}",
             t.source, t.table, t.unsynced
         );
     }

@@ -946,6 +946,27 @@ impl Tracking {
         Ok(per_source)
     }
 
+    /// The unsynced row of `table` with the lowest local id (the oldest, ids growing with
+    /// time) and when it was recorded (`sync_date`: a pending row's read, a failed row's
+    /// last attempt), from the partial index.
+    pub fn oldest_unsynced(
+        &self,
+        source: &str,
+        table: &str,
+    ) -> Result<Option<(Value, String)>, TrackingError> {
+        self.conn
+            .prepare_cached(
+                "SELECT local_id, sync_date FROM sync_tracking
+                 WHERE source = ?1 AND table_name = ?2 AND sync_status != 'success'
+                 ORDER BY local_id LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![source, table], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(sql("read the oldest unsynced row"))
+    }
+
     /// Unsynced rows per source and table, from the partial index.
     pub fn unsynced_by_table(&self) -> Result<Vec<(String, String, u64)>, TrackingError> {
         let mut stmt = self

@@ -104,3 +104,34 @@ fn a_backend_without_heartbeats_is_left_alone_for_an_hour() {
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(!text.contains("heartbeat"), "no error in status: {text}");
 }
+
+#[test]
+fn the_oldest_unsent_row_is_reported_with_its_age() {
+    let dir = Scratch::new("hb-oldest");
+    let rx = Receiver::start(&dir.join("receiver"));
+    let db = dir.join("app.db");
+    let conn = create_app_db(&db, true).expect("app db");
+    insert_events(&conn, 4).expect("events");
+    conn.execute(
+        "UPDATE evenement SET date = strftime('%Y-%m-%dT%H:%M:%SZ', 'now', '-1 hour')",
+        [],
+    )
+    .expect("an hour old");
+    let vars = agent_env(&db, &rx.url(), dir.path(), &[("RELAIS_HEARTBEAT", "1")]);
+    // The backend is down for pushes: nothing is sent, everything waits.
+    rx.push_fault(ProxyFault::Status(503, None));
+    let (_, log) = once(&vars);
+    let json = rx.heartbeat(DEVICE).expect("a heartbeat is kept");
+    let beat = Heartbeat::parse(&json).expect("parses");
+    let events = beat
+        .tables
+        .iter()
+        .find(|t| t.table == "evenement")
+        .expect("the event table");
+    // The row the 503 answered is failed (its retry is scheduled), the others wait.
+    assert_eq!(events.backlog + events.failed, 4, "{json}\n{log}");
+    let age = events
+        .oldest_unsent_s
+        .expect("the first row's date is known");
+    assert!((3600..3600 + 300).contains(&age), "about an hour: {json}");
+}

@@ -3,7 +3,8 @@
 //! bound (413) or one that is not a heartbeat (422 naming the member); what it stores is
 //! read back through the store's own `fleet()` and `device_history()` (the store opened
 //! by the test on the server's database); the hourly history UPSERTs per hour and is
-//! pruned; the rows received per hour count new rows only, once flushed.
+//! pruned; the rows received per hour count new rows only, once flushed; a config pull
+//! made with a device token names that agent's site and the hash served.
 
 mod common;
 
@@ -19,6 +20,7 @@ common::on_both_stores!(
     a_heartbeat_is_kept_and_read_back_by_fleet,
     the_history_keeps_one_point_per_hour_and_is_pruned,
     received_rows_per_hour_count_new_rows_only,
+    a_config_pull_with_a_device_token_names_the_agents_site_and_hash,
 );
 
 fn heartbeat(device: &str, backlog: u64) -> Heartbeat {
@@ -216,4 +218,43 @@ fn received_rows_per_hour_count_new_rows_only(store: StoreKind) {
         s.fleet()
     });
     assert_eq!(fleet[0].rows_today, 2);
+}
+
+fn a_config_pull_with_a_device_token_names_the_agents_site_and_hash(store: StoreKind) {
+    let server = Server::start_authenticated(store, &[], "info");
+    let device = server.token(&["--device", "pi-1"]);
+    let _other = server.token(&["--device", "pi-2"]);
+    let admin = server.token(&["--admin", "ops"]);
+    let site = r#"{"name": "Site Paris", "timezone": "Europe/Paris", "token": "paris-site-token-0123456789"}"#;
+    let (status, created) = post_as(
+        &client(),
+        &server.url,
+        "/admin/sites",
+        Some(&admin),
+        None,
+        site.as_bytes(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let site_id: i64 = server.row("SELECT id FROM sites")[0]
+        .parse()
+        .expect("site id");
+    let path = "/config/paris-site-token-0123456789";
+
+    // A pull without a token is served as before and names no agent.
+    let (status, _, body) = common::get_as(&client(), &server.url, path, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = common::get_as(&client(), &server.url, path, Some(&device));
+    assert_eq!(status, 200, "{body}");
+    let hash = server.row("SELECT config_version FROM sites")[0].clone();
+    assert!(body.contains(&hash), "{body}");
+
+    let fleet = on_store(&server, |s| s.fleet());
+    let pulled = fleet.iter().find(|e| e.device_id == "pi-1").expect("pi-1");
+    assert_eq!(
+        (pulled.site_id, pulled.pulled_hash.as_deref()),
+        (Some(site_id), Some(hash.as_str()))
+    );
+    assert!(pulled.pulled_at.is_some());
+    let other = fleet.iter().find(|e| e.device_id == "pi-2").expect("pi-2");
+    assert_eq!((other.site_id, &other.pulled_hash), (None, &None));
 }

@@ -47,6 +47,7 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         ("3", "tokens"),
         ("4", "uploads"),
         ("5", "heartbeats"),
+        ("6", "console"),
     ]
     .iter()
     .map(|(v, n)| vec![Some(v.to_string()), Some(n.to_string())])
@@ -70,6 +71,8 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         "heartbeat_hours",
         "received_hours",
         "config_pulls",
+        "console_sessions",
+        "config_versions",
     ] {
         let rows = common::postgres_rows(&url, &format!("SELECT count(*) FROM {relation}"));
         assert_eq!(rows, [[Some("0".to_string())]], "{relation}");

@@ -545,6 +545,18 @@ impl Flush for PostgresStore {
     /// is stored row by row, so only the bad row fails; a lost connection fails them all
     /// with [`StoreError::Unreachable`] (503: the agents retry).
     async fn flush(&self, batch: Vec<NewPush>) -> Flushed {
+        // A lone push (one device, or a quiet store) takes the single-row statement:
+        // pgbench at one client ran it at 9,700 to 10,300 transactions/s against 6,400
+        // to 8,300 for the same row through INSERT_BATCH's nine arrays (fsync off, so
+        // the statement's own cost): about 35 µs of a push's round trip.
+        if let [push] = batch.as_slice() {
+            let answer = self.bounded(self.insert(push)).await;
+            let commits = u64::from(answer.is_ok());
+            return Flushed {
+                answers: vec![answer],
+                commits,
+            };
+        }
         match self.insert_batch(&batch).await {
             Ok(answers) => Flushed {
                 answers,
