@@ -47,6 +47,15 @@ pub struct Cli {
     /// send `X-Forwarded-Proto: https` (with it, they are Secure anyway).
     #[arg(long, env = "RELAIS_SERVER_CONSOLE_SECURE_COOKIE")]
     pub console_secure_cookie: bool,
+    /// The console shows an agent late after 3 of its push intervals without contact, and
+    /// never sooner than this many seconds, so that short intervals on a slow link do not
+    /// flap between ok and late.
+    #[arg(
+        long,
+        env = "RELAIS_SERVER_CONSOLE_LATE_FLOOR_S",
+        default_value_t = 180
+    )]
+    pub console_late_floor_s: u64,
     /// Largest request body accepted, in bytes (a media push is its BLOB in base64,
     /// 4/3 of its size).
     #[arg(long, env = "RELAIS_SERVER_MAX_BODY_BYTES", default_value_t = 1 << 30)]

@@ -42,6 +42,8 @@ pub struct Config {
     pub token_cache: Duration,
     /// `--console-secure-cookie`.
     pub console_secure_cookie: bool,
+    /// `--console-late-floor-s`.
+    pub console_late_floor: Duration,
     /// What the accept loop enforces per connection.
     pub limits: Limits,
     pub store_check_interval: Duration,
@@ -92,6 +94,7 @@ impl Config {
             no_auth: cli.no_auth,
             token_cache: Duration::from_secs(cli.token_cache_s),
             console_secure_cookie: cli.console_secure_cookie,
+            console_late_floor: Duration::from_secs(cli.console_late_floor_s),
             limits: Limits {
                 max_header_bytes: cli.max_header_bytes,
                 header_timeout: Duration::from_secs(cli.header_timeout_s),

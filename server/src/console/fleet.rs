@@ -53,26 +53,26 @@ impl AgentState {
     }
 }
 
-/// Late: no heartbeat for this many push intervals...
+/// Late: no heartbeat for this many push intervals, and never sooner than the console's
+/// floor (`--console-late-floor-s`, 3 min), so a short interval and a slow link do not
+/// flap.
 const LATE_INTERVALS: i64 = 3;
-/// ... and never sooner than this, so a short interval and a slow link do not flap.
-const LATE_MIN_S: i64 = 180;
 /// Stuck: the oldest unsent row waits longer than this many intervals...
 const STUCK_INTERVALS: u64 = 6;
 /// ... and longer than this.
 const STUCK_MIN_S: u64 = 600;
 
 /// The README's rules, in this order: never seen (no heartbeat); late (the last contact
-/// is older than 3 push intervals, at least 3 min); failing (the last pass failed or
+/// is older than 3 push intervals, at least `late_floor_s`: 3 min by default); failing (the last pass failed or
 /// rows failed for good); stuck (in contact, rows waiting, the oldest longer than 6
 /// intervals, at least 10 min, and the last pass pushed nothing); else ok.
-pub fn state(entry: &FleetEntry, now: i64) -> AgentState {
+pub fn state(entry: &FleetEntry, now: i64, late_floor_s: i64) -> AgentState {
     let Some(hb) = &entry.heartbeat else {
         return AgentState::NeverSeen;
     };
     let interval = i64::try_from(hb.interval_s).unwrap_or(i64::MAX).max(1);
     let contact = entry.last_contact.unwrap_or(hb.pass.at);
-    if now - contact > (interval.saturating_mul(LATE_INTERVALS)).max(LATE_MIN_S) {
+    if now - contact > (interval.saturating_mul(LATE_INTERVALS)).max(late_floor_s) {
         return AgentState::Late;
     }
     if !hb.pass.ok || hb.tables.iter().any(|t| t.failed > 0) {
@@ -155,7 +155,7 @@ pub async fn page<S: Store>(
             let site = entry.site_id.and_then(|id| site_of.get(&id));
             Row {
                 entry,
-                state: state(entry, now),
+                state: state(entry, now, console.late_floor_s),
                 site: site.map(|s| s.0),
                 backlog: hb.map(|h| h.tables.iter().map(|t| t.backlog).sum()),
                 failed: hb.map(|h| h.tables.iter().map(|t| t.failed).sum::<u64>() + h.pass.failed),
@@ -411,7 +411,7 @@ mod tests {
 
     #[test]
     fn the_readme_rules() {
-        let at = |hb, ago| state(&entry(hb, NOW - ago), NOW);
+        let at = |hb, ago| state(&entry(hb, NOW - ago), NOW, 180);
         assert_eq!(at(None, 0), AgentState::NeverSeen);
         let fine = heartbeat(true, 10, 0, 0, None);
         assert_eq!(at(Some(fine.clone()), 30), AgentState::Ok);

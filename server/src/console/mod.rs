@@ -39,6 +39,8 @@ pub struct Console<S> {
     /// `--console-secure-cookie`: cookies are `Secure` even when the request does not
     /// say it came over TLS (`X-Forwarded-Proto: https`).
     pub secure_cookie: bool,
+    /// `--console-late-floor-s`: late never sooner than this ([`fleet::state`]).
+    pub late_floor_s: i64,
 }
 
 pub fn router<S: Store>(console: Console<S>) -> Router {

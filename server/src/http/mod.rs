@@ -68,6 +68,7 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         app: app.clone(),
         tokens,
         secure_cookie: config.console_secure_cookie,
+        late_floor_s: i64::try_from(config.console_late_floor.as_secs()).unwrap_or(i64::MAX),
     };
     let batches = batch::Batches {
         app: app.clone(),
