@@ -403,6 +403,11 @@ fn install_while_the_application_writes_never_fails_its_writes() {
                 conn.execute("INSERT INTO grades VALUES (?1, 'ann', 1, NULL)", [&id])
                     .unwrap_or_else(|e| panic!("application write {i} failed: {e}"));
                 ids.push(id);
+                // An application writing 500 rows a second, which is busy for a device. A
+                // writer that takes the lock again the moment it committed, with no pause
+                // at all, starves any other writer's busy handler, install's as well as a
+                // second application thread's: that is the application's own contention.
+                std::thread::sleep(Duration::from_millis(2));
                 if stop.load(Ordering::Relaxed) {
                     after_stop += 1;
                     if after_stop == 20 {
