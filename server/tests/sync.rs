@@ -218,7 +218,23 @@ fn a_tenant_reads_and_writes_its_own_rows_only(store: StoreKind) {
 
 fn each_strategy_resolves_two_devices_editing_from_one_base(store: StoreKind) {
     let (server, d1, d2) = start(store);
-    for strategy in ["client_wins", "last_writer_wins", "field_merge", "manual"] {
+    // One by the admin API, the others by the command.
+    let admin = server.token(&["--admin", "ops"]);
+    let put = |ty: &str, body: &str| {
+        let mut resp = client()
+            .put(format!("{}/admin/sync/entity-types/{ty}", server.url))
+            .header("Authorization", format!("Bearer {admin}"))
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .expect("request");
+        let text = resp.body_mut().read_to_string().expect("body");
+        (resp.status().as_u16(), text)
+    };
+    let (status, text) = put("manual", r#"{"tenant": "A", "strategy": "manual"}"#);
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = put("manual", r#"{"tenant": "A", "strategy": "coin_toss"}"#);
+    assert_eq!(status, 422, "{text}");
+    for strategy in ["client_wins", "last_writer_wins", "field_merge"] {
         let out = server.cli(&[
             "sync",
             "strategy",
