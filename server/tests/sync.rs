@@ -570,6 +570,7 @@ fn out_of_order_commits_never_make_a_reader_skip_a_change() {
             watcher
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND datname = current_database() \
                      AND query LIKE 'INSERT INTO sync_tenants%'",
                     &[],
                 )
