@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, StoreAt, StoreKind, client, post_as, wait_for};
+use common::{Server, StoreAt, StoreKind, client, post, post_as, wait_for};
 use serde_json::{Value, json};
 
 common::on_both_stores!(
@@ -18,6 +18,7 @@ common::on_both_stores!(
     delete_vs_update_and_create_on_both_sides,
     down_pages_with_has_more_and_the_cursor,
     the_long_poll_returns_within_2_s_of_a_change,
+    without_auth_the_body_names_the_tenant,
 );
 
 fn uuid(n: u32) -> String {
@@ -598,4 +599,25 @@ fn out_of_order_commits_never_make_a_reader_skip_a_change() {
     commit_tx.send(()).expect("signal");
     second.join().expect("second");
     assert_eq!(seqs(), vec![1, 2]);
+}
+
+fn without_auth_the_body_names_the_tenant(store: StoreKind) {
+    let server = Server::start_on(store, &[]);
+    let agent = client();
+    let send = |path: &str, body: Value| {
+        post(&agent, &server.url, path, None, body.to_string().as_bytes())
+    };
+    let event = ev(1, "T", "1", "CREATE", json!({}), 0, "2026-01-01T00:00:00Z");
+    let (status, text) = send("/api/sync/up", json!({"events": [event.clone()]}));
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = send("/api/sync/up", json!({"tenant": "A", "events": [event]}));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = send("/api/sync/down", json!({"tenant": "A", "cursor": 0}));
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        answer["changes"][0]["origin_device"],
+        json!("open"),
+        "{text}"
+    );
 }
