@@ -117,6 +117,23 @@ pub enum Command {
     /// Manage the bearer tokens (stored as their SHA-256 only).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Two-way sync settings (README, "Two-way sync: the server").
+    #[command(subcommand)]
+    Sync(SyncCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncCommand {
+    /// Set how conflicts of one entity type of a tenant are resolved: server_wins (the
+    /// default), client_wins, last_writer_wins, field_merge or manual.
+    Strategy {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long = "type", value_name = "ENTITY_TYPE")]
+        entity_type: String,
+        #[arg(long)]
+        strategy: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +156,9 @@ pub struct TokenAdd {
     /// An admin token (the admin API and /metrics), for this person or program.
     #[arg(long, value_name = "NAME")]
     pub admin: Option<String>,
+    /// The sync tenant of a device token: without one, the token cannot sync.
+    #[arg(long, conflicts_with = "admin")]
+    pub tenant: Option<String>,
     /// A note on a device token (where it is installed, say).
     #[arg(long, conflicts_with = "admin")]
     pub note: Option<String>,

@@ -17,9 +17,10 @@ pub mod media;
 pub mod metrics;
 pub mod site_config;
 pub mod store;
+pub mod sync;
 pub mod tokens;
 
-use cli::TokenCommand;
+use cli::{SyncCommand, TokenCommand};
 use config::{Config, StoreUrl};
 use store::Store;
 use store::postgres::PostgresStore;
@@ -57,6 +58,38 @@ pub fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
                 tokens::run(&open_postgres(config, url).await?, command, out).await
             }
         }
+    })
+}
+
+/// `relais-server sync ...`.
+pub fn sync_command(config: &Config, command: &SyncCommand) -> Result<(), String> {
+    let SyncCommand::Strategy {
+        tenant,
+        entity_type,
+        strategy,
+    } = command;
+    let strategy = sync::Strategy::parse(strategy).ok_or_else(|| {
+        format!(
+            "sync: strategy {strategy:?}: one of server_wins, client_wins, last_writer_wins, \
+             field_merge, manual"
+        )
+    })?;
+    let (tenant, entity_type) = (tenant.clone(), entity_type.clone());
+    runtime()?.block_on(async {
+        match &config.store {
+            StoreUrl::Sqlite(path) => {
+                open_sqlite(config, path)?
+                    .set_sync_strategy(tenant, entity_type, strategy)
+                    .await
+            }
+            StoreUrl::Postgres(url) => {
+                open_postgres(config, url)
+                    .await?
+                    .set_sync_strategy(tenant, entity_type, strategy)
+                    .await
+            }
+        }
+        .map_err(|e| e.to_string())
     })
 }
 

@@ -9,7 +9,7 @@ use clap::Parser as _;
 
 use relais_server::cli::{Cli, Command};
 use relais_server::config::Config;
-use relais_server::{migrate, serve, token};
+use relais_server::{migrate, serve, sync_command, token};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         None | Some(Command::Serve) => serve(&config),
         Some(Command::Migrate) => migrate(&config),
         Some(Command::Token(command)) => token(&config, command),
+        Some(Command::Sync(command)) => sync_command(&config, command),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

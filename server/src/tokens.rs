@@ -73,6 +73,7 @@ async fn add_token<S: Store>(store: &S, add: &TokenAdd) -> Result<(String, i64),
             kind,
             device_id,
             note,
+            tenant: add.tenant.clone().filter(|t| !t.is_empty()),
             sha256: sha256_hex(&token),
         })
         .await

@@ -48,6 +48,7 @@ fn servers_migrating_one_database_at_once_apply_each_migration_once() {
         ("4", "uploads"),
         ("5", "heartbeats"),
         ("6", "console"),
+        ("7", "sync"),
     ]
     .iter()
     .map(|(v, n)| vec![Some(v.to_string()), Some(n.to_string())])

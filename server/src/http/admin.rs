@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 
 use super::App;
 use super::error::{Error, json_response};
@@ -35,6 +35,48 @@ pub fn router<S: Store>() -> Router<App<S>> {
                 .put(update_device::<S>)
                 .delete(delete_device::<S>),
         )
+        .route("/sync/entity-types/{entity_type}", put(set_strategy::<S>))
+}
+
+/// `PUT /admin/sync/entity-types/{type}` with `{"tenant": ..., "strategy": ...}`: how
+/// the conflicts of the tenant's entity type are resolved (README, "Two-way sync: the
+/// server"); the same as `relais-server sync strategy`.
+async fn set_strategy<S: Store>(
+    State(app): State<App<S>>,
+    Path(entity_type): Path<String>,
+    body: Bytes,
+) -> Result<Response, Error> {
+    use miniserde::json::Value;
+    let bad = |d: &str| Error::Unprocessable(format!("sync strategy: {d}"));
+    let Ok(Value::Object(mut body)) = miniserde::json::from_str::<Value>(text(&body)?) else {
+        return Err(Error::BadRequest(
+            "sync strategy: the body must be {\"tenant\": ..., \"strategy\": ...}".into(),
+        ));
+    };
+    let Some(Value::String(tenant)) = body
+        .remove("tenant")
+        .filter(|t| !matches!(t, Value::String(s) if s.is_empty()))
+    else {
+        return Err(bad("tenant: missing (a non-empty string)"));
+    };
+    let strategy = match body.remove("strategy") {
+        Some(Value::String(s)) => crate::sync::Strategy::parse(&s).ok_or_else(|| {
+            bad(&format!(
+                "strategy: {s:?} is not server_wins, client_wins, last_writer_wins, field_merge or manual"
+            ))
+        })?,
+        _ => return Err(bad("strategy: missing (a string)")),
+    };
+    app.store
+        .set_sync_strategy(tenant.clone(), entity_type.clone(), strategy)
+        .await?;
+    tracing::info!(%tenant, %entity_type, strategy = strategy.as_str(), "sync strategy set");
+    let mut answer = String::from("{\"tenant\": ");
+    relais_wire::json::push_escaped(&mut answer, &tenant, false);
+    answer.push_str(", \"entity_type\": ");
+    relais_wire::json::push_escaped(&mut answer, &entity_type, false);
+    answer.push_str(&format!(", \"strategy\": \"{}\"}}", strategy.as_str()));
+    Ok(json_response(StatusCode::OK, &answer))
 }
 
 async fn create_site<S: Store>(State(app): State<App<S>>, body: Bytes) -> Result<Response, Error> {

@@ -65,6 +65,11 @@ impl Caller {
     }
 }
 
+/// The sync tenant of a device token (`None`: the token has none), a request extension
+/// next to [`Caller::Device`]; absent with `--no-auth`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub Option<String>);
+
 /// The gate's state.
 #[derive(Debug, Clone)]
 pub struct Gate<S> {
@@ -155,8 +160,12 @@ pub async fn gate<S: Store>(
                 TokenInfo {
                     kind: TokenKind::Device,
                     device_id: Some(device),
+                    tenant,
                     ..
-                } => Caller::Device(device),
+                } => {
+                    req.extensions_mut().insert(Tenant(tenant));
+                    Caller::Device(device)
+                }
                 _ => {
                     return Err(Error::Forbidden(
                         "auth: pushes take a device token, not an admin token".into(),
@@ -273,6 +282,7 @@ mod tests {
             note: None,
             created_at: String::new(),
             revoked_at: None,
+            tenant: None,
         };
         let cache = TokenCache::new(Duration::from_millis(50));
         assert_eq!(cache.get("a"), None);

@@ -10,7 +10,7 @@
 //! The capability document is how an agent finds the endpoint and its limits; a
 //! backend without it (the seed's) answers 404 there, and the agent pushes row by row.
 
-mod body;
+pub(super) mod body;
 
 use axum::Extension;
 use axum::body::Body;

@@ -13,6 +13,7 @@ mod error;
 mod health;
 mod heartbeat;
 mod push;
+mod sync;
 pub mod uploads;
 
 use std::sync::Arc;
@@ -79,6 +80,11 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
         limits: config.uploads,
         lease: config.request_timeout,
     };
+    let syncs = sync::Syncs {
+        app: app.clone(),
+        max_bytes: config.batch.max_bytes,
+        hub: Arc::default(),
+    };
     let capabilities = batch::Capabilities {
         batch: config.batch,
         uploads: config.uploads,
@@ -101,6 +107,12 @@ pub fn router<S: Store>(app: App<S>, config: &Config) -> Router {
             Router::new()
                 .route("/api/batch", post(batch::batch::<S>))
                 .with_state(batches),
+        )
+        .merge(
+            Router::new()
+                .route("/api/sync/up", post(sync::up::<S>))
+                .route("/api/sync/down", post(sync::down::<S>))
+                .with_state(syncs),
         )
         .merge(
             Router::new()

@@ -30,6 +30,8 @@ use std::sync::Arc;
 pub use fleet::{DeviceHistory, FleetEntry, HourPoint};
 use relais_wire::heartbeat::Heartbeat;
 
+use crate::sync;
+
 use crate::site_config::{
     Device, DeviceFields, DevicePatch, NewDevice, NewSite, Site, SiteFields, SitePatch,
 };
@@ -142,6 +144,9 @@ pub struct NewToken {
     /// `Some` exactly for a device token.
     pub device_id: Option<String>,
     pub note: Option<String>,
+    /// The sync tenant of a device token (README, "Two-way sync: the server"); a device
+    /// token without one cannot sync.
+    pub tenant: Option<String>,
     /// SHA-256 of the token, lowercase hex.
     pub sha256: String,
 }
@@ -155,6 +160,7 @@ pub struct TokenInfo {
     pub note: Option<String>,
     pub created_at: String,
     pub revoked_at: Option<String>,
+    pub tenant: Option<String>,
 }
 
 /// What [`Store::revoke_token`] did.
@@ -442,4 +448,34 @@ pub trait Store: Clone + Send + Sync + 'static {
         device_id: String,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<MediaRow>, StoreError>> + Send;
+
+    /// Applies `events` of `device` for `tenant` in order, in ONE transaction that
+    /// holds the tenant's counter row from its start to its commit ([`crate::sync`]);
+    /// answers each, a replayed event (its id in `sync_events_applied`) with its first
+    /// answer. `Err`: nothing of the request is stored.
+    fn sync_up(
+        &self,
+        tenant: String,
+        device: String,
+        events: Vec<sync::Event>,
+    ) -> impl Future<Output = Result<Vec<sync::Answered>, StoreError>> + Send;
+
+    /// The tenant's changes after `cursor`, in seq order, at most `limit`.
+    fn sync_down(
+        &self,
+        tenant: String,
+        cursor: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<sync::Change>, StoreError>> + Send;
+
+    /// Sets the conflict strategy of the tenant's entity type.
+    fn set_sync_strategy(
+        &self,
+        tenant: String,
+        entity_type: String,
+        strategy: sync::Strategy,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Adds one row to the audit trail.
+    fn log_sync(&self, row: sync::LogRow) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

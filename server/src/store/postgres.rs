@@ -29,6 +29,7 @@
 mod console;
 mod fleet;
 mod site_config;
+pub mod sync;
 mod uploads;
 
 use std::collections::HashMap;
@@ -89,6 +90,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "console",
         include_str!("../../migrations/postgres/0006_console.sql"),
     ),
+    (
+        7,
+        "sync",
+        include_str!("../../migrations/postgres/0007_sync.sql"),
+    ),
 ];
 
 /// Serialises migrations across the servers sharing one database (any constant both
@@ -141,13 +147,13 @@ const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name) VA
 /// (`2025-01-31T12:00:00Z`).
 macro_rules! token_columns {
     () => {
-        "id, kind, device_id, note,
+        "id, kind, device_id, note, tenant,
          to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
          to_char(revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
     };
 }
-const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256)
-     VALUES ($1, $2, $3, $4)
+const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256, tenant)
+     VALUES ($1, $2, $3, $4, $5)
      RETURNING id";
 const LIST_TOKENS: &str = concat!("SELECT ", token_columns!(), " FROM tokens ORDER BY id");
 const FIND_TOKEN: &str = concat!(
@@ -623,8 +629,9 @@ fn token_row(r: &Row) -> Result<TokenInfo, Fault> {
         kind,
         device_id: r.get(2),
         note: r.get(3),
-        created_at: r.get(4),
-        revoked_at: r.get(5),
+        tenant: r.get(4),
+        created_at: r.get(5),
+        revoked_at: r.get(6),
     })
 }
 
@@ -796,6 +803,7 @@ impl Store for PostgresStore {
                     &token.device_id,
                     &token.note,
                     &token.sha256,
+                    &token.tenant,
                 ],
             )
             .await?;
@@ -963,6 +971,49 @@ impl Store for PostgresStore {
     async fn config_versions(&self, site_id: i64) -> Result<Vec<ConfigVersion>, StoreError> {
         self.run("config versions", async {
             site_config::config_versions(&self.client().await?, site_id).await
+        })
+        .await
+    }
+
+    async fn sync_up(
+        &self,
+        tenant: String,
+        device: String,
+        events: Vec<crate::sync::Event>,
+    ) -> Result<Vec<crate::sync::Answered>, StoreError> {
+        self.run("sync up", async {
+            sync::up(&mut self.client().await?, &tenant, &device, &events).await
+        })
+        .await
+    }
+
+    async fn sync_down(
+        &self,
+        tenant: String,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::sync::Change>, StoreError> {
+        self.run("sync down", async {
+            sync::down(&self.client().await?, &tenant, cursor, limit).await
+        })
+        .await
+    }
+
+    async fn set_sync_strategy(
+        &self,
+        tenant: String,
+        entity_type: String,
+        strategy: crate::sync::Strategy,
+    ) -> Result<(), StoreError> {
+        self.run("sync strategy", async {
+            sync::set_strategy(&self.client().await?, &tenant, &entity_type, strategy).await
+        })
+        .await
+    }
+
+    async fn log_sync(&self, row: crate::sync::LogRow) -> Result<(), StoreError> {
+        self.run("sync log", async {
+            sync::log(&self.client().await?, &row).await
         })
         .await
     }

@@ -10,6 +10,7 @@
 mod console;
 mod fleet;
 mod site_config;
+mod sync;
 mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -64,16 +65,22 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "console",
         include_str!("../../migrations/sqlite/0006_console.sql"),
     ),
+    (
+        7,
+        "sync",
+        include_str!("../../migrations/sqlite/0007_sync.sql"),
+    ),
 ];
 
-const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256, created_at)
-     VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+const INSERT_TOKEN: &str = "INSERT INTO tokens (kind, device_id, note, sha256, tenant, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
      RETURNING id";
 
 const LIST_TOKENS: &str =
-    "SELECT id, kind, device_id, note, created_at, revoked_at FROM tokens ORDER BY id";
+    "SELECT id, kind, device_id, note, created_at, revoked_at, tenant FROM tokens ORDER BY id";
 
-const FIND_TOKEN: &str = "SELECT id, kind, device_id, note, created_at, revoked_at FROM tokens
+const FIND_TOKEN: &str = "SELECT id, kind, device_id, note, created_at, revoked_at, tenant
+     FROM tokens
      WHERE sha256 = ?1 AND revoked_at IS NULL";
 
 const REVOKE_TOKEN: &str = "UPDATE tokens SET revoked_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
@@ -265,7 +272,8 @@ impl Store for SqliteStore {
                     token.kind.as_str(),
                     token.device_id,
                     token.note,
-                    token.sha256
+                    token.sha256,
+                    token.tenant
                 ],
                 |r| r.get(0),
             )
@@ -392,6 +400,40 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn sync_up(
+        &self,
+        tenant: String,
+        device: String,
+        events: Vec<crate::sync::Event>,
+    ) -> Result<Vec<crate::sync::Answered>, StoreError> {
+        self.blocking(move |conn| sync::up(conn, &tenant, &device, &events))
+            .await
+    }
+
+    async fn sync_down(
+        &self,
+        tenant: String,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::sync::Change>, StoreError> {
+        self.blocking(move |conn| sync::down(conn, &tenant, cursor, limit))
+            .await
+    }
+
+    async fn set_sync_strategy(
+        &self,
+        tenant: String,
+        entity_type: String,
+        strategy: crate::sync::Strategy,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |conn| sync::set_strategy(conn, &tenant, &entity_type, strategy))
+            .await
+    }
+
+    async fn log_sync(&self, row: crate::sync::LogRow) -> Result<(), StoreError> {
+        self.blocking(move |conn| sync::log(conn, &row)).await
+    }
+
     async fn recent_media(
         &self,
         device_id: String,
@@ -434,6 +476,7 @@ fn token_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
         note: r.get(3)?,
         created_at: r.get(4)?,
         revoked_at: r.get(5)?,
+        tenant: r.get(6)?,
     })
 }
 
