@@ -111,6 +111,20 @@ pub struct Entity {
     pub updated_at: String,
 }
 
+impl Entity {
+    /// What a conflict names when the store has no such entity: [`decide`] answers a
+    /// conflict only for an entity that exists, so this stands in for an impossible case
+    /// rather than failing the request.
+    pub fn absent() -> Entity {
+        Entity {
+            version: 0,
+            payload: "null".into(),
+            deleted: false,
+            updated_at: String::new(),
+        }
+    }
+}
+
 /// What to do with an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

@@ -140,13 +140,7 @@ fn apply(
         match sync::decide(event, current.as_ref(), strategy, base.as_deref()) {
             Decision::Reject(error) => Answered::rejected(Some(&event.id), &error),
             Decision::Conflict { manual } => {
-                // decide answers a conflict only for an entity that exists.
-                let current = current.unwrap_or_else(|| Entity {
-                    version: 0,
-                    payload: "null".into(),
-                    deleted: false,
-                    updated_at: String::new(),
-                });
+                let current = current.unwrap_or_else(Entity::absent);
                 if manual {
                     tx.execute(
                         INSERT_CONFLICT,
